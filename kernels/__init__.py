@@ -1,0 +1,39 @@
+"""tritonzoo kernels: Triton flash attention with FlashAttention-2's and torch SDPA's APIs.
+
+Depends on torch and triton only; usable in any PyTorch or Lightning project.
+"""
+
+from .flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from .runtime import INTERPRET, reference_only
+from .sdpa import (
+    disable_sdpa_patch,
+    enable_sdpa_patch,
+    fallback_reason,
+    patch_sdpa,
+    scaled_dot_product_attention,
+    sdpa_stats,
+)
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "scaled_dot_product_attention",
+    "patch_sdpa",
+    "enable_sdpa_patch",
+    "disable_sdpa_patch",
+    "fallback_reason",
+    "sdpa_stats",
+    "reference_only",
+    "INTERPRET",
+]

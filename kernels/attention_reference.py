@@ -1,0 +1,306 @@
+"""The PyTorch path of flash attention: the same semantics as the Triton kernels.
+
+CPU tensors run here when the Triton interpreter is off, so models train on a CPU.
+It is memory-efficient (queries in chunks: never a full S x S score tensor unless the
+chunk covers it), computes in float32, and draws dropout from the same Philox stream
+as the kernels, so for one seed both paths drop the same elements.
+
+Layout: padded q (B, Sq, H, D), k/v (B, Sk, Hk, D); packed (varlen) batches are
+padded to max_seqlen by index arithmetic (no host sync), run, and packed back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .flash_attention import dropout_threshold
+
+# Upper bound on elements of one chunk's score tensor (float32): 64 MiB; with dropout the
+# Philox draw holds several int64 tensors of that size, so chunks are smaller.
+_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS_DROPOUT = 1 << 21
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of a * b for a constant a and int64 b in [0, 2^32)."""
+    # Split b in 16-bit halves so every product fits in int64.
+    lo_part = a * (b & 0xFFFF)
+    mid = a * (b >> 16) + (lo_part >> 16)
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+    return hi, lo
+
+
+def philox_uint32(seed: Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> Tensor:
+    """First output of Philox4x32-10, as triton.language.philox computes it.
+
+    seed: int64 tensor of one element (key = its low and high 32-bit words); the
+    counters are int64 tensors holding values in [0, 2^32), broadcast together.
+    Returns int64 values in [0, 2^32).
+    """
+    seed = seed.reshape(()).to(torch.int64)
+    k0 = seed & _M32
+    k1 = (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return c0
+
+
+def dropout_keep_mask(seed: Tensor, rng_rows: Tensor, rows: Tensor, cols: Tensor, dropout_p: float) -> Tensor:
+    """Keep-mask drawn as the kernels draw it: Philox(seed; key j, query i, b*H+h, 0).
+
+    rng_rows, rows, cols: int64 tensors that broadcast to the mask's shape.
+    """
+    r = philox_uint32(seed, cols, rows, rng_rows, torch.zeros_like(cols))
+    return (r >> 8) >= dropout_threshold(dropout_p)
+
+
+class _Problem:
+    """Per-call constants and broadcast helpers for the chunked computation.
+
+    Scores are held as (B, Hk, G, rows, Sk): the G query heads that share a key head sit
+    beside it, so GQA needs no copy of k or v.
+    """
+
+    def __init__(self, q, k, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p, softmax_scale,
+                 softcap, window_left, window_right, bottom_right):
+        self.B, self.Sq, self.H, self.D = q.shape
+        self.Sk, self.Hk = k.shape[1], k.shape[2]
+        self.G = self.H // self.Hk
+        dev = q.device
+        self.cols = torch.arange(self.Sk, device=dev)
+        view = (self.B, 1, 1, 1, 1)
+        self.len_q = seqlens_q.to(torch.int64).view(view) if seqlens_q is not None else None
+        self.len_k = seqlens_k.to(torch.int64).view(view) if seqlens_k is not None else None
+        if bottom_right:
+            lq = self.len_q if self.len_q is not None else self.Sq
+            lk = self.len_k if self.len_k is not None else self.Sk
+            self.diag = lk - lq
+        else:
+            self.diag = 0
+        self.bias = None
+        if bias is not None:
+            self.bias = bias.expand(self.B, self.H, self.Sq, self.Sk).unflatten(1, (self.Hk, self.G))
+        self.slopes = None
+        if alibi_slopes is not None:
+            self.slopes = alibi_slopes.float().reshape(-1, self.Hk, self.G, 1, 1)
+        self.seed, self.dropout_p = seed, dropout_p
+        self.scale, self.softcap = softmax_scale, softcap
+        self.window_left, self.window_right = window_left, window_right
+        if dropout_p > 0:
+            b = torch.arange(self.B, device=dev).view(self.B, 1, 1, 1, 1)
+            h = torch.arange(self.H, device=dev).view(1, self.Hk, self.G, 1, 1)
+            self.rng_rows = b * self.H + h
+        budget = _CHUNK_ELEMENTS_DROPOUT if dropout_p > 0 else _CHUNK_ELEMENTS
+        rows_per_chunk = budget // max(1, self.B * self.H * self.Sk)
+        self.chunk = max(1, min(self.Sq, rows_per_chunk))
+
+    def scores(self, qk: Tensor, m0: int, m1: int) -> tuple[Tensor, Optional[Tensor]]:
+        """Masked scores (natural units) of query rows [m0, m1), and tanh of the softcap."""
+        s = qk * self.scale
+        t = None
+        if self.softcap > 0:
+            t = torch.tanh(s / self.softcap)
+            s = t * self.softcap
+        rows = torch.arange(m0, m1, device=qk.device).view(-1, 1)
+        cols = self.cols.view(1, -1)
+        rel = rows + self.diag - cols  # key j sits rel places left of query i's diagonal
+        if self.slopes is not None:
+            s = s - self.slopes * rel.abs()
+        if self.bias is not None:
+            chunk_bias = self.bias[:, :, :, m0:m1]
+            if chunk_bias.dtype == torch.bool:
+                s = s.masked_fill(~chunk_bias, -math.inf)
+            else:
+                s = s + chunk_bias.float()
+        valid = torch.ones_like(rel, dtype=torch.bool)
+        if self.len_k is not None:
+            valid = valid & (cols < self.len_k)
+        if self.len_q is not None:
+            valid = valid & (rows < self.len_q)
+        if self.window_right >= 0:
+            valid = valid & (rel >= -self.window_right)
+        if self.window_left >= 0:
+            valid = valid & (rel <= self.window_left)
+        return s.masked_fill(~valid, -math.inf), t
+
+    def keep(self, m0: int, m1: int) -> Tensor:
+        rows = torch.arange(m0, m1, device=self.cols.device).view(-1, 1)
+        return dropout_keep_mask(self.seed, self.rng_rows, rows, self.cols.view(1, -1), self.dropout_p)
+
+
+def _heads_grouped(x: Tensor, groups: int) -> Tensor:
+    """(B, S, H, D) -> (B, Hk, G, S, D) float32, G = H // Hk."""
+    B, S, H, D = x.shape
+    return x.float().view(B, S, H // groups, groups, D).permute(0, 2, 3, 1, 4)
+
+
+def _kv_grouped(x: Tensor) -> Tensor:
+    """(B, S, Hk, D) -> (B, Hk, 1, S, D) float32."""
+    return x.float().permute(0, 2, 1, 3).unsqueeze(2)
+
+
+def _ungroup(x: Tensor) -> Tensor:
+    """(B, Hk, G, S, D) -> (B, S, H, D)."""
+    B, Hk, G, S, D = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(B, S, Hk * G, D)
+
+
+def _lse_of(s: Tensor) -> Tensor:
+    lse = torch.logsumexp(s, dim=-1)
+    # A row with no key: +inf, as the kernels store it; exp(s - lse) is then 0.
+    return lse.masked_fill(lse == -math.inf, math.inf)
+
+
+def forward_padded(q, k, v, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p, softmax_scale,
+                   softcap, window_left, window_right, bottom_right):
+    """Attention on padded tensors; returns (out (B, Sq, H, D), lse (B, H, Sq) float32)."""
+    pb = _Problem(q, k, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p, softmax_scale,
+                  softcap, window_left, window_right, bottom_right)
+    qg, kg, vg = _heads_grouped(q, pb.G), _kv_grouped(k), _kv_grouped(v)
+    outs, lses = [], []
+    for m0 in range(0, pb.Sq, pb.chunk):
+        m1 = min(m0 + pb.chunk, pb.Sq)
+        s, _ = pb.scores(qg[:, :, :, m0:m1] @ kg.transpose(-1, -2), m0, m1)
+        lse = _lse_of(s)
+        p = torch.exp(s - lse.unsqueeze(-1))
+        if dropout_p > 0:
+            p = p * pb.keep(m0, m1) / (1.0 - dropout_p)
+        outs.append(p @ vg)
+        lses.append(lse)
+    out = _ungroup(torch.cat(outs, dim=3)) if outs else q.new_zeros(q.shape, dtype=torch.float32)
+    lse = torch.cat(lses, dim=3).flatten(1, 2) if lses else q.new_zeros((pb.B, pb.H, 0), dtype=torch.float32)
+    return out.to(q.dtype), lse
+
+
+def backward_padded(dout, dlse, q, k, v, out, lse, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p,
+                    softmax_scale, softcap, window_left, window_right, bottom_right):
+    """Gradients of forward_padded; returns (dq, dk, dv) in the inputs' dtypes."""
+    pb = _Problem(q, k, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p, softmax_scale,
+                  softcap, window_left, window_right, bottom_right)
+    qg, kg, vg = _heads_grouped(q, pb.G), _kv_grouped(k), _kv_grouped(v)
+    dog = _heads_grouped(dout, pb.G)
+    lse_g = lse.reshape(pb.B, pb.Hk, pb.G, pb.Sq)
+    delta = (dog * _heads_grouped(out, pb.G)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.reshape(pb.B, pb.Hk, pb.G, pb.Sq)
+    dqs = []
+    dk = torch.zeros_like(kg.squeeze(2))
+    dv = torch.zeros_like(vg.squeeze(2))
+    for m0 in range(0, pb.Sq, pb.chunk):
+        m1 = min(m0 + pb.chunk, pb.Sq)
+        s, t = pb.scores(qg[:, :, :, m0:m1] @ kg.transpose(-1, -2), m0, m1)
+        p = torch.exp(s - lse_g[..., m0:m1, None])
+        dp = dog[:, :, :, m0:m1] @ vg.transpose(-1, -2)
+        p_dropped = p
+        if dropout_p > 0:
+            keep = pb.keep(m0, m1) / (1.0 - dropout_p)
+            p_dropped = p * keep
+            dp = dp * keep
+        dv += (p_dropped.transpose(-1, -2) @ dog[:, :, :, m0:m1]).sum(2)
+        ds = p * (dp - delta[..., m0:m1, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        dqs.append(ds @ kg * softmax_scale)
+        dk += (ds.transpose(-1, -2) @ qg[:, :, :, m0:m1]).sum(2) * softmax_scale
+    dq = _ungroup(torch.cat(dqs, dim=3)) if dqs else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    return dq.to(q.dtype), dk.permute(0, 2, 1, 3).to(k.dtype), dv.permute(0, 2, 1, 3).to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Packed (varlen) batches: pad by index arithmetic, run the padded path, pack back.
+# --------------------------------------------------------------------------------------
+
+
+class Packing:
+    def __init__(self, cu_seqlens: Tensor, max_seqlen: int, total: int):
+        starts = cu_seqlens[:-1].to(torch.int64)
+        self.lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+        pos = torch.arange(max_seqlen, device=cu_seqlens.device)
+        self.valid = pos.view(1, -1) < self.lengths.view(-1, 1)
+        # Padding slots read row 0 and are masked out; when packing back they write to a
+        # spare row past the end that is dropped.
+        self.gather = torch.where(self.valid, starts.view(-1, 1) + pos.view(1, -1), 0)
+        self.scatter = torch.where(self.valid, self.gather, total).flatten()
+        self.total = total
+
+    def pad(self, x: Tensor) -> Tensor:
+        return x[self.gather]
+
+    def pack(self, x: Tensor) -> Tensor:
+        out = x.new_zeros((self.total + 1, *x.shape[2:]))
+        out.index_copy_(0, self.scatter, x.flatten(0, 1))
+        return out[: self.total]
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes, seed,
+            dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
+    """Same contract as flash_attention.forward."""
+    if cu_seqlens_q is None:
+        return forward_padded(q, k, v, None, None, bias, alibi_slopes, seed, dropout_p, softmax_scale,
+                              softcap, window_left, window_right, bottom_right)
+    pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
+    pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
+    out, lse = forward_padded(pq.pad(q), pk.pad(k), pk.pad(v), pq.lengths, pk.lengths, bias, alibi_slopes, seed,
+                              dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right)
+    lse_packed = pq.pack(lse.transpose(1, 2))  # (total_q, H); rows of no sequence are 0
+    lse_packed = torch.where(_covered(pq).view(-1, 1), lse_packed, math.inf)
+    return pq.pack(out), lse_packed.transpose(0, 1).contiguous()
+
+
+def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias,
+             alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
+    """Same contract as flash_attention.backward."""
+    if cu_seqlens_q is None:
+        return backward_padded(dout, dlse, q, k, v, out, lse, None, None, bias, alibi_slopes, seed, dropout_p,
+                               softmax_scale, softcap, window_left, window_right, bottom_right)
+    pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
+    pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
+    lse_pad = pq.pad(lse.transpose(0, 1)).transpose(1, 2)  # (B, H, max_q)
+    dlse_pad = pq.pad(dlse.transpose(0, 1)).transpose(1, 2) if dlse is not None else None
+    dq, dk, dv = backward_padded(pq.pad(dout), dlse_pad, pq.pad(q), pk.pad(k), pk.pad(v), pq.pad(out), lse_pad,
+                                 pq.lengths, pk.lengths, bias, alibi_slopes, seed, dropout_p, softmax_scale,
+                                 softcap, window_left, window_right, bottom_right)
+    return pq.pack(dq), pk.pack(dk), pk.pack(dv)
+
+
+def _covered(p: Packing) -> Tensor:
+    """Which packed rows belong to a sequence."""
+    covered = torch.zeros(p.total + 1, dtype=torch.bool, device=p.valid.device)
+    covered[p.scatter] = True
+    return covered[: p.total]
+
+
+def probabilities(q, k, seqlens_q, seqlens_k, bias, alibi_slopes, softmax_scale, softcap, window_left, window_right,
+                  bottom_right) -> Tensor:
+    """Attention probabilities (B, H, Sq, Sk) float32 of padded q, k; rows with no key are 0."""
+    pb = _Problem(q, k, seqlens_q, seqlens_k, bias, alibi_slopes, None, 0.0, softmax_scale, softcap,
+                  window_left, window_right, bottom_right)
+    s, _ = pb.scores(_heads_grouped(q, pb.G) @ _kv_grouped(k).transpose(-1, -2), 0, pb.Sq)
+    return torch.exp(s - _lse_of(s).unsqueeze(-1)).flatten(1, 2)
+
+
+def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p, device):
+    """The keep-mask for this seed, as flash_attention.dropout_mask draws it."""
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(nheads, device=device).view(1, -1, 1, 1)
+    rows = torch.arange(seqlen_q, device=device).view(1, 1, -1, 1)
+    cols = torch.arange(seqlen_k, device=device).view(1, 1, 1, -1)
+    return dropout_keep_mask(seed, b * nheads + h, rows, cols, dropout_p)
+
+
+__all__ = ["forward", "backward", "probabilities", "dropout_mask", "philox_uint32", "Packing"]

@@ -1,0 +1,145 @@
+"""torch's ``scaled_dot_product_attention`` on the Triton kernels, and a patch for it.
+
+``scaled_dot_product_attention`` takes torch's signature and (batch, heads, seq, dim)
+layout. It runs the Triton kernel where it can: no mask, ``is_causal`` (top-left
+aligned, as torch's), and any boolean or additive ``attn_mask`` that broadcasts to
+(B, H, Sq, Sk) (key-padding masks included), GQA with ``enable_gqa``, dropout.
+Everything else goes to torch's own function unchanged, so results are those of torch:
+``fallback_reason`` says which calls fall back and why.
+
+``patch_sdpa()`` routes ``torch.nn.functional.scaled_dot_product_attention`` through
+it, so unmodified timm and Hugging Face models run on the kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
+from .runtime import use_triton
+
+#: torch's own function, captured before any patch.
+torch_sdpa = F.scaled_dot_product_attention
+
+_lock = threading.Lock()
+_stats: collections.Counter = collections.Counter()
+
+
+def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False) -> Optional[str]:
+    """None if the Triton kernel serves this call, else why torch's function does."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return "query, key and value are not all tensors"
+    if any(t.is_nested for t in tensors):
+        return "nested tensors"
+    if any(t.dim() != 4 for t in tensors):
+        return "inputs are not 4-D (batch, heads, seq, dim)"
+    if not use_triton(query):
+        return f"{query.device.type} tensors (torch's own kernel serves them)"
+    if key.device != query.device or value.device != query.device:
+        return "inputs on different devices"
+    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype} (needs one of float16, bfloat16, float32)"
+    B, H, Sq, E = query.shape
+    if key.shape[0] != B or value.shape[0] != B or key.shape[:3] != value.shape[:3]:
+        return "batch or key/value shapes differ"
+    if value.shape[-1] != E or key.shape[-1] != E:
+        return "value or key head dim differs from the query's"
+    if E > MAX_HEAD_DIM:
+        return f"head dim {E} > {MAX_HEAD_DIM}"
+    Hk, Sk = key.shape[1], key.shape[2]
+    if Hk != H and (not enable_gqa or Hk == 0 or H % Hk != 0):
+        return "query and key head counts differ without a valid enable_gqa"
+    if 0 in (B, H, Sq, Sk, E):
+        return "empty input"
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        return f"dropout_p {dropout_p!r} outside [0, 1)"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or attn_mask.is_nested:
+            return "attn_mask is not a dense tensor"
+        if is_causal:
+            return "attn_mask together with is_causal"
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            return "attn_mask requires grad"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return f"attn_mask dtype {attn_mask.dtype} (needs bool or the query's dtype)"
+        if attn_mask.device != query.device:
+            return "attn_mask on another device"
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, (B, H, Sq, Sk)) != (B, H, Sq, Sk):
+                return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {(B, H, Sq, Sk)}"
+        except RuntimeError:
+            return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {(B, H, Sq, Sk)}"
+    return None
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, served by the Triton kernel where it can.
+
+    query (B, H, Sq, E), key/value (B, Hk, Sk, E); returns (B, H, Sq, E) (a transposed
+    view of a (B, Sq, H, E) buffer, as torch's flash backend returns). Unsupported
+    calls run torch's function; see ``fallback_reason``. Dropout draws from this
+    project's RNG, not torch's: same distribution, different samples.
+    """
+    reason = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if not torch.compiler.is_compiling():
+        with _lock:
+            _stats["served by the Triton kernel" if reason is None else reason] += 1
+    if reason is not None:
+        return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+    B, H, Sq, E = query.shape
+    Sk = key.shape[2]
+    bias = attn_mask.expand(B, H, Sq, Sk) if attn_mask is not None else None
+    out, _, _ = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          max_seqlen_q=Sq, max_seqlen_k=Sk, softmax_scale=scale if scale is not None else E ** -0.5,
+                          bias=bias, dropout_p=dropout_p, window_right=0 if is_causal else -1, bottom_right=False)
+    return out.transpose(1, 2)
+
+
+def sdpa_stats(reset: bool = False) -> dict[str, int]:
+    """How many calls the kernel served and how many fell back, by reason, since the last reset."""
+    with _lock:
+        counts = dict(_stats)
+        if reset:
+            _stats.clear()
+    return counts
+
+
+def enable_sdpa_patch() -> None:
+    """Route torch.nn.functional.scaled_dot_product_attention through the kernels."""
+    F.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def disable_sdpa_patch() -> None:
+    """Restore torch's own scaled_dot_product_attention."""
+    F.scaled_dot_product_attention = torch_sdpa
+
+
+def sdpa_patched() -> bool:
+    return F.scaled_dot_product_attention is scaled_dot_product_attention
+
+
+@contextlib.contextmanager
+def patch_sdpa():
+    """Within this block, torch.nn.functional.scaled_dot_product_attention runs on the kernels.
+
+    Nests: the patch is removed only by the block that put it in place.
+    """
+    was_patched = sdpa_patched()
+    enable_sdpa_patch()
+    try:
+        yield
+    finally:
+        if not was_patched:
+            disable_sdpa_patch()

@@ -1,0 +1,353 @@
+"""flash_attn_func / flash_attn_varlen_func against the float64 oracle.
+
+Each case runs twice: through the Triton kernels (the interpreter on CPU, the GPU when
+there is one) and through the PyTorch path (`reference_only`). Sizes are small so the
+interpreter gets through them; tests/test_gpu.py repeats the checks at real sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import attention_oracle as oracle
+from kernels import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func, reference_only
+
+BACKENDS = ["triton", "reference"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, device):
+    """(device, context): the Triton kernels on `device`, or the PyTorch path on CPU."""
+    if request.param == "triton":
+        return device, contextlib.nullcontext
+    return "cpu", reference_only
+
+
+def _inputs(B, Sq, Sk, H, Hk, D, dtype, device, requires_grad=True):
+    q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)
+    k = torch.randn(B, Sk, Hk, D, dtype=dtype, device=device)
+    v = torch.randn(B, Sk, Hk, D, dtype=dtype, device=device)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def _check(run, q, k, v, name="", **oracle_kwargs):
+    """Runs `run(q, k, v) -> out` and compares out and dq, dk, dv with the oracle by FA2's rule."""
+    out = run(q, k, v)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    cpu = [x.detach().cpu().requires_grad_() for x in (q, k, v)]
+    ref, _ = oracle.attention(*cpu, **oracle_kwargs)
+    ref_grads = torch.autograd.grad(ref, cpu, dout.cpu().double())
+    # Plain torch math in the inputs' dtype: the yardstick of FA2's rule.
+    pt, _ = oracle.attention(*cpu, dtype=q.dtype, **oracle_kwargs)
+    pt_grads = torch.autograd.grad(pt, cpu, dout.cpu())
+    oracle.assert_fa2_close(out.cpu(), ref, pt, f"{name} out")
+    for label, g, r, p in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
+        oracle.assert_fa2_close(g.cpu(), r, p, f"{name} {label}")
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seqlens", [(1, 1), (17, 17), (1, 40), (33, 17), (17, 70), (129, 129)])
+def test_matches_oracle(backend, dtype, causal, seqlens):
+    device, ctx = backend
+    Sq, Sk = seqlens
+    q, k, v = _inputs(2, Sq, Sk, 2, 2, 32, dtype, device)
+    with ctx():
+        _check(lambda *a: flash_attn_func(*a, causal=causal), q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 40, 64, 80, 96, 128, 256])
+def test_head_dims(backend, head_dim):
+    device, ctx = backend
+    q, k, v = _inputs(1, 20, 37, 2, 1, head_dim, torch.float16, device)
+    with ctx():
+        _check(lambda *a: flash_attn_func(*a, causal=True), q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("nheads_k", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query(backend, nheads_k, causal):
+    device, ctx = backend
+    q, k, v = _inputs(2, 24, 45, 6, nheads_k, 16, torch.float32, device)
+    with ctx():
+        _check(lambda *a: flash_attn_func(*a, causal=causal), q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("window,causal", [((4, -1), False), ((-1, 3), False), ((5, 2), False), ((6, 6), True),
+                                           ((0, 0), False)])
+@pytest.mark.parametrize("seqlens", [(40, 40), (23, 61), (61, 23)])
+def test_sliding_window(backend, window, causal, seqlens):
+    device, ctx = backend
+    q, k, v = _inputs(1, *seqlens, 2, 2, 16, torch.float32, device)
+    with ctx():
+        _check(lambda *a: flash_attn_func(*a, causal=causal, window_size=window), q, k, v,
+               causal=causal, window=window)
+
+
+def test_window_at_least_seqlen_is_unbounded(backend):
+    """FlashAttention-2's rule: a window side >= seqlen_k means no limit on that side."""
+    device, ctx = backend
+    q, k, v = _inputs(1, 30, 10, 1, 1, 16, torch.float32, device, requires_grad=False)
+    with ctx():
+        wide = flash_attn_func(q, k, v, window_size=(10, 10))
+        full = flash_attn_func(q, k, v)
+    torch.testing.assert_close(wide, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi(backend, per_batch, causal):
+    device, ctx = backend
+    B, H = 2, 4
+    q, k, v = _inputs(B, 19, 33, H, 2, 16, torch.float32, device)
+    slopes = torch.rand(B, H) if per_batch else torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)])
+    with ctx():
+        _check(lambda *a: flash_attn_func(*a, causal=causal, alibi_slopes=slopes.to(device)), q, k, v,
+               causal=causal, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_and_scale(backend, causal):
+    device, ctx = backend
+    q, k, v = _inputs(2, 21, 34, 2, 2, 16, torch.float32, device)
+    q.data *= 4  # large scores, so the cap bites
+    with ctx():
+        _check(lambda *a: flash_attn_func(*a, causal=causal, softcap=5.0, softmax_scale=0.37), q, k, v,
+               causal=causal, softcap=5.0, scale=0.37)
+
+
+def test_returned_lse_and_its_gradient(backend):
+    device, ctx = backend
+    q, k, v = _inputs(2, 40, 20, 2, 2, 16, torch.float32, device)
+    with ctx():
+        out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    cpu = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = oracle.attention(*cpu, causal=True)
+    # Rows 0..19 see no key (causal, bottom-right, Sq = 2 Sk): lse is +inf there.
+    assert torch.isposinf(lse[:, :, :20]).all() and torch.isposinf(ref_lse[:, :, :20]).all()
+    torch.testing.assert_close(lse.cpu().double()[:, :, 20:], ref_lse[:, :, 20:], rtol=0, atol=1e-5)
+    # A loss that uses lse: its gradient must flow back through the kernels too.
+    w = torch.randn_like(lse[:, :, 20:])
+    loss = (out * 0.5).sum() + (lse[:, :, 20:] * w).sum()
+    ref_loss = (ref_out * 0.5).sum() + (ref_lse[:, :, 20:] * w.cpu().double()).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_grads = torch.autograd.grad(ref_loss, cpu)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["causal_short_keys", "window_gap"])
+def test_rows_without_keys_are_zero(backend, case):
+    device, ctx = backend
+    if case == "causal_short_keys":
+        q, k, v = _inputs(1, 50, 7, 2, 2, 16, torch.float32, device)
+        kwargs, empty = dict(causal=True), slice(0, 43)
+    else:
+        # Window (0, 0) with Sq > Sk: query i sees only key i - 18.
+        q, k, v = _inputs(1, 30, 12, 2, 2, 16, torch.float32, device)
+        kwargs, empty = dict(window_size=(0, 0)), slice(0, 18)
+    with ctx():
+        out = flash_attn_func(q, k, v, **kwargs)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert (out[:, empty] == 0).all()
+    assert (dq[:, empty] == 0).all()
+
+
+def test_backward_is_deterministic(backend):
+    device, ctx = backend
+    q, k, v = _inputs(2, 70, 70, 4, 1, 32, torch.float16, device)
+    with ctx():
+        out = flash_attn_func(q, k, v, causal=True)
+        dout = torch.randn_like(out)
+        first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        second = torch.autograd.grad(out, (q, k, v), dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_packed_qkv_strided_views(backend):
+    """qkv (B, S, 3, H, D) unbinds into strided views; the kernels take them as they are."""
+    device, ctx = backend
+    qkv = torch.randn(2, 33, 3, 2, 16, device=device, requires_grad=True)
+    with ctx():
+        out = flash_attn_qkvpacked_func(qkv, causal=True)
+    ref, _ = oracle.attention(*qkv.detach().cpu().unbind(2), causal=True)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Variable-length (packed) batches
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (3, 5))])
+def test_varlen(backend, causal, window):
+    device, ctx = backend
+    lens_q, lens_k = [5, 0, 33, 17, 1], [9, 4, 33, 12, 0]
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    H, Hk, D = 4, 2, 16
+    q = torch.randn(sum(lens_q), H, D, device=device, requires_grad=True)
+    k = torch.randn(sum(lens_k), Hk, D, device=device, requires_grad=True)
+    v = torch.randn(sum(lens_k), Hk, D, device=device, requires_grad=True)
+    with ctx():
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q.to(device), cu_k.to(device), max(lens_q), max(lens_k),
+                                             causal=causal, window_size=window, return_attn_probs=True)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    cpu = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = oracle.attention_varlen(*cpu, cu_q, cu_k, causal=causal, window=window)
+    ref_grads = torch.autograd.grad(ref, cpu, dout.cpu().double())
+    assert lse.shape == (H, sum(lens_q))
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=1e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu().double()[finite], ref_lse[finite], rtol=0, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=0, atol=1e-5)
+
+
+def test_varlen_rows_past_the_last_sequence_are_zero(backend):
+    device, ctx = backend
+    q = torch.randn(12, 2, 16, device=device)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    with ctx():
+        out = flash_attn_varlen_func(q, q, q, cu, cu, 5, 5)
+    assert (out[9:] == 0).all()
+    ref, _ = oracle.attention_varlen(q.cpu(), q.cpu(), q.cpu(), cu.cpu(), cu.cpu())
+    torch.testing.assert_close(out[:9].cpu().double(), ref, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------------------
+
+
+def _dropout_run(q, k, v, p, **kwargs):
+    out, lse, probs = flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True, **kwargs)
+    return out, lse, probs
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_oracle_with_the_kernels_mask(backend, causal):
+    """Forward and backward use one mask; it is the mask return_attn_probs reports."""
+    device, ctx = backend
+    p = 0.3
+    q, k, v = _inputs(2, 33, 45, 2, 1, 16, torch.float32, device)
+    with ctx():
+        out, _, probs = _dropout_run(q, k, v, p, causal=causal)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    keep = (probs >= 0).cpu()
+    # Masked-out (causal) entries are 0 either way; check the draw where it matters.
+    allowed = probs.cpu() != 0
+    kept_fraction = keep[allowed].float().mean().item()
+    assert abs(kept_fraction - (1 - p)) < 0.05, kept_fraction
+    cpu = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = oracle.attention(*cpu, causal=causal, keep=keep, dropout_p=p)
+    ref_grads = torch.autograd.grad(ref, cpu, dout.cpu().double())
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=0, atol=1e-5)
+
+
+def test_dropout_mask_is_the_same_on_both_paths(device):
+    """The Triton kernels and the PyTorch path draw the same Philox stream."""
+    from kernels import attention_reference, flash_attention
+
+    seed = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64, device=device)
+    kernel_mask = flash_attention.dropout_mask(seed, 2, 3, 37, 53, 0.25, device)
+    torch_mask = attention_reference.dropout_mask(seed.cpu(), 2, 3, 37, 53, 0.25, "cpu")
+    assert torch.equal(kernel_mask.cpu(), torch_mask)
+    assert abs(torch_mask.float().mean().item() - 0.75) < 0.03
+
+
+def test_philox_mirror_matches_known_answer():
+    """Philox4x32-10 known-answer vectors (Salmon et al., Random123 kat_vectors)."""
+    from kernels.attention_reference import philox_uint32
+
+    def first_word(counter, key):
+        word = key[0] | (key[1] << 32)
+        seed = torch.tensor([word - (1 << 64) if word >= 1 << 63 else word], dtype=torch.int64)  # same bits
+        c = [torch.tensor(x, dtype=torch.int64) for x in counter]
+        return philox_uint32(seed, *c).item()
+
+    assert first_word((0, 0, 0, 0), (0, 0)) == 0x6627E8D5
+    assert first_word((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF)) == 0x408F276D
+    assert first_word((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == 0xD16CFE09
+
+
+def test_dropout_is_reproducible_under_manual_seed(backend):
+    device, ctx = backend
+    q, k, v = _inputs(1, 20, 20, 2, 2, 16, torch.float32, device, requires_grad=False)
+    with ctx():
+        torch.manual_seed(7)
+        a = flash_attn_func(q, k, v, dropout_p=0.5)
+        torch.manual_seed(7)
+        b = flash_attn_func(q, k, v, dropout_p=0.5)
+        c = flash_attn_func(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_dropout_is_unbiased(backend):
+    """E[dropout attention] = attention: the mean over many draws converges to it."""
+    device, ctx = backend
+    q, k, v = _inputs(1, 8, 8, 1, 1, 16, torch.float32, device, requires_grad=False)
+    draws = 200
+    with ctx():
+        mean = sum(flash_attn_func(q, k, v, dropout_p=0.4) for _ in range(draws)) / draws
+        exact = flash_attn_func(q, k, v)
+    # Standard error of the mean of each entry is ~ |v| * sqrt(p/(1-p)) / sqrt(draws * keys).
+    assert (mean - exact).abs().max().item() < 0.25
+
+
+# --------------------------------------------------------------------------------------
+# bf16 (the interpreter's bf16 dot is broken: the PyTorch path here, the GPU in test_gpu)
+# --------------------------------------------------------------------------------------
+
+
+def test_bfloat16_reference_path():
+    q, k, v = _inputs(2, 45, 45, 2, 2, 32, torch.bfloat16, "cpu")
+    with reference_only():
+        _check(lambda *a: flash_attn_func(*a, causal=True), q, k, v, causal=True)
+
+
+def test_autocast_casts_like_sdpa():
+    q, k, v = _inputs(1, 16, 16, 2, 2, 16, torch.float32, "cpu")
+    with reference_only(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attn_func(q, k, v)
+    assert out.dtype == torch.bfloat16
+    ref, _ = oracle.attention(*(x.detach().bfloat16() for x in (q, k, v)))
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-2)
+
+
+def test_empty_batch_and_zero_length_keys(backend):
+    device, ctx = backend
+    with ctx():
+        out = flash_attn_func(*_inputs(0, 5, 5, 2, 2, 16, torch.float32, device, requires_grad=False))
+        assert out.shape == (0, 5, 2, 16)
+        q, k, v = _inputs(1, 5, 0, 2, 2, 16, torch.float32, device, requires_grad=False)
+        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    assert (out == 0).all() and torch.isposinf(lse).all()
+
+
+def test_attention_probs(backend):
+    """return_attn_probs gives softmax(scores) with the masks: rows sum to 1, masked entries are 0."""
+    device, ctx = backend
+    B, Sq, Sk, H = 1, 12, 30, 2
+    q, k, _ = _inputs(B, Sq, Sk, H, H, 16, torch.float32, device, requires_grad=False)
+    v = torch.zeros(B, Sk, H, 16, device=device)
+    with ctx():
+        _, _, probs = flash_attn_func(q, k, v, causal=True, window_size=(4, 0), return_attn_probs=True)
+    # Attention with v = identity returns the probability matrix itself.
+    eye = torch.eye(Sk, dtype=torch.float64).view(1, Sk, 1, Sk).expand(B, Sk, H, Sk)
+    expected, _ = oracle.attention(q.cpu(), k.cpu(), eye, causal=True, window=(4, 0))
+    torch.testing.assert_close(probs.cpu().double(), expected.permute(0, 2, 1, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probs.sum(-1).cpu(), torch.ones(B, H, Sq), rtol=0, atol=1e-6)
