@@ -30,8 +30,8 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slop
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(Sq).view(-1, 1)
-    j = torch.arange(Sk).view(1, -1)
+    i = torch.arange(Sq, device=q.device).view(-1, 1)
+    j = torch.arange(Sk, device=q.device).view(1, -1)
     off = Sk - Sq if bottom_right else 0
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(dtype).reshape(-1, H, 1, 1)
@@ -42,7 +42,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, alibi_slop
     left, right = window
     if causal:
         right = 0
-    allowed = torch.ones(Sq, Sk, dtype=torch.bool)
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
     if left >= 0:
         allowed &= j >= i + off - left
     if right >= 0:

@@ -1,0 +1,148 @@
+"""Input validation, torch.library registration (opcheck) and torch.compile of the attention op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import flash_attn_func, flash_attn_varlen_func, reference_only
+
+
+def _qkv(B=2, S=8, H=4, Hk=2, D=16, dtype=torch.float16):
+    return (torch.randn(B, S, H, D, dtype=dtype), torch.randn(B, S, Hk, D, dtype=dtype),
+            torch.randn(B, S, Hk, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
+    (lambda q, k, v: (q, k.float(), v), TypeError, "k has dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "q has dtype"),
+    (lambda q, k, v: (q, k[:, :, :1], v), ValueError, "same shape"),
+    (lambda q, k, v: (q[:, :, :3], k, v), ValueError, "multiple of nheads_k"),
+    (lambda q, k, v: (q, k[..., :8], v[..., :8]), ValueError, "head dim"),
+    (lambda q, k, v: (q[:1], k, v), ValueError, "batch size"),
+    (lambda q, k, v: (torch.randn(1, 4, 2, 264, dtype=torch.float16),) * 3, ValueError, "head dim 264"),
+    (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_tensors(mutate, error, match):
+    with pytest.raises(error, match=match):
+        flash_attn_func(*mutate(*_qkv()))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(window_size=(-2, 0)), ValueError, "window_size left"),
+    (dict(window_size=(0, -3)), ValueError, "window_size right"),
+    (dict(window_size=3), ValueError, "window_size must be a pair"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(nheads,\)"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.float16)), TypeError, "alibi_slopes must be float32"),
+])
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        flash_attn_func(*_qkv(), **kwargs)
+
+
+def _packed(lengths, H=2, D=16):
+    total = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return torch.randn(total, H, D), cu
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda cu: cu.long(), TypeError, "cu_seqlens_q must be int32"),
+    (lambda cu: cu[:1], ValueError, "length batch \\+ 1"),
+    (lambda cu: torch.tensor([0, 5, 3, 9], dtype=torch.int32), ValueError, "never decrease"),
+    (lambda cu: torch.tensor([0, 5, 9, 40], dtype=torch.int32), ValueError, "exceeds the"),
+])
+def test_bad_cu_seqlens(change, error, match):
+    x, cu = _packed([5, 4, 3])
+    with pytest.raises(error, match=match):
+        flash_attn_varlen_func(x, x, x, change(cu), cu, 5, 5)
+
+
+def test_max_seqlen_too_small_is_an_error_not_a_truncation():
+    x, cu = _packed([5, 9, 3])
+    with pytest.raises(ValueError, match="max_seqlen_q = 6 is less than the longest sequence"):
+        flash_attn_varlen_func(x, x, x, cu, cu, 6, 9)
+
+
+def test_mismatched_cu_seqlens_lengths():
+    x, cu = _packed([5, 4, 3])
+    with pytest.raises(ValueError, match="same length"):
+        flash_attn_varlen_func(x, x, x, cu, cu[:3], 5, 5)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile (on CPU through the PyTorch path; the
+# interpreter's kernels cannot be traced: see tests/test_gpu.py for the CUDA kernels)
+# --------------------------------------------------------------------------------------
+
+
+def _fwd_args(dropout=False, varlen=False, bias=False):
+    if varlen:
+        q, cu = _packed([3, 6, 1], H=4)
+        k, _ = _packed([3, 6, 1], H=2)
+        v = torch.randn_like(k)
+        args = [q, k, v, cu, cu.clone(), 6, 6]
+    else:
+        q, k, v = (x.float() for x in _qkv())
+        args = [q, k, v, None, None, 8, 8]
+    for x in args[:3]:
+        x.requires_grad_()
+    b = torch.randn(2, 1, 8, 8) if bias else None
+    seed = torch.tensor([17], dtype=torch.int64) if dropout else None
+    return (*args, b, torch.rand(4), seed, 0.2 if dropout else 0.0, 0.25, 0.0, 3, 0, True)
+
+
+@pytest.mark.parametrize("variant", ["plain", "dropout", "varlen", "bias"])
+def test_opcheck(variant):
+    args = _fwd_args(dropout=variant == "dropout", varlen=variant == "varlen", bias=variant == "bias")
+    with reference_only():
+        torch.library.opcheck(torch.ops.tritonzoo.attention_fwd.default, args)
+        out, lse = torch.ops.tritonzoo.attention_fwd(*args)
+        bwd_args = (torch.randn_like(out), None, *(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]),
+                    out.detach(), lse.detach(), *args[3:])
+        torch.library.opcheck(torch.ops.tritonzoo.attention_bwd.default, bwd_args)
+
+
+class _TinyAttention(torch.nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).unbind(2)
+        y = flash_attn_func(q, k, v, causal=True, dropout_p=0.1 if self.training else 0.0)
+        return self.proj(y.reshape(B, S, C))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_forward_backward(backend):
+    torch._dynamo.reset()
+    model = _TinyAttention().eval()
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    with reference_only():
+        eager = model(x)
+        (g_eager,) = torch.autograd.grad(eager.sum(), x)
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        out = compiled(x)
+        (g,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_with_dropout_in_training_mode():
+    torch._dynamo.reset()
+    model = _TinyAttention().train()
+    x = torch.randn(2, 10, 32)
+    with reference_only():
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

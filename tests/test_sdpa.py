@@ -1,0 +1,165 @@
+"""scaled_dot_product_attention and patch_sdpa against torch's own SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fallback_reason, patch_sdpa, scaled_dot_product_attention, sdpa_stats
+from kernels.sdpa import torch_sdpa
+
+SERVED = "served by the Triton kernel"
+
+
+def _bhsd(B, H, S, D, device, dtype=torch.float32):
+    return torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=True)
+
+
+def _compare_with_torch(query, key, value, **kwargs):
+    """Ours on `device` against torch's SDPA in float64 on CPU: outputs and gradients."""
+    assert fallback_reason(query, key, value, **kwargs) is None
+    out = scaled_dot_product_attention(query, key, value, **kwargs)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value), dout)
+    ref_in = [x.detach().cpu().double().requires_grad_() for x in (query, key, value)]
+    ref_kwargs = dict(kwargs)
+    if isinstance(kwargs.get("attn_mask"), torch.Tensor):
+        mask = kwargs["attn_mask"].cpu()
+        ref_kwargs["attn_mask"] = mask if mask.dtype == torch.bool else mask.double()
+    ref = torch_sdpa(*ref_in, **ref_kwargs)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.cpu().double())
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("seqlens", [(16, 16), (9, 23), (23, 9)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_causal_is_top_left_as_torch(device, seqlens, is_causal):
+    Sq, Sk = seqlens
+    _compare_with_torch(_bhsd(2, 2, Sq, 16, device), _bhsd(2, 2, Sk, 16, device), _bhsd(2, 2, Sk, 16, device),
+                        is_causal=is_causal)
+
+
+def test_boolean_key_padding_mask(device):
+    B, H, S = 3, 2, 21
+    lengths = torch.tensor([21, 7, 0])  # the last row masks every key: torch gives 0, so do we
+    mask = (torch.arange(S) < lengths.view(-1, 1)).view(B, 1, 1, S).to(device)
+    _compare_with_torch(_bhsd(B, H, S, 16, device), _bhsd(B, H, S, 16, device), _bhsd(B, H, S, 16, device),
+                        attn_mask=mask)
+
+
+def test_left_padding_and_per_head_masks(device):
+    B, H, Sq, Sk = 2, 3, 11, 19
+    mask = torch.rand(B, H, Sq, Sk, device=device) > 0.3
+    _compare_with_torch(_bhsd(B, H, Sq, 16, device), _bhsd(B, H, Sk, 16, device), _bhsd(B, H, Sk, 16, device),
+                        attn_mask=mask)
+
+
+def test_additive_float_mask_broadcast_over_heads(device):
+    B, H, Sq, Sk = 2, 2, 13, 17
+    bias = torch.randn(B, 1, Sq, Sk, device=device)
+    bias[:, :, :, -3:] = float("-inf")
+    _compare_with_torch(_bhsd(B, H, Sq, 16, device), _bhsd(B, H, Sk, 16, device), _bhsd(B, H, Sk, 16, device),
+                        attn_mask=bias)
+
+
+def test_two_dim_mask_gqa_and_scale(device):
+    B, H, Hk, Sq, Sk = 2, 4, 2, 10, 14
+    mask = torch.ones(Sq, Sk, dtype=torch.bool, device=device).tril(diagonal=4)
+    _compare_with_torch(_bhsd(B, H, Sq, 16, device), _bhsd(B, Hk, Sk, 16, device), _bhsd(B, Hk, Sk, 16, device),
+                        attn_mask=mask, enable_gqa=True, scale=0.2)
+
+
+def test_fallbacks_return_torchs_result_exactly():
+    q = torch.randn(2, 2, 8, 16, dtype=torch.float64)
+    assert "dtypes" in fallback_reason(q, q, q) or "cpu" in fallback_reason(q, q, q)
+    assert torch.equal(scaled_dot_product_attention(q, q, q, is_causal=True), torch_sdpa(q, q, q, is_causal=True))
+    q3 = torch.randn(2, 8, 16)
+    assert "4-D" in fallback_reason(q3, q3, q3)
+    assert torch.equal(scaled_dot_product_attention(q3, q3, q3), torch_sdpa(q3, q3, q3))
+
+
+def test_fallback_reasons(device):
+    q = torch.randn(2, 2, 8, 16, device=device)
+    mask = torch.zeros(2, 1, 8, 8, device=device, requires_grad=True)
+    assert fallback_reason(q, q, q, attn_mask=mask) == "attn_mask requires grad"
+    assert "is_causal" in fallback_reason(q, q, q, attn_mask=mask.detach(), is_causal=True)
+    k = torch.randn(2, 1, 8, 16, device=device)
+    assert "enable_gqa" in fallback_reason(q, k, k)
+    assert fallback_reason(q, k, k, enable_gqa=True) is None
+    v = torch.randn(2, 2, 8, 24, device=device)
+    assert "head dim" in fallback_reason(q, q, v)
+    # Whatever torch does with a mask and is_causal together, we do the same.
+    both = dict(attn_mask=mask.detach() > 0, is_causal=True)
+    try:
+        expected = torch_sdpa(q, q, q, **both)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match=str(e)[:30]):
+            scaled_dot_product_attention(q, q, q, **both)
+    else:
+        assert torch.equal(scaled_dot_product_attention(q, q, q, **both), expected)
+
+
+def test_dropout_is_served_and_reproducible(device):
+    q = torch.randn(1, 2, 12, 16, device=device)
+    torch.manual_seed(3)
+    a = scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, scaled_dot_product_attention(q, q, q))
+
+
+def test_patch_is_scoped_and_nests():
+    assert F.scaled_dot_product_attention is torch_sdpa
+    with patch_sdpa():
+        assert F.scaled_dot_product_attention is scaled_dot_product_attention
+        with patch_sdpa():
+            pass
+        assert F.scaled_dot_product_attention is scaled_dot_product_attention
+    assert F.scaled_dot_product_attention is torch_sdpa
+
+
+def _outputs_and_grads(model, inputs, loss_fn):
+    model.zero_grad()
+    out = model(**inputs)
+    loss_fn(out).backward()
+    return loss_fn(out).detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_with_and_without_patch(model, inputs, loss_fn):
+    plain_loss, plain_grads = _outputs_and_grads(model, inputs, loss_fn)
+    sdpa_stats(reset=True)
+    with patch_sdpa():
+        patched_loss, patched_grads = _outputs_and_grads(model, inputs, loss_fn)
+    stats = sdpa_stats(reset=True)
+    assert stats.get(SERVED, 0) > 0 and set(stats) == {SERVED}, stats
+    torch.testing.assert_close(patched_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == patched_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(patched_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_patch_timm_vit(device):
+    timm = pytest.importorskip("timm")
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10).to(device)
+    images = torch.randn(2, 3, 32, 32, device=device)
+    _assert_same_with_and_without_patch(model, {"x": images}, lambda logits: logits.logsumexp(-1).sum())
+
+
+def test_patch_hugging_face_bert_with_padding(device):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa",
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(config).to(device)
+    ids = torch.randint(0, 99, (3, 19), device=device)
+    attention_mask = torch.ones(3, 19, dtype=torch.long, device=device)
+    attention_mask[1, 11:] = 0
+    attention_mask[2, 3:] = 0
+    inputs = {"input_ids": ids, "attention_mask": attention_mask}
+    _assert_same_with_and_without_patch(model, inputs, lambda out: (out.last_hidden_state ** 2).mean())
