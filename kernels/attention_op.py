@@ -19,13 +19,15 @@ normalised by flash_attn_interface.py / sdpa.py:
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import attention_reference, flash_attention
-from .runtime import use_triton
+from .runtime import reference_only, use_triton
 
 
 @torch.library.triton_op("tritonzoo::attention_fwd", mutates_args=())
@@ -65,6 +67,8 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, bias, alibi, seed)
     ctx.params = (max_q, max_k, dropout_p, scale, softcap, wl, wr, br)
+    # The backward takes the forward's path, wherever and on whichever thread it runs.
+    ctx.reference = not use_triton(q)
 
 
 def _backward(ctx, dout, dlse):
@@ -72,8 +76,9 @@ def _backward(ctx, dout, dlse):
     max_q, max_k, dropout_p, scale, softcap, wl, wr, br = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, bias, alibi, seed,
-                               dropout_p, scale, softcap, wl, wr, br)
+    with reference_only() if ctx.reference else contextlib.nullcontext():
+        dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, bias, alibi, seed,
+                                   dropout_p, scale, softcap, wl, wr, br)
     return (dq, dk, dv) + (None,) * 13
 
 

@@ -654,7 +654,7 @@ _DQ_CANDIDATES = {
     128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
-_AUTOTUNE_KEY = ["q_bucket", "k_bucket", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN",
+_AUTOTUNE_KEY = ["q_bucket", "k_bucket", "group", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN",
                  "HAS_DROPOUT", "HAS_BIAS", "HAS_SOFTCAP", "HAS_ALIBI"]
 
 
@@ -801,11 +801,12 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
              alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Runs the backward kernels; returns (dq, dk, dv) shaped like (q, k, v)."""
     geo = _Geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, bias, alibi_slopes)
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    # Padded batches: the kernels write every element. Packed: rows outside every
+    # sequence are never visited and must read as zero.
+    alloc = torch.zeros_like if geo.varlen else torch.empty_like
+    dq, dk, dv = (alloc(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
-        return dq, dk, dv
+        return tuple(torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     delta = torch.empty_like(lse)

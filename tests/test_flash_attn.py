@@ -171,6 +171,17 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
+def test_backward_takes_the_forwards_path():
+    """A forward run under reference_only keeps its backward on the PyTorch path, even when
+    the backward runs outside the block (or on another thread, as CUDA autograd does)."""
+    q, k, v = _inputs(1, 20, 20, 2, 2, 16, torch.float32, "cpu")
+    with reference_only():
+        out = flash_attn_func(q, k, v, causal=True)
+        inside = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True)
+    outside = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+
+
 def test_packed_qkv_strided_views(backend):
     """qkv (B, S, 3, H, D) unbinds into strided views; the kernels take them as they are."""
     device, ctx = backend

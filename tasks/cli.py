@@ -1,0 +1,80 @@
+"""The ``zoo`` command line: one subcommand per job.
+
+    zoo demo                                    correctness check + a quick benchmark
+    zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
+
+Each subcommand registers itself in build_parser() with a handler taking the parsed
+arguments and returning the exit status. Handlers import their modules lazily: the
+demo must set TRITON_INTERPRET before anything imports ``kernels``, and ``zoo --help``
+should not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Optional, Sequence
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tasks import demo
+
+    return demo.main()
+
+
+def _bench_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if device == "cpu" and not args.quick:
+        parser.error("the full attention benchmark needs a CUDA GPU; on CPU add --quick")
+    from tasks import bench_attention
+
+    bench_attention.run(device=device, quick=args.quick, out_dir=args.out, command=args.command_line)
+    return 0
+
+
+def _add_bench(subcommands) -> None:
+    bench = subcommands.add_parser("bench", help="benchmarks, each beside its peers in the same process")
+    targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
+    attention = targets.add_parser(
+        "attention", help="flash_attn_func vs torch SDPA backends and FlexAttention",
+        description="Times tritonzoo's flash attention forward and backward beside torch SDPA "
+                    "(flash, cuDNN, memory-efficient backends) and FlexAttention. Writes attention.json "
+                    "and attention.png to --out.")
+    attention.add_argument("--quick", action="store_true",
+                           help="a few shapes only (the only mode on CPU, where it times the PyTorch path)")
+    attention.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default: bench_out)")
+    attention.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                           help="default: cuda when available, else cpu")
+    attention.set_defaults(handler=_bench_attention)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``zoo`` with all its subcommands."""
+    parser = argparse.ArgumentParser(prog="zoo", description="tritonzoo: Triton attention kernels and a "
+                                                             "transformer zoo")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = subcommands.add_parser("demo", help="check the kernels against float64 math, then a quick benchmark")
+    demo.set_defaults(handler=_demo)
+    _add_bench(subcommands)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parses argv (default: sys.argv[1:]) and runs the subcommand; returns its exit status.
+
+    Raises SystemExit (status 2) on a usage error, as argparse does.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["zoo", *argv])
+    return args.handler(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
