@@ -4,6 +4,7 @@ Depends on torch and triton only; usable in any PyTorch or Lightning project.
 """
 
 from .flash_attn_interface import (
+    attention,
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -22,6 +23,7 @@ from .sdpa import (
 )
 
 __all__ = [
+    "attention",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -128,7 +128,7 @@ def _window(causal: bool, window_size, max_seqlen_k: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 
-def attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seqlens_q=None, cu_seqlens_k=None,
+def run_attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seqlens_q=None, cu_seqlens_k=None,
               bias=None, alibi_slopes=None, dropout_p=0.0, softcap=0.0, window_left=-1, window_right=-1,
               bottom_right=True):
     """Runs the attention op on validated inputs; returns (out, lse, seed).
@@ -198,7 +198,7 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     left, right = _window(causal, window_size, max_seqlen_k)
-    out, lse, seed = attention(q, k, v, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    out, lse, seed = run_attention(q, k, v, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                alibi_slopes=alibi_slopes, dropout_p=dropout_p, softcap=softcap,
                                window_left=left, window_right=right, bottom_right=True)
@@ -233,6 +233,39 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     _check_tensor(k, "k")
     return _run(q, k, v, None, None, q.shape[1] if q.dim() == 4 else 0, k.shape[1] if k.dim() == 4 else 0,
                 dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
+              window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_lse=False):
+    """flash_attn_func with a key-padding mask: the entry point for models with padded batches.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim);
+    key_padding_mask: None or (batch, seqlen_k) bool, True where the key may be attended
+    (left or right padding alike). The mask is read per key block, never expanded to
+    S x S. Other options as flash_attn_func (causal aligned bottom-right). Returns out,
+    or (out, lse) with return_lse. Raises TypeError/ValueError naming the bad argument.
+    """
+    check_qkv(q, k, v, packed=False)
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, B, H, q.device)
+    bias = None
+    if key_padding_mask is not None:
+        _check_tensor(key_padding_mask, "key_padding_mask")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Sk):
+            raise ValueError(f"key_padding_mask must have shape (batch, seqlen_k) = ({B}, {Sk}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        bias = key_padding_mask[:, None, None, :].expand(B, H, Sq, Sk)
+    left, right = _window(causal, window_size, Sk)
+    out, lse, _ = run_attention(q, k, v, max_seqlen_q=Sq, max_seqlen_k=Sk,
+                                softmax_scale=D ** -0.5 if softmax_scale is None else softmax_scale,
+                                bias=bias, alibi_slopes=alibi_slopes, dropout_p=dropout_p, softcap=softcap,
+                                window_left=left, window_right=right, bottom_right=True)
+    return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
+from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, run_attention
 from .runtime import use_triton
 
 #: torch's own function, captured before any patch.
@@ -101,7 +101,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     B, H, Sq, E = query.shape
     Sk = key.shape[2]
     bias = attn_mask.expand(B, H, Sq, Sk) if attn_mask is not None else None
-    out, _, _ = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+    out, _, _ = run_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                           max_seqlen_q=Sq, max_seqlen_k=Sk, softmax_scale=scale if scale is not None else E ** -0.5,
                           bias=bias, dropout_p=dropout_p, window_right=0 if is_causal else -1, bottom_right=False)
     return out.transpose(1, 2)

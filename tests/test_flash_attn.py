@@ -362,3 +362,33 @@ def test_attention_probs(backend):
     expected, _ = oracle.attention(q.cpu(), k.cpu(), eye, causal=True, window=(4, 0))
     torch.testing.assert_close(probs.cpu().double(), expected.permute(0, 2, 1, 3), rtol=0, atol=1e-6)
     torch.testing.assert_close(probs.sum(-1).cpu(), torch.ones(B, H, Sq), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# kernels.attention: key-padding masks (the models' entry point)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_mask(backend, causal):
+    device, ctx = backend
+    from kernels import attention
+
+    B, Sq, Sk = 3, 19, 27
+    q, k, v = _inputs(B, Sq, Sk, 4, 2, 16, torch.float32, device)
+    keep = torch.ones(B, Sk, dtype=torch.bool)
+    keep[1, 20:] = False  # right padding
+    keep[2, :9] = False  # left padding
+    with ctx():
+        _check(lambda *a: attention(*a, causal=causal, key_padding_mask=keep.to(device)), q, k, v,
+               causal=causal, bias=keep[:, None, None, :])
+
+
+def test_key_padding_mask_errors():
+    from kernels import attention
+
+    q = torch.randn(2, 5, 2, 16)
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        attention(q, q, q, key_padding_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seqlen_k\) = \(2, 5\)"):
+        attention(q, q, q, key_padding_mask=torch.ones(2, 1, 5, dtype=torch.bool))

@@ -1,0 +1,20 @@
+"""tritonzoo's models: one transformer backbone, thin domain front-ends, named presets.
+
+    model = zoo.create_model("vit_small_patch16_224", num_classes=10, attn_backend="sdpa")
+    zoo.list_models("gpt*")
+"""
+
+from .backbone import Block, KVCache, Transformer
+from .config import TransformerConfig
+from .registry import build_config, create_model, list_models, register_model
+
+__all__ = [
+    "Block",
+    "KVCache",
+    "Transformer",
+    "TransformerConfig",
+    "build_config",
+    "create_model",
+    "list_models",
+    "register_model",
+]

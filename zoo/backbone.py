@@ -1,0 +1,158 @@
+"""The shared transformer backbone: one Block, one stack, every domain."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, LayerCache
+from .config import TransformerConfig
+from .layers import MLP, DropPath, LayerScale, Rotary, alibi_slopes, make_norm, sinusoidal_table
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, MLP; each a residual branch, pre- or post-norm.
+
+    The unit that activation checkpointing and FSDP wrap.
+    """
+
+    def __init__(self, cfg: TransformerConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg)
+        self.cross_attn = None
+        if cfg.cross_attention:
+            self.norm_cross, self.cross_attn = make_norm(cfg), Attention(cfg, cross=True)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+
+        def scale():
+            return LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
+
+        self.ls1, self.ls_cross, self.ls2 = scale(), scale(), scale()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _residual(self, x: Tensor, norm: nn.Module, branch, scale: nn.Module) -> Tensor:
+        if self.prenorm:
+            return x + self.drop_path(scale(branch(norm(x))))
+        return norm(x + self.drop_path(scale(branch(x))))
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, memory: Optional[Tensor] = None,
+                memory_padding_mask: Optional[Tensor] = None, rope: Optional[tuple[Tensor, Tensor]] = None,
+                alibi_slopes: Optional[Tensor] = None, cache: Optional[LayerCache] = None) -> Tensor:
+        x = self._residual(x, self.norm1, lambda h: self.attn(
+            h, key_padding_mask=key_padding_mask, rope=rope, alibi_slopes=alibi_slopes, cache=cache), self.ls1)
+        if self.cross_attn is not None:
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
+                h, memory=memory, key_padding_mask=memory_padding_mask, cache=cache), self.ls_cross)
+        return self._residual(x, self.norm2, self.mlp, self.ls2)
+
+
+class KVCache:
+    """Per-layer key/value caches and the number of positions already decoded."""
+
+    def __init__(self, depth: int):
+        self.layers = [LayerCache() for _ in range(depth)]
+        self.offset = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keeps batch rows `index` in every layer (beam search)."""
+        for layer in self.layers:
+            layer.reorder(index)
+
+
+class Transformer(nn.Module):
+    """A stack of Blocks with positions and norms: (B, S, dim) embeddings -> (B, S, dim) states.
+
+    Learned and sinusoidal positions are added to the input; rotary and ALiBi act inside
+    attention. key_padding_mask (B, S) marks real tokens (True) of the input, or of all
+    keys so far when decoding with a cache.
+    """
+
+    block_class = Block
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pos_embed = self.rotary = None
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.dim))
+        elif cfg.positions == "rotary":
+            self.rotary = Rotary(cfg.rotary_dim or cfg.head_size, cfg.rotary_base)
+        if cfg.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+        self.input_norm = make_norm(cfg) if cfg.input_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = make_norm(cfg) if cfg.final_norm else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 / BERT / timm-style init: N(0, 0.02) weights, zero biases, residual
+        output projections scaled by 1/sqrt(2 * depth)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.depth)
+        for block in self.blocks:
+            for attn in (block.attn, block.cross_attn):
+                if attn is not None:
+                    nn.init.normal_(attn.proj.weight, std=residual_std)
+            nn.init.normal_(block.mlp.fc2.weight, std=residual_std)
+
+    def set_attn_backend(self, backend: str) -> None:
+        """Switches every attention layer to "triton", "sdpa" or "eager" (ablations, parity)."""
+        self.cfg = self.cfg.replace(attn_backend=backend)  # validates the name
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+
+    def new_cache(self) -> KVCache:
+        """An empty cache for incremental decoding with forward(..., cache=cache)."""
+        return KVCache(self.cfg.depth)
+
+    def forward(self, x: Tensor, *, key_padding_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, memory: Optional[Tensor] = None,
+                memory_padding_mask: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
+        """x (B, S, dim) -> (B, S, dim).
+
+        position_ids (B, S): positions of the input tokens (default: 0.., continuing from
+        the cache's offset). memory (B, Sm, dim) and memory_padding_mask (B, Sm): what
+        cross-attention attends to. Raises ValueError for positions past max_seq_len.
+        """
+        B, S, _ = x.shape
+        if position_ids is None:
+            start = cache.offset if cache is not None else 0
+            position_ids = torch.arange(start, start + S, device=x.device).unsqueeze(0).expand(B, S)
+        if self.pos_embed is not None or self.cfg.positions == "sinusoidal":
+            if not torch.compiler.is_compiling() and S and int(position_ids.max()) >= self.cfg.max_seq_len:
+                raise ValueError(f"position {int(position_ids.max())} is past max_seq_len = {self.cfg.max_seq_len} "
+                                 f"of the {self.cfg.positions} position table")
+            x = x + (self.pos_embed(position_ids) if self.pos_embed is not None
+                     else self.pos_table[position_ids].to(x.dtype))
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        x = self.drop(x)
+        rope = self.rotary.cos_sin(position_ids) if self.rotary is not None else None
+        for i, block in enumerate(self.blocks):
+            args = (x, key_padding_mask, memory, memory_padding_mask, rope, self.alibi_slopes,
+                    cache.layers[i] if cache is not None else None)
+            if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        if cache is not None:
+            cache.offset += S
+        return self.norm(x)

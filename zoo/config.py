@@ -1,0 +1,96 @@
+"""The one configuration of the shared transformer backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+MLP_TYPES = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
+NORM_TYPES = ("layernorm", "rmsnorm")
+POSITION_TYPES = ("learned", "sinusoidal", "rotary", "alibi", "none")
+ATTENTION_BACKENDS = ("triton", "sdpa", "eager")
+
+
+@dataclass
+class TransformerConfig:
+    """Every variant of the backbone is a field here; the defaults are a GPT-style block."""
+
+    dim: int = 512  # model width
+    depth: int = 6  # number of blocks
+    heads: int = 8  # attention heads
+    kv_heads: Optional[int] = None  # key/value heads for GQA / MQA (None: as many as heads)
+    head_dim: Optional[int] = None  # width of one head (None: dim // heads)
+    mlp: str = "gelu"  # MLP type: gelu (exact), gelu_tanh, relu, swiglu or geglu
+    mlp_ratio: float = 4.0  # MLP hidden width as a multiple of dim
+    mlp_hidden: Optional[int] = None  # MLP hidden width; overrides mlp_ratio when set
+    norm: str = "layernorm"  # layernorm or rmsnorm
+    norm_eps: float = 1e-5  # epsilon of every norm
+    prenorm: bool = True  # pre-norm residual blocks (GPT, ViT); False: post-norm (BERT, 2017 Transformer)
+    final_norm: bool = True  # a norm after the last block (pre-norm models)
+    input_norm: bool = False  # a norm over the input embeddings, after positions are added (BERT)
+    positions: str = "learned"  # learned, sinusoidal (added to the input), rotary, alibi (in attention), none
+    max_seq_len: int = 1024  # table length of learned / sinusoidal positions
+    rotary_dim: Optional[int] = None  # dims of each head that rotary rotates (None: all)
+    rotary_base: float = 10000.0  # rotary frequency base
+    causal: bool = False  # causal (decoder) self-attention
+    cross_attention: bool = False  # every block also attends to a memory sequence (encoder-decoder)
+    qk_norm: bool = False  # normalize queries and keys per head before attention
+    qkv_bias: bool = True  # bias in the query/key/value projections
+    proj_bias: bool = True  # bias in the attention output projection
+    mlp_bias: bool = True  # biases in the MLP
+    norm_bias: bool = True  # learned shift in LayerNorm
+    dropout: float = 0.0  # dropout on the input embeddings and on each residual branch
+    attn_dropout: float = 0.0  # dropout on the attention probabilities
+    drop_path: float = 0.0  # stochastic depth: drop rate of the last block, linear from 0 at the first
+    layer_scale: Optional[float] = None  # LayerScale initial value on each residual branch (None: off)
+    attn_backend: str = "triton"  # triton (this project's kernels), sdpa (torch) or eager (explicit softmax)
+    checkpointing: bool = False  # recompute each block in the backward (activation checkpointing)
+
+    def __post_init__(self):
+        def need(condition, message):
+            if not condition:
+                raise ValueError(f"TransformerConfig: {message}")
+
+        for name in ("dim", "depth", "heads", "max_seq_len"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive int, got {getattr(self, name)!r}")
+        need(self.head_dim is not None or self.dim % self.heads == 0,
+             f"heads ({self.heads}) must divide dim ({self.dim}), or set head_dim")
+        need(self.head_dim is None or self.head_dim > 0, f"head_dim must be positive, got {self.head_dim}")
+        kv = self.kv_heads if self.kv_heads is not None else self.heads
+        need(kv > 0 and self.heads % kv == 0, f"kv_heads ({kv}) must divide heads ({self.heads})")
+        for name, choices in (("mlp", MLP_TYPES), ("norm", NORM_TYPES), ("positions", POSITION_TYPES),
+                              ("attn_backend", ATTENTION_BACKENDS)):
+            need(getattr(self, name) in choices, f"{name} must be one of {', '.join(choices)}; "
+                                                 f"got {getattr(self, name)!r}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        need(self.mlp_hidden is None or self.mlp_hidden > 0, f"mlp_hidden must be positive, got {self.mlp_hidden}")
+        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        if self.positions == "rotary":
+            rd = self.rotary_dim if self.rotary_dim is not None else self.head_size
+            need(rd % 2 == 0 and 0 < rd <= self.head_size,
+                 f"rotary_dim ({rd}) must be even and at most head_dim ({self.head_size})")
+
+    @property
+    def head_size(self) -> int:
+        """Width of one attention head."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads if self.kv_heads is not None else self.heads
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of the MLP."""
+        return self.mlp_hidden if self.mlp_hidden is not None else int(self.dim * self.mlp_ratio)
+
+    def replace(self, **changes) -> "TransformerConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"TransformerConfig has no field(s) {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
