@@ -637,22 +637,27 @@ _INTERPRET_FWD = dict(BLOCK_M=32, BLOCK_N=16)
 _INTERPRET_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
 _INTERPRET_DQ = dict(BLOCK_M=32, BLOCK_N=16)
 
-# GPU candidates; the autotuner keys on the head-dim block, masks, dtype and a length
-# bucket. (block_m, block_n, num_warps, num_stages)
+# GPU candidates, chosen so ptxas (sm_90a, bf16) reports no or few register spills for
+# them; the autotuner picks among them per key: head-dim block, masks, dtype, GQA group
+# and a length bucket. fp32 (FMA dots, no tensor cores) needs small tiles.
+# (block_m, block_n, num_warps, num_stages); the sweep is in docs/kernel-notes.md.
 _FWD_CANDIDATES = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 4)],
-    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3), (128, 32, 8, 4), (64, 128, 8, 3)],
+    256: [(64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (128, 64, 8, 2)],
+    "fp32": [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
 }
 _DKDV_CANDIDATES = {
-    64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
-    128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3)],
-    256: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    64: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 2), (64, 32, 8, 3)],
+    128: [(32, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 3), (64, 32, 8, 3)],
+    256: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],  # 128x32 needs 289 KiB of shared memory
+    "fp32": [(16, 32, 4, 2), (16, 16, 4, 1), (32, 16, 4, 1)],
 }
 _DQ_CANDIDATES = {
-    64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-    256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)],
+    128: [(128, 32, 8, 3), (64, 64, 4, 3), (32, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+    256: [(32, 32, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2)],
+    "fp32": [(32, 16, 4, 2), (16, 16, 4, 1), (32, 32, 4, 1)],
 }
 _AUTOTUNE_KEY = ["q_bucket", "k_bucket", "group", "BLOCK_D", "HAS_LEFT", "HAS_RIGHT", "IS_VARLEN",
                  "HAS_DROPOUT", "HAS_BIAS", "HAS_SOFTCAP", "HAS_ALIBI"]
@@ -672,7 +677,8 @@ def _all_configs(candidates):
 def _pruner(candidates):
     def prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
-        wanted = set(candidates[64 if block_d <= 64 else 128 if block_d <= 128 else 256])
+        key = "fp32" if kwargs["FP32"] else 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+        wanted = set(candidates[key])
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         return kept or configs[:1]

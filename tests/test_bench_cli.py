@@ -197,3 +197,22 @@ def test_demo_end_to_end(tmp_path, monkeypatch, tiny_cpu_sweep):
     monkeypatch.chdir(tmp_path)
     assert demo.main() == 0
     assert (tmp_path / "bench_out" / "demo" / "attention.json").exists()
+
+
+def test_kernel_resources_compiles_for_hopper_without_a_gpu():
+    """The attention forward compiles for sm_90a and its dots lower to wgmma, spill-free
+    in an autotune candidate (run in a fresh process: this one has the interpreter on)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json; from tasks.kernel_resources import resources, FLAGS, KERNELS; "
+            "fn = KERNELS['fwd'][0]; "
+            "print(json.dumps(resources(fn, 'bf16', dict(FLAGS, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, "
+            "BLOCK_N=64), 8, 3)))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["dot"] == "wgmma"
+    assert report["spill_stores"] == 0
+    assert 0 < report["registers"] <= 255
