@@ -13,6 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The test models are tiny: extra intra-op threads cost more in hand-offs than they
+# save (seen 20-100x slower on a loaded 2-core machine).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -32,3 +36,17 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def reference_attention(request):
+    """Runs a zoo test on the kernels' PyTorch path (what CPU training runs), which is far
+    faster than the interpreter; tests whose name mentions "interpreter" opt out and run
+    the Triton kernels. Use with pytest.mark.usefixtures("reference_attention")."""
+    if "interpreter" in request.node.name:
+        yield
+        return
+    import kernels
+
+    with kernels.reference_only():
+        yield

@@ -7,6 +7,10 @@
 from .backbone import Block, KVCache, Transformer
 from .config import TransformerConfig
 from .registry import build_config, create_model, list_models, register_model
+from .weights import from_hf, from_timm
+
+# The domain front-ends register their presets on import.
+from . import seq2seq, speech, text, vision  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Block",
@@ -14,6 +18,8 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "build_config",
+    "from_hf",
+    "from_timm",
     "create_model",
     "list_models",
     "register_model",

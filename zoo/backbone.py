@@ -32,7 +32,8 @@ class Block(nn.Module):
         def scale():
             return LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale is not None else nn.Identity()
 
-        self.ls1, self.ls_cross, self.ls2 = scale(), scale(), scale()
+        self.ls1, self.ls2 = scale(), scale()
+        self.ls_cross = scale() if cfg.cross_attention else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _residual(self, x: Tensor, norm: nn.Module, branch, scale: nn.Module) -> Tensor:
@@ -133,12 +134,16 @@ class Transformer(nn.Module):
         cross-attention attends to. Raises ValueError for positions past max_seq_len.
         """
         B, S, _ = x.shape
+        last = None  # the largest position, when known without reading device memory
         if position_ids is None:
             start = cache.offset if cache is not None else 0
             position_ids = torch.arange(start, start + S, device=x.device).unsqueeze(0).expand(B, S)
+            last = start + S - 1
+        elif position_ids.device.type == "cpu" and S and not torch.compiler.is_compiling():
+            last = int(position_ids.max())  # explicit positions: checked on CPU, where it costs no sync
         if self.pos_embed is not None or self.cfg.positions == "sinusoidal":
-            if not torch.compiler.is_compiling() and S and int(position_ids.max()) >= self.cfg.max_seq_len:
-                raise ValueError(f"position {int(position_ids.max())} is past max_seq_len = {self.cfg.max_seq_len} "
+            if last is not None and last >= self.cfg.max_seq_len:
+                raise ValueError(f"position {last} is past max_seq_len = {self.cfg.max_seq_len} "
                                  f"of the {self.cfg.positions} position table")
             x = x + (self.pos_embed(position_ids) if self.pos_embed is not None
                      else self.pos_table[position_ids].to(x.dtype))

@@ -1,0 +1,218 @@
+"""The shared backbone: backends agree, cached decoding equals a full pass, options behave."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+import zoo
+from zoo import Transformer, TransformerConfig
+from zoo.layers import alibi_slopes, apply_rotary, sinusoidal_table
+
+VARIANTS = {
+    "gpt": dict(causal=True),
+    "gqa_rotary_swiglu_rms_qknorm": dict(causal=True, kv_heads=2, positions="rotary", rotary_dim=4, mlp="swiglu",
+                                         norm="rmsnorm", qk_norm=True, qkv_bias=False, mlp_bias=False),
+    "bert_postnorm": dict(prenorm=False, final_norm=False, input_norm=True, norm_eps=1e-12),
+    "alibi_causal_geglu": dict(causal=True, positions="alibi", mlp="geglu"),
+    "cross_sinusoidal_layerscale": dict(cross_attention=True, positions="sinusoidal", layer_scale=0.5),
+    "mqa_none": dict(kv_heads=1, positions="none", mlp="relu"),
+}
+
+
+def _model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(dim=32, depth=2, heads=4, max_seq_len=64, **kw)).eval()
+    with torch.no_grad():  # unit-scale weights so every branch matters to the output
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "pos" not in name:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return model
+
+
+def _inputs(cfg: TransformerConfig):
+    x = torch.randn(3, 13, 32)
+    mask = torch.ones(3, 13, dtype=torch.bool)
+    mask[1, 9:] = False
+    mask[2, :4] = False
+    kwargs = dict(key_padding_mask=mask)
+    if cfg.cross_attention:
+        memory_mask = torch.ones(3, 6, dtype=torch.bool)
+        memory_mask[0, 4:] = False
+        kwargs.update(memory=torch.randn(3, 6, 32), memory_padding_mask=memory_mask)
+    return x, kwargs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_backends_agree(variant):
+    model = _model(**VARIANTS[variant])
+    x, kwargs = _inputs(model.cfg)
+    outputs = {}
+    for backend in ("eager", "sdpa", "triton"):
+        model.set_attn_backend(backend)
+        with kernels.reference_only():
+            outputs[backend] = model(x, **kwargs)
+    # Rows with no key to attend to (causal rows before a left pad) are zero in every backend.
+    for backend in ("sdpa", "triton"):
+        torch.testing.assert_close(outputs[backend], outputs["eager"], rtol=0, atol=2e-5, msg=backend)
+
+
+def test_triton_backend_through_the_interpreter():
+    model = _model(**VARIANTS["gqa_rotary_swiglu_rms_qknorm"])
+    x, kwargs = _inputs(model.cfg)
+    model.set_attn_backend("eager")
+    expected = model(x, **kwargs)
+    model.set_attn_backend("triton")
+    torch.testing.assert_close(model(x, **kwargs), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt", "gqa_rotary_swiglu_rms_qknorm", "alibi_causal_geglu"])
+def test_cached_decoding_equals_full_pass(variant):
+    model = _model(**VARIANTS[variant])
+    x = torch.randn(2, 12, 32)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    with kernels.reference_only():
+        full = model(x, key_padding_mask=mask, position_ids=positions)
+        cache = model.new_cache()
+        steps = [model(x[:, :5], key_padding_mask=mask[:, :5], position_ids=positions[:, :5], cache=cache)]
+        for t in range(5, 12):
+            steps.append(model(x[:, t:t + 1], key_padding_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
+                               cache=cache))
+    incremental = torch.cat(steps, dim=1)
+    real = mask.unsqueeze(-1).expand_as(full)
+    torch.testing.assert_close(incremental[real], full[real], rtol=0, atol=2e-5)
+    assert cache.offset == 12
+
+
+def test_checkpointing_gives_the_same_gradients():
+    model = _model(causal=True).train()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    with kernels.reference_only():
+        plain = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])
+        model.cfg = model.cfg.replace(checkpointing=True)
+        checkpointed = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_drop_path_rates_and_training_only():
+    cfg = TransformerConfig(dim=16, depth=5, heads=2, drop_path=0.4)
+    model = Transformer(cfg)
+    rates = [getattr(b.drop_path, "p", 0.0) for b in model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    x = torch.randn(64, 4, 16)
+    model.eval()
+    with kernels.reference_only():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        # Some samples skip the last block's branches and some do not: outputs differ between calls.
+        assert not torch.equal(model(x), model(x))
+
+
+def test_rotary_is_a_rotation_and_relative():
+    """Rotary keeps norms and makes q.k depend only on the distance between positions."""
+    rotary = Transformer(TransformerConfig(dim=16, depth=1, heads=2, positions="rotary")).rotary
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def dot(i, j):
+        qi = apply_rotary(q, *rotary.cos_sin(torch.tensor([[i]])))
+        kj = apply_rotary(k, *rotary.cos_sin(torch.tensor([[j]])))
+        return (qi * kj).sum().item(), qi.norm().item()
+
+    d1, n1 = dot(3, 1)
+    d2, _ = dot(10, 8)
+    assert d1 == pytest.approx(d2, rel=1e-5)
+    assert n1 == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_position_helpers_against_closed_forms():
+    table = sinusoidal_table(50, 8)
+    pos, i = 7, 2
+    assert table[pos, i].item() == pytest.approx(math.sin(pos * 10000 ** (-i / 3)), abs=1e-6)
+    assert table[pos, 4 + i].item() == pytest.approx(math.cos(pos * 10000 ** (-i / 3)), abs=1e-6)
+    assert alibi_slopes(8).tolist() == pytest.approx([2 ** -(k + 1) for k in range(8)])
+    # Non-power of 2 (Press et al.): the 4-head series, then every other slope of the 8-head one.
+    assert alibi_slopes(6).tolist() == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+def test_positions_past_the_table_raise():
+    model = Transformer(TransformerConfig(dim=16, depth=1, heads=2, max_seq_len=8))
+    with pytest.raises(ValueError, match="past max_seq_len = 8"):
+        model(torch.randn(1, 9, 16))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=30, heads=4), "heads \\(4\\) must divide dim \\(30\\)"),
+    (dict(heads=8, kv_heads=3), "kv_heads \\(3\\) must divide heads \\(8\\)"),
+    (dict(mlp="swish"), "mlp must be one of"),
+    (dict(positions="rotary", rotary_dim=7), "rotary_dim \\(7\\) must be even"),
+    (dict(attn_backend="flash"), "attn_backend must be one of triton, sdpa, eager"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(depth=0), "depth must be a positive int"),
+])
+def test_bad_configs_raise_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(**kwargs)
+
+
+def test_registry_names_and_close_matches():
+    names = zoo.list_models()
+    for expected in ("bert_tiny", "bert_base", "gpt_nano", "gpt2", "gpt2_medium", "seq2seq_tiny", "transformer_base",
+                     "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "speech_tiny",
+                     "whisper_tiny_encoder", "whisper_base_encoder"):
+        assert expected in names
+    assert zoo.list_models("vit_*") == [n for n in names if n.startswith("vit_")]
+    with pytest.raises(ValueError, match="did you mean 'vit_tiny_patch16_224'"):
+        zoo.create_model("vit_tiny_patch16")
+    with pytest.raises(TypeError, match="did you mean 'num_classes'"):
+        zoo.create_model("vit_tiny_patch16_224", num_clases=10)
+    with pytest.raises(ValueError, match="kv_heads \\(5\\) must divide heads"):
+        zoo.create_model("gpt_nano", kv_heads=5)
+    model = zoo.create_model("gpt_nano", depth=1, attn_backend="eager")
+    assert len(model.backbone.blocks) == 1 and model.backbone.cfg.attn_backend == "eager"
+
+
+# --------------------------------------------------------------------------------------
+# GPU: every preset compiles with fullgraph=True, forward and backward
+# --------------------------------------------------------------------------------------
+
+
+def _preset_batch(name: str, model, device):
+    if name.startswith("vit"):
+        size = model.cfg.img_size if isinstance(model.cfg.img_size, int) else model.cfg.img_size[0]
+        return (torch.randn(2, model.cfg.in_chans, size, size, device=device),), {}
+    if name.startswith(("whisper", "speech")):
+        return (torch.randn(2, 16000, device=device),), {}
+    if name.startswith(("seq2seq", "transformer_base")):
+        src = torch.randint(3, model.cfg.src_vocab_size, (2, 16), device=device)
+        tgt = torch.randint(3, model.cfg.tgt_vocab_size, (2, 12), device=device)
+        return (src, tgt), {}
+    vocab = model.cfg.vocab_size
+    return (torch.randint(0, vocab, (2, 64), device=device),), {}
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0])
+    return _first_tensor(next(iter(vars(out).values())))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "bert_base", "gpt2", "transformer_base",
+                                  "whisper_base_encoder", "speech_tiny"])
+def test_compile_fullgraph_presets(name):
+    torch._dynamo.reset()
+    model = zoo.create_model(name).cuda().train()
+    args, kwargs = _preset_batch(name, model, "cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = _first_tensor(compiled(*args, **kwargs))
+    out.float().square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

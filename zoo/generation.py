@@ -1,0 +1,146 @@
+"""Decoding helpers shared by every decoder: logit filters, token choice, stop tokens, the loop.
+
+A model's generate() prefills its cache, then hands `decode` a `step` function that
+feeds the chosen tokens back in and returns the next logits. Greedy, temperature,
+top-k and top-p sampling follow Hugging Face's order (temperature, then top-k, then
+top-p), so a seeded run is comparable with theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+TokenIds = Union[int, Sequence[int], None]
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """logits (..., V) with all but the k largest of each row set to -inf.
+
+    Ties with the k-th largest value are kept. Raises ValueError unless k is a positive int.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be a positive int, got {k!r}")
+    if k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """logits (..., V) keeping, per row, the smallest set of tokens whose probability mass is >= p.
+
+    Tokens are taken from the most likely down; the most likely token is always kept
+    (nucleus sampling). Raises ValueError unless 0 < p <= 1.
+    """
+    if not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # A token is needed while the mass of the more likely ones is still short of p.
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def check_sampling(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Validates sampling options up front, before a prefill is spent on them.
+
+    Greedy decoding (do_sample=False) ignores them. With sampling, raises ValueError for
+    a non-positive temperature, a top_k that is not a positive int, or a top_p outside (0, 1].
+    """
+    if not do_sample:
+        return
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """Raises ValueError unless max_new_tokens is an int >= 0."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+
+
+def choose_tokens(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """The next token of each row, (B,) int64, from next-token logits (B, V).
+
+    Greedy (argmax) unless do_sample; sampling divides by temperature, then applies
+    top_k and top_p filters, then draws from the softmax with `generator` (seeded
+    runs are reproducible). Raises ValueError for bad sampling options (see check_sampling).
+    """
+    check_sampling(do_sample, temperature, top_k, top_p)
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stop_token_tensor(eos_token_id: TokenIds, device) -> Optional[Tensor]:
+    """eos_token_id (an int, a list of ints or None) as a 1-D int64 tensor, or None.
+
+    Raises TypeError for anything else.
+    """
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise TypeError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def resolve_pad_token(pad_token_id: Optional[int], eos: Optional[Tensor]) -> Optional[int]:
+    """The id finished rows emit: pad_token_id, else the first stop token (as Hugging Face), else None."""
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    return int(eos[0]) if eos is not None else None
+
+
+def decode(step: Callable[[Tensor], Tensor], logits: Tensor, *, max_new_tokens: int, do_sample: bool = False,
+           temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+           eos_token_id: TokenIds = None, pad_token_id: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """Autoregressive decoding: the new tokens (B, n), n <= max_new_tokens.
+
+    logits (B, V): next-token logits after the prompt (the prefill's last position).
+    step(tokens (B,)) -> (B, V): feeds the chosen tokens to the model (with its cache)
+    and returns the following logits; it is not called after the last token. A row
+    that emits one of eos_token_id is finished and emits pad_token_id (default: the
+    first stop token) from then on; decoding ends early once every row is finished.
+    Raises ValueError for max_new_tokens < 0 or bad sampling options.
+    """
+    check_max_new_tokens(max_new_tokens)
+    check_sampling(do_sample, temperature, top_k, top_p)
+    eos = stop_token_tensor(eos_token_id, logits.device)
+    pad = resolve_pad_token(pad_token_id, eos)
+    B = logits.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    new_tokens = []
+    for i in range(max_new_tokens):
+        tokens = choose_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator)
+        if eos is not None:
+            tokens = tokens.masked_fill(finished, pad)
+            finished = finished | torch.isin(tokens, eos)
+        new_tokens.append(tokens)
+        if i + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
+            break
+        logits = step(tokens)
+    if not new_tokens:
+        return logits.new_zeros((B, 0), dtype=torch.long)
+    return torch.stack(new_tokens, dim=1)

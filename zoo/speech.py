@@ -1,0 +1,315 @@
+"""Speech encoder: log-mel front end, Whisper's convolutional stem, the shared backbone, heads.
+
+    model = zoo.create_model("speech_tiny")                 # keyword spotting, 12 classes
+    logits = model(waveforms, lengths)                       # waveforms (B, T) at 16 kHz
+    encoder = zoo.create_model("whisper_tiny_encoder")       # Whisper tiny's encoder shapes
+    states = encoder(log_mels)                               # log_mels (B, 80, 3000) -> (B, 1500, 384)
+
+Variable-length audio: `lengths` (in samples for waveforms, in frames for log-mels)
+becomes a key-padding mask after subsampling, and padded frames are zeroed before each
+convolution so that valid outputs do not depend on what the padding holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor, nn
+
+from .backbone import Transformer
+from .config import TransformerConfig
+from .registry import build_config, register_model
+
+MEL_NORMS = ("whisper", "log")
+
+
+@dataclass
+class SpeechConfig:
+    """Front end, SpecAugment and head sizes of a speech model; the backbone is a TransformerConfig."""
+
+    sample_rate: int = 16000  # Hz of the input waveforms
+    n_fft: int = 400  # STFT window and size in samples (25 ms at 16 kHz)
+    hop_length: int = 160  # STFT hop in samples (10 ms at 16 kHz)
+    n_mels: int = 80  # mel bins (80 for Whisper)
+    mel_scale: str = "slaney"  # slaney (Whisper, librosa; slaney-normalized filters) or htk (unnormalized)
+    mel_norm: str = "whisper"  # whisper: log10, floor at max - 8, (x + 4) / 4; log: natural log
+    log_floor: float = 1e-10  # mel power is clamped to at least this before the log
+    freq_masks: int = 0  # SpecAugment frequency masks per utterance while training (0: off)
+    freq_mask_width: int = 27  # widest frequency mask, in mel bins
+    time_masks: int = 0  # SpecAugment time masks per utterance while training (0: off)
+    time_mask_width: int = 100  # widest time mask, in frames
+    num_classes: int = 0  # utterance classes of SpeechClassifier (0: no classification head)
+    vocab_size: int = 0  # CTC output symbols including the blank, for SpeechCTC (0: no CTC head)
+    blank_id: int = 0  # index of the CTC blank
+    backbone: TransformerConfig = field(default_factory=lambda: TransformerConfig(positions="sinusoidal"))
+
+    def __post_init__(self):
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SpeechConfig: {name} must be a positive int, got {value!r}")
+        for name in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width", "num_classes", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"SpeechConfig: {name} must be a non-negative int, got {value!r}")
+        if self.mel_scale not in ("slaney", "htk"):
+            raise ValueError(f"SpeechConfig: mel_scale must be slaney or htk, got {self.mel_scale!r}")
+        if self.mel_norm not in MEL_NORMS:
+            raise ValueError(f"SpeechConfig: mel_norm must be one of {', '.join(MEL_NORMS)}, got {self.mel_norm!r}")
+        if self.log_floor <= 0:
+            raise ValueError(f"SpeechConfig: log_floor must be positive, got {self.log_floor}")
+        if self.freq_masks and self.freq_mask_width > self.n_mels:
+            raise ValueError(f"SpeechConfig: freq_mask_width ({self.freq_mask_width}) must be at most n_mels "
+                             f"({self.n_mels})")
+        if self.vocab_size and not 0 <= self.blank_id < self.vocab_size:
+            raise ValueError(f"SpeechConfig: blank_id must be in [0, {self.vocab_size}), got {self.blank_id}")
+
+
+class LogMel(nn.Module):
+    """Waveforms (B, T) -> log-mel spectrograms (B, n_mels, T // hop_length).
+
+    torchaudio's MelSpectrogram (centered, reflect-padded Hann-window STFT, power 2); the
+    last STFT frame is dropped as Whisper does, so 30 s at 16 kHz gives 3000 frames.
+    """
+
+    def __init__(self, cfg: SpeechConfig):
+        super().__init__()
+        self.cfg = cfg
+        slaney = cfg.mel_scale == "slaney"
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
+            power=2.0, norm="slaney" if slaney else None, mel_scale=cfg.mel_scale)
+
+    def frames(self, lengths: Tensor, num_samples: int) -> Tensor:
+        """Valid frames of waveforms with `lengths` samples: those whose center is a real sample."""
+        hop = self.cfg.hop_length
+        return torch.clamp((lengths + hop - 1) // hop, max=num_samples // hop)
+
+    def forward(self, waveform: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """waveform (B, T), lengths (B,) samples or None -> log-mels (B, n_mels, T // hop_length).
+
+        Samples past `lengths` are treated as silence. Raises ValueError for a waveform
+        shorter than half an STFT window or one hop.
+        """
+        T = waveform.shape[-1]
+        if T <= self.cfg.n_fft // 2 or T < self.cfg.hop_length:
+            raise ValueError(f"waveform must have more than {self.cfg.n_fft // 2} and at least "
+                             f"{self.cfg.hop_length} samples, got {T}")
+        if lengths is not None:
+            waveform = waveform * (torch.arange(T, device=waveform.device) < lengths[:, None])
+        # float32 even under autocast or after model.half(): the log of tiny powers needs the range.
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            mel = self.mel.float()(waveform.float())[..., :-1]
+        floor = self.cfg.log_floor
+        if self.cfg.mel_norm == "log":
+            return mel.clamp(min=floor).log()
+        log_mel = mel.clamp(min=floor).log10()
+        valid = log_mel
+        if lengths is not None:
+            frame_ok = torch.arange(log_mel.shape[-1], device=log_mel.device) < self.frames(lengths, T)[:, None]
+            valid = log_mel.masked_fill(~frame_ok[:, None, :], -torch.inf)
+        # Whisper's 80 dB dynamic range, measured from each utterance's own (valid) peak.
+        peak = valid.amax(dim=(1, 2), keepdim=True)
+        return (torch.maximum(log_mel, peak - 8.0) + 4.0) / 4.0
+
+
+def _as_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, limit: int, unit: str,
+                device) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths)
+    if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be {batch} integer {unit} counts, got {lengths.dtype} {tuple(lengths.shape)}")
+    # Values are checked where they live on the CPU (the usual case: lengths come from the
+    # data loader); reading them off an accelerator would cost a host sync every step.
+    if batch and lengths.device.type == "cpu" and (int(lengths.min()) < 1 or int(lengths.max()) > limit):
+        raise ValueError(f"lengths must be in [1, {limit}] {unit}, got {lengths.tolist()}")
+    return lengths.to(device=device, dtype=torch.long)
+
+
+class SpeechEncoder(nn.Module):
+    """Log-mels -> Conv1d(k3) + GELU -> Conv1d(k3, stride 2) + GELU -> backbone: (B, frames / 2, dim).
+
+    Whisper's encoder layout: sinusoidal positions are added after the convolutions (the
+    backbone's positions="sinusoidal"), pre-norm blocks, a final LayerNorm.
+    """
+
+    def __init__(self, cfg: SpeechConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.backbone.dim
+        self.frontend = LogMel(cfg)
+        self.freq_masking = torchaudio.transforms.FrequencyMasking(cfg.freq_mask_width, iid_masks=True)
+        self.time_masking = torchaudio.transforms.TimeMasking(cfg.time_mask_width, iid_masks=True)
+        self.conv1 = nn.Conv1d(cfg.n_mels, dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+        self.backbone = Transformer(cfg.backbone)
+
+    def set_attn_backend(self, backend: str) -> None:
+        """Switches every attention layer to "triton", "sdpa" or "eager"."""
+        self.backbone.set_attn_backend(backend)
+        self.cfg = dataclasses.replace(self.cfg, backbone=self.backbone.cfg)
+
+    def spec_augment(self, log_mel: Tensor) -> Tensor:
+        """SpecAugment (B, n_mels, frames): independent frequency and time masks per utterance,
+        set to 0 (mid-range of Whisper-normalized log-mels). Identity unless training."""
+        if not self.training:
+            return log_mel
+        for _ in range(self.cfg.freq_masks):
+            log_mel = self.freq_masking(log_mel)
+        for _ in range(self.cfg.time_masks):
+            log_mel = self.time_masking(log_mel)
+        return log_mel
+
+    def log_mels(self, inputs: Tensor, lengths=None) -> tuple[Tensor, Optional[Tensor]]:
+        """Log-mels (B, n_mels, F) and valid frame counts (B,) or None, from waveforms (B, T)
+        with lengths in samples or from log-mels (B, n_mels, F) with lengths in frames.
+
+        Raises TypeError for a non-float input and ValueError for a wrong shape or lengths.
+        """
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+            raise TypeError(f"inputs must be a float tensor, got {getattr(inputs, 'dtype', type(inputs).__name__)}")
+        if inputs.dim() == 2:
+            samples = _as_lengths(lengths, inputs.shape[0], inputs.shape[1], "samples", inputs.device)
+            log_mel = self.frontend(inputs, samples)
+            return log_mel, None if samples is None else self.frontend.frames(samples, inputs.shape[1])
+        if inputs.dim() == 3 and inputs.shape[1] == self.cfg.n_mels:
+            return inputs, _as_lengths(lengths, inputs.shape[0], inputs.shape[2], "frames", inputs.device)
+        raise ValueError(f"inputs must be waveforms (B, T) or log-mels (B, {self.cfg.n_mels}, frames), "
+                         f"got shape {tuple(inputs.shape)}")
+
+    def encode(self, inputs: Tensor, lengths=None) -> tuple[Tensor, Optional[Tensor]]:
+        """Hidden states (B, S, dim) and their padding mask (B, S) bool (True = real frame) or None.
+
+        S = ceil(frames / 2). See log_mels for inputs and lengths; raises ValueError when
+        S exceeds the backbone's max_seq_len.
+        """
+        log_mel, frames = self.log_mels(inputs, lengths)
+        log_mel = self.spec_augment(log_mel)
+        x, mask = log_mel.to(self.conv1.weight.dtype), None
+        if frames is not None:
+            # Zeroing padded frames before each convolution makes the valid outputs equal
+            # to those of the unpadded utterance (the convs zero-pad) whatever the padding holds.
+            x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None, :]
+        x = F.gelu(self.conv1(x))
+        if frames is not None:
+            x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None, :]
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        if frames is not None:
+            # Kept even when nothing is padded: testing for that would cost a host sync per
+            # step and a graph break under torch.compile.
+            mask = torch.arange(x.shape[1], device=x.device) < ((frames + 1) // 2)[:, None]
+        return self.backbone(x, key_padding_mask=mask), mask
+
+    def forward_features(self, inputs: Tensor, lengths=None) -> Tensor:
+        """Hidden states (B, S, dim) of waveforms (B, T) or log-mels (B, n_mels, frames)."""
+        return self.encode(inputs, lengths)[0]
+
+    def forward(self, inputs: Tensor, lengths=None) -> Tensor:
+        """The encoder's output: forward_features."""
+        return self.forward_features(inputs, lengths)
+
+
+class SpeechClassifier(SpeechEncoder):
+    """Utterance classification (keyword spotting): mean of the valid frames -> Linear -> (B, num_classes)."""
+
+    def __init__(self, cfg: SpeechConfig):
+        if cfg.num_classes < 1:
+            raise ValueError(f"SpeechClassifier needs num_classes >= 1, got {cfg.num_classes}")
+        super().__init__(cfg)
+        self.head = nn.Linear(cfg.backbone.dim, cfg.num_classes)
+
+    def forward(self, inputs: Tensor, lengths=None) -> Tensor:
+        """Class logits (B, num_classes) of waveforms (B, T) or log-mels; lengths as in encode."""
+        states, mask = self.encode(inputs, lengths)
+        if mask is None:
+            pooled = states.mean(dim=1)
+        else:
+            weights = mask.to(states.dtype)[..., None]
+            pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)
+        return self.head(pooled)
+
+
+class SpeechCTC(SpeechEncoder):
+    """Per-frame logits over vocab_size symbols (blank included) for CTC training and decoding."""
+
+    def __init__(self, cfg: SpeechConfig):
+        if cfg.vocab_size < 2:
+            raise ValueError(f"SpeechCTC needs vocab_size >= 2 (blank included), got {cfg.vocab_size}")
+        super().__init__(cfg)
+        self.head = nn.Linear(cfg.backbone.dim, cfg.vocab_size)
+
+    def frame_logits(self, inputs: Tensor, lengths=None) -> tuple[Tensor, Tensor]:
+        """Logits (B, S, vocab_size) and valid frame counts (B,)."""
+        states, mask = self.encode(inputs, lengths)
+        counts = mask.sum(dim=1) if mask is not None else states.new_full((states.shape[0],), states.shape[1],
+                                                                          dtype=torch.long)
+        return self.head(states), counts
+
+    def forward(self, inputs: Tensor, lengths=None) -> Tensor:
+        """Per-frame logits (B, S, vocab_size)."""
+        return self.frame_logits(inputs, lengths)[0]
+
+    def ctc_loss(self, inputs: Tensor, lengths, targets: Tensor, target_lengths) -> Tensor:
+        """Mean CTC loss (torch.nn.functional.ctc_loss, per-target-length normalized).
+
+        targets (B, L) padded or concatenated (sum(target_lengths),) symbol ids, none the
+        blank; target_lengths (B,). An utterance too short for its target gives inf.
+        """
+        logits, counts = self.frame_logits(inputs, lengths)
+        log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (S, B, V), as ctc_loss wants
+        target_lengths = torch.as_tensor(target_lengths, device=logits.device)
+        return F.ctc_loss(log_probs, targets, counts, target_lengths, blank=self.cfg.blank_id)
+
+    @torch.no_grad()
+    def greedy_decode(self, inputs: Tensor, lengths=None) -> list[list[int]]:
+        """Best-path CTC decoding: per-frame argmax, repeats merged, blanks removed."""
+        logits, counts = self.frame_logits(inputs, lengths)
+        best = logits.argmax(dim=-1)
+        out = []
+        for row, n in zip(best.tolist(), counts.tolist()):
+            row = row[:n]
+            out.append([s for i, s in enumerate(row) if s != self.cfg.blank_id and (i == 0 or s != row[i - 1])])
+        return out
+
+
+def speech_model(cfg: SpeechConfig) -> SpeechEncoder:
+    """The model a config asks for: SpeechClassifier with num_classes, SpeechCTC with
+    vocab_size, else the bare SpeechEncoder. Raises ValueError if both are set."""
+    if cfg.num_classes and cfg.vocab_size:
+        raise ValueError("set num_classes (classifier) or vocab_size (CTC), not both")
+    if cfg.num_classes:
+        return SpeechClassifier(cfg)
+    return SpeechCTC(cfg) if cfg.vocab_size else SpeechEncoder(cfg)
+
+
+def _whisper_backbone(dim: int, depth: int, heads: int, frames: int = 1500) -> TransformerConfig:
+    return TransformerConfig(dim=dim, depth=depth, heads=heads, mlp="gelu", mlp_ratio=4.0, norm="layernorm",
+                             norm_eps=1e-5, prenorm=True, final_norm=True, positions="sinusoidal",
+                             max_seq_len=frames)
+
+
+@register_model
+def speech_tiny(**overrides) -> SpeechEncoder:
+    """A CPU-sized keyword spotter: 40 mels, 2 layers of width 64, 12 classes (Speech Commands'
+    10 words + silence + unknown), SpecAugment on while training."""
+    backbone = _whisper_backbone(dim=64, depth=2, heads=4, frames=500)
+    return speech_model(build_config(SpeechConfig, backbone, overrides, n_mels=40, num_classes=12, freq_masks=2,
+                                     freq_mask_width=8, time_masks=2, time_mask_width=10))
+
+
+@register_model
+def whisper_tiny_encoder(**overrides) -> SpeechEncoder:
+    """Whisper tiny's encoder: 80 mels, 4 layers, width 384, 6 heads, FFN 1536, 1500 positions (30 s)."""
+    return speech_model(build_config(SpeechConfig, _whisper_backbone(384, 4, 6), overrides, n_mels=80))
+
+
+@register_model
+def whisper_base_encoder(**overrides) -> SpeechEncoder:
+    """Whisper base's encoder: 80 mels, 6 layers, width 512, 8 heads, FFN 2048, 1500 positions (30 s)."""
+    return speech_model(build_config(SpeechConfig, _whisper_backbone(512, 6, 8), overrides, n_mels=80))

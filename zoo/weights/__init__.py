@@ -1,0 +1,93 @@
+"""Weight import from timm and Hugging Face: `zoo.from_timm`, `zoo.from_hf`.
+
+Each converter maps a reference implementation's state dict onto the zoo model of the
+same architecture; tests check that outputs match the source model (randomly
+initialized reference models: nothing is downloaded). Pretrained weights come from
+local files: `zoo.from_hf("path/to/checkpoint_dir")`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+# Hugging Face config.model_type -> module in this package with `convert(state_dict, config, **overrides)`.
+HF_CONVERTERS = {
+    "bert": "hf_bert",
+    "gpt2": "hf_gpt2",
+    "vit": "hf_vit",
+    "whisper": "hf_whisper",
+}
+
+
+def _load_local_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Weights of a local Hugging Face checkpoint folder (safetensors or PyTorch .bin, sharded or not)."""
+    names = sorted(os.listdir(path))
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    bins = [n for n in names if n.endswith(".bin") and n.startswith("pytorch_model")]
+    state: dict[str, torch.Tensor] = {}
+    if safetensors:
+        from safetensors.torch import load_file
+        for name in safetensors:
+            state.update(load_file(os.path.join(path, name)))
+    elif bins:
+        for name in bins:
+            state.update(torch.load(os.path.join(path, name), map_location="cpu", weights_only=True))
+    else:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    return state
+
+
+def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module:
+    """A zoo model with the weights of a Hugging Face BERT, GPT-2, ViT or Whisper (encoder).
+
+    source: a transformers PreTrainedModel, a state dict (then `config`, a transformers
+    config or its dict, is required), or a local checkpoint folder (config.json plus
+    weights; nothing is downloaded). overrides go to the zoo model (e.g. attn_backend).
+    Raises ValueError for an unsupported model type and FileNotFoundError for a folder
+    without config or weights.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in {path}")
+        with open(config_path) as f:
+            config = json.load(f)
+        state_dict = _load_local_state_dict(path)
+    elif isinstance(source, nn.Module):
+        state_dict, config = source.state_dict(), source.config
+    elif isinstance(source, dict):
+        if config is None:
+            raise ValueError("from_hf(state_dict) needs config= (the transformers config or its dict)")
+        state_dict = source
+    else:
+        raise TypeError(f"from_hf takes a transformers model, a state dict or a folder, got {type(source).__name__}")
+    if isinstance(config, dict):
+        import transformers
+        model_type = config.get("model_type")
+        if model_type not in HF_CONVERTERS:
+            raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: "
+                             f"{', '.join(HF_CONVERTERS)}")
+        config = transformers.AutoConfig.for_model(**config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in HF_CONVERTERS:
+        raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: {', '.join(HF_CONVERTERS)}")
+    module = importlib.import_module(f"{__name__}.{HF_CONVERTERS[model_type]}")
+    return module.convert(state_dict, config, **overrides)
+
+
+def from_timm(source: Any, **overrides) -> nn.Module:
+    """A zoo ViT with the weights of a timm VisionTransformer (model, or state dict + overrides).
+
+    source: a timm VisionTransformer, or its state dict (the architecture is read from
+    the tensor shapes; pass e.g. num_heads= which shapes cannot tell). Raises ValueError
+    for an unsupported timm architecture.
+    """
+    from . import timm_vit
+    return timm_vit.convert(source, **overrides)

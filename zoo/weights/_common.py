@@ -1,0 +1,53 @@
+"""What every converter shares: reading a source state dict key by key, and loading the
+result into a zoo model only when every tensor has found its place."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import Tensor, nn
+
+
+class StateReader:
+    """Hands out source tensors by key and remembers which were used."""
+
+    def __init__(self, state_dict: dict[str, Tensor], prefix: str = ""):
+        self.state, self.prefix, self.used = state_dict, prefix, set()
+
+    def has(self, key: str) -> bool:
+        """Whether the checkpoint holds prefix + key."""
+        return self.prefix + key in self.state
+
+    def take(self, key: str, prefix: str | None = None) -> Tensor:
+        """The tensor at prefix + key (the reader's prefix unless given), marked used; ValueError if absent."""
+        full = (self.prefix if prefix is None else prefix) + key
+        if full not in self.state:
+            raise ValueError(f"checkpoint has no {full!r}")
+        self.used.add(full)
+        return self.state[full]
+
+    def check_all_used(self, ignored_suffixes: Iterable[str] = ()) -> None:
+        """Raises ValueError naming the source keys no zoo parameter took."""
+        left = sorted(k for k in self.state if k not in self.used and not k.endswith(tuple(ignored_suffixes)))
+        if left:
+            raise ValueError(f"{len(left)} checkpoint tensor(s) have no place in the zoo model: {', '.join(left[:8])}"
+                             + (" ..." if len(left) > 8 else ""))
+
+
+def load_exactly(model: nn.Module, state: dict[str, Tensor], source: str,
+                 keep_prefixes: tuple[str, ...] = ()) -> nn.Module:
+    """Copies `state` (zoo names) into model: every entry must be used and every model tensor set,
+    with equal shapes; entries under `keep_prefixes` (computed buffers, a fresh head) may stay
+    as initialized. Raises ValueError listing what does not fit."""
+    target = model.state_dict()
+    missing = sorted(k for k in set(target) - set(state) if not k.startswith(keep_prefixes))
+    unexpected = sorted(set(state) - set(target))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(state) & set(target))
+             if state[k].shape != target[k].shape]
+    if missing or unexpected or wrong:
+        problems = [f"{label}: {', '.join(items)}" for label, items in
+                    (("not in the source", missing), ("no place in the zoo model", unexpected),
+                     ("shape (source vs zoo)", wrong)) if items]
+        raise ValueError(f"cannot load {source} weights into {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()}, strict=not keep_prefixes)
+    return model
