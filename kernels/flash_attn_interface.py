@@ -11,8 +11,6 @@ deterministic (``deterministic`` is accepted and has nothing left to do).
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 from torch import Tensor
 
