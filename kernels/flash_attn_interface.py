@@ -11,6 +11,7 @@ deterministic (``deterministic`` is accepted and has nothing left to do).
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 

@@ -204,6 +204,19 @@ def _first_tensor(out):
     return _first_tensor(next(iter(vars(out).values())))
 
 
+@pytest.mark.parametrize("name", ["vit_digits", "bert_tiny", "gpt_nano", "seq2seq_tiny", "speech_tiny"])
+def test_compile_fullgraph_small_presets_cpu(name):
+    """The model code traces without graph breaks, forward and backward (CPU, the kernels'
+    PyTorch path; tests/test_gpu.py compiles the Triton kernels themselves on CUDA)."""
+    torch._dynamo.reset()
+    model = zoo.create_model(name).train()
+    args, kwargs = _preset_batch(name, model, "cpu")
+    with kernels.reference_only():
+        out = _first_tensor(torch.compile(model, fullgraph=True, backend="aot_eager")(*args, **kwargs))
+        out.float().square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vit_base_patch16_224", "bert_base", "gpt2", "transformer_base",
                                   "whisper_base_encoder", "speech_tiny"])
@@ -216,3 +229,69 @@ def test_compile_fullgraph_presets(name):
         out = _first_tensor(compiled(*args, **kwargs))
     out.float().square().mean().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _bf16_rule(ours_bf16, ref_bf16, ref_fp32, name):
+    """bf16 parity by FlashAttention-2's rule: our bf16 error against the reference's fp32
+    output is at most twice the reference's own bf16 error, plus a small floor."""
+    err = (ours_bf16.float() - ref_fp32).abs().max().item()
+    err_ref = (ref_bf16.float() - ref_fp32).abs().max().item()
+    assert err <= 2 * err_ref + 1e-3, f"{name}: bf16 error {err:.3g} > 2 x reference's {err_ref:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["timm_vit", "hf_bert", "hf_gpt2", "hf_whisper"])
+def test_imported_models_bf16_parity_on_gpu(source):
+    import timm
+    import transformers
+
+    torch.manual_seed(0)
+    if source == "timm_vit":
+        ref = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=8, embed_dim=256, depth=4,
+                                                               num_heads=4, num_classes=100)
+        ours = zoo.from_timm(ref)
+        inputs = (torch.randn(8, 3, 64, 64),)
+
+        def run(m, *x):
+            return m(*x)
+    elif source == "hf_bert":
+        ref = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024))
+        ours = zoo.from_hf(ref)
+        ids = torch.randint(0, 1000, (4, 128))
+        mask = torch.ones(4, 128, dtype=torch.long)
+        mask[1, 100:] = 0
+        inputs = (ids, mask)
+
+        def run(m, ids, mask):
+            out = m(input_ids=ids, attention_mask=mask)
+            logits = out.logits if hasattr(out, "logits") else out
+            return logits[mask.bool()]
+    elif source == "hf_gpt2":
+        ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4,
+                                                                   n_positions=256))
+        ours = zoo.from_hf(ref)
+        inputs = (torch.randint(0, 1000, (4, 200)),)
+
+        def run(m, ids):
+            out = m(ids)
+            return out.logits if hasattr(out, "logits") else out
+    else:
+        ref = transformers.WhisperModel(transformers.WhisperConfig(
+            d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024, num_mel_bins=80,
+            max_source_positions=750, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256,
+            vocab_size=100)).get_encoder()
+        ours = zoo.from_hf(ref)
+        inputs = (torch.randn(2, 80, 1500),)
+
+        def run(m, features):
+            out = m(features)
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+    ref, ours = ref.cuda().eval(), ours.cuda().eval()
+    inputs = tuple(x.cuda() for x in inputs)
+    with torch.no_grad():
+        ref_fp32 = run(ref, *inputs).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref_bf16 = run(ref, *inputs)
+            ours_bf16 = run(ours, *inputs)
+    _bf16_rule(ours_bf16, ref_bf16, ref_fp32, source)

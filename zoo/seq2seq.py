@@ -153,7 +153,8 @@ class Seq2SeqTransformer(nn.Module):
                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
         # Value check on CPU only: on an accelerator it would be a host sync per step, and the
         # embedding's device-side check reports bad ids there.
-        if ids.numel() and ids.device.type == "cpu" and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        if (ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling()
+                and (int(ids.min()) < 0 or int(ids.max()) >= vocab)):
             raise ValueError(f"{name} holds ids outside [0, {vocab})")
 
     def encode(self, src_ids: Tensor, src_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:

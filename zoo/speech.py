@@ -73,17 +73,28 @@ class SpeechConfig:
 class LogMel(nn.Module):
     """Waveforms (B, T) -> log-mel spectrograms (B, n_mels, T // hop_length).
 
-    torchaudio's MelSpectrogram (centered, reflect-padded Hann-window STFT, power 2); the
-    last STFT frame is dropped as Whisper does, so 30 s at 16 kHz gives 3000 frames.
+    What torchaudio's MelSpectrogram computes (centered, reflect-padded Hann-window STFT,
+    power 2, its mel filter bank), written with torch.stft so torch.compile traces it
+    whole; the last STFT frame is dropped as Whisper does, so 30 s at 16 kHz gives 3000
+    frames. The window and filter bank are buffers computed from the config (not saved).
     """
 
     def __init__(self, cfg: SpeechConfig):
         super().__init__()
         self.cfg = cfg
-        slaney = cfg.mel_scale == "slaney"
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
-            power=2.0, norm="slaney" if slaney else None, mel_scale=cfg.mel_scale)
+        fbank = torchaudio.functional.melscale_fbanks(
+            n_freqs=cfg.n_fft // 2 + 1, f_min=0.0, f_max=cfg.sample_rate / 2, n_mels=cfg.n_mels,
+            sample_rate=cfg.sample_rate, norm="slaney" if cfg.mel_scale == "slaney" else None,
+            mel_scale=cfg.mel_scale)
+        self.register_buffer("fbank", fbank.float(), persistent=False)  # (n_freqs, n_mels)
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+
+    def power_mel(self, waveform: Tensor) -> Tensor:
+        """Mel power spectrogram (B, n_mels, T // hop_length + 1) of float32 waveforms (B, T)."""
+        spec = torch.stft(waveform, self.cfg.n_fft, self.cfg.hop_length, window=self.window.float(), center=True,
+                          pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+        power = spec.abs().pow(2.0)
+        return (power.transpose(-1, -2) @ self.fbank.float()).transpose(-1, -2)
 
     def frames(self, lengths: Tensor, num_samples: int) -> Tensor:
         """Valid frames of waveforms with `lengths` samples: those whose center is a real sample."""
@@ -104,7 +115,7 @@ class LogMel(nn.Module):
             waveform = waveform * (torch.arange(T, device=waveform.device) < lengths[:, None])
         # float32 even under autocast or after model.half(): the log of tiny powers needs the range.
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            mel = self.mel.float()(waveform.float())[..., :-1]
+            mel = self.power_mel(waveform.float())[..., :-1]
         floor = self.cfg.log_floor
         if self.cfg.mel_norm == "log":
             return mel.clamp(min=floor).log()
@@ -127,7 +138,8 @@ def _as_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, limit: 
         raise ValueError(f"lengths must be {batch} integer {unit} counts, got {lengths.dtype} {tuple(lengths.shape)}")
     # Values are checked where they live on the CPU (the usual case: lengths come from the
     # data loader); reading them off an accelerator would cost a host sync every step.
-    if batch and lengths.device.type == "cpu" and (int(lengths.min()) < 1 or int(lengths.max()) > limit):
+    if (batch and lengths.device.type == "cpu" and not torch.compiler.is_compiling()
+            and (int(lengths.min()) < 1 or int(lengths.max()) > limit)):
         raise ValueError(f"lengths must be in [1, {limit}] {unit}, got {lengths.tolist()}")
     return lengths.to(device=device, dtype=torch.long)
 
