@@ -4,15 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench clean
+.PHONY: demo attention-demo test test-gpu bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@# The speech data sets are synthesized with espeak-ng: install it where we can.
+	@command -v espeak-ng >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get install -y -q espeak-ng >/dev/null) \
+		|| echo "note: espeak-ng not installed; the speech configs need it (apt-get install espeak-ng)"
 	touch $(STAMP)
 
+# The main job: train a ViT on the embedded digits, ending with its validation accuracy.
 demo: $(STAMP)
+	$(VENV)/bin/zoo fit -c configs/vision/vit_digits.yaml
+
+# The attention kernels: a correctness check against float64 and a quick benchmark.
+attention-demo: $(STAMP)
 	$(VENV)/bin/zoo demo
 
 test: $(STAMP)

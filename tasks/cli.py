@@ -1,5 +1,6 @@
 """The ``zoo`` command line: one subcommand per job.
 
+    zoo fit|validate|test|predict -c CONFIG     training and evaluation (LightningCLI)
     zoo demo                                    correctness check + a quick benchmark
     zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
 
@@ -53,11 +54,18 @@ def _add_bench(subcommands) -> None:
     attention.set_defaults(handler=_bench_attention)
 
 
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``zoo`` with all its subcommands."""
     parser = argparse.ArgumentParser(prog="zoo", description="tritonzoo: Triton attention kernels and a "
                                                              "transformer zoo")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in LIGHTNING_SUBCOMMANDS:
+        # Listed for --help only: main() hands these to LightningCLI before argparse runs.
+        subcommands.add_parser(name, add_help=False, help=f"{name} a task from a YAML config (LightningCLI: "
+                                                          f"zoo {name} --help)")
     demo = subcommands.add_parser("demo", help="check the kernels against float64 math, then a quick benchmark")
     demo.set_defaults(handler=_demo)
     _add_bench(subcommands)
@@ -69,7 +77,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Raises SystemExit (status 2) on a usage error, as argparse does.
     """
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        # Training and evaluation belong to LightningCLI: its own parser, config files and help.
+        from tasks.lightning_cli import ZooCLI
+
+        ZooCLI(args=None if from_command_line else argv)
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["zoo", *argv])

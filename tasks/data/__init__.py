@@ -1,0 +1,1 @@
+"""LightningDataModules: embedded data sets that need no download, and local real data."""

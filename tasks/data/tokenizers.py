@@ -1,0 +1,121 @@
+"""Tokenizers for the text tasks: bytes, characters, and subwords trained locally.
+
+Every tokenizer has encode(str) -> list[int], decode(list[int]) -> str, vocab_size, the
+special ids pad_id / bos_id / eos_id / unk_id / mask_id, and state() -> dict, a plain
+(JSON-able) description from which `tokenizer_from_state` rebuilds it. The state travels
+inside checkpoints, so `zoo generate` can turn a prompt into ids and ids into text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Optional
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
+
+
+class _Specials:
+    pad_id, bos_id, eos_id, unk_id, mask_id = range(5)
+    num_specials = len(SPECIALS)
+
+
+class ByteTokenizer(_Specials):
+    """UTF-8 bytes: ids 5..260 are the byte values, 0..4 the specials. Any text round-trips."""
+
+    vocab_size = 256 + len(SPECIALS)
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.num_specials for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        data = bytes(i - self.num_specials for i in ids if i >= self.num_specials)
+        return data.decode("utf-8", errors="replace")
+
+    def state(self) -> dict:
+        return {"kind": "bytes"}
+
+
+class CharTokenizer(_Specials):
+    """The characters of a corpus (sorted), after the specials; unknown characters map to <unk>."""
+
+    def __init__(self, alphabet: str):
+        chars = sorted(set(alphabet))
+        self.itos = list(SPECIALS) + chars
+        self.stoi = {c: i + self.num_specials for i, c in enumerate(chars)}
+        self.vocab_size = len(self.itos)
+
+    @classmethod
+    def from_corpus(cls, texts: Iterable[str]) -> "CharTokenizer":
+        alphabet = set()
+        for text in texts:
+            alphabet.update(text)
+        return cls("".join(alphabet))
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(c, self.unk_id) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.itos[i] for i in ids if i >= self.num_specials and i < self.vocab_size)
+
+    def state(self) -> dict:
+        return {"kind": "chars", "alphabet": "".join(self.itos[self.num_specials:])}
+
+
+class SubwordTokenizer(_Specials):
+    """Byte-level BPE trained locally with Hugging Face's `tokenizers` (no download)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        for name, token in zip(("pad_id", "bos_id", "eos_id", "unk_id", "mask_id"), SPECIALS):
+            if tokenizer.token_to_id(token) != getattr(_Specials, name):
+                raise ValueError(f"subword tokenizer must map {token} to {getattr(_Specials, name)}")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> "SubwordTokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=list(SPECIALS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i >= self.num_specials])
+
+    def state(self) -> dict:
+        return {"kind": "subword", "json": self.tokenizer.to_str()}
+
+
+def tokenizer_from_state(state: dict):
+    """Rebuilds a tokenizer from its state(); raises ValueError for an unknown kind."""
+    kind = state.get("kind")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "chars":
+        return CharTokenizer(state["alphabet"])
+    if kind == "subword":
+        from tokenizers import Tokenizer
+
+        return SubwordTokenizer(Tokenizer.from_str(state["json"]))
+    raise ValueError(f"unknown tokenizer kind {kind!r} in {json.dumps(state)[:80]}")
+
+
+def make_tokenizer(kind: str, texts: Optional[Iterable[str]] = None, vocab_size: int = 4096):
+    """"bytes", "chars" (alphabet of `texts`) or "subword" (BPE trained on `texts`)."""
+    if kind == "bytes":
+        return ByteTokenizer()
+    if texts is None:
+        raise ValueError(f"a {kind!r} tokenizer is built from a corpus: pass texts")
+    if kind == "chars":
+        return CharTokenizer.from_corpus(texts)
+    if kind == "subword":
+        return SubwordTokenizer.train(texts, vocab_size=vocab_size)
+    raise ValueError(f"tokenizer must be one of bytes, chars, subword; got {kind!r}")

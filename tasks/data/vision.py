@@ -1,0 +1,166 @@
+"""Image data: scikit-learn's digits (embedded), image folders and CIFAR-10 (local files)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+
+
+def require_dir(path: str, what: str) -> str:
+    """`path` if it is a directory, else FileNotFoundError naming it and what belongs there."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: no directory at {os.path.abspath(path)!r}")
+    return path
+
+
+class _Loaders(L.LightningDataModule):
+    """train/val/test/predict loaders over self.train_set, val_set, test_set."""
+
+    def __init__(self, batch_size: int, num_workers: int, shuffle: bool = True):
+        super().__init__()
+        self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def _loader(self, dataset, shuffle: bool):
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=self.shuffle)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self):
+        return self._loader(self.test_set, shuffle=False)
+
+
+class _Shift(Dataset):
+    """Training augmentation for tiny images: a random shift by up to `pixels` (zero fill)."""
+
+    def __init__(self, base: Dataset, pixels: int, seed: int):
+        self.base, self.pixels = base, pixels
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        if self.pixels:
+            dy, dx = (torch.randint(-self.pixels, self.pixels + 1, (2,), generator=self.generator)).tolist()
+            image = torch.roll(image, shifts=(dy, dx), dims=(1, 2))
+            if dy > 0:
+                image[:, :dy] = 0
+            elif dy < 0:
+                image[:, dy:] = 0
+            if dx > 0:
+                image[:, :, :dx] = 0
+            elif dx < 0:
+                image[:, :, dx:] = 0
+        return image, label
+
+
+class DigitsDataModule(_Loaders):
+    """scikit-learn's handwritten digits: 1,797 real 8x8 grey images of 0-9, shipped with the package.
+
+    A fixed split (seed `split_seed`): 1,257 train / 270 val / 270 test images. Pixels
+    (0-16) are scaled to [0, 1] and standardized by the training set's mean and std.
+    Args: batch_size, num_workers, shift (training augmentation: random shifts by up
+    to this many pixels), split_seed, shuffle (the training order; off for exact comparisons).
+    """
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, shift: int = 0, split_seed: int = 0,
+                 shuffle: bool = True):
+        super().__init__(batch_size, num_workers, shuffle)
+        self.shift, self.split_seed = shift, split_seed
+        self.num_classes, self.image_size, self.channels = 10, 8, 1
+
+    def setup(self, stage: Optional[str] = None):
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        generator = torch.Generator().manual_seed(self.split_seed)
+        train, val, test = random_split(range(len(labels)), [1257, 270, 270], generator=generator)
+        train_idx = torch.tensor(list(train))
+        mean, std = images[train_idx].mean(), images[train_idx].std()
+        images = (images - mean) / std
+
+        def subset(idx):
+            idx = torch.tensor(list(idx))
+            return TensorDataset(images[idx], labels[idx])
+
+        self.train_set = _Shift(subset(train), self.shift, self.split_seed)
+        self.val_set, self.test_set = subset(val), subset(test)
+
+
+class ImageFolderDataModule(_Loaders):
+    """Images in class folders (root/train/<class>/*.png, root/val/<class>/*), torchvision's ImageFolder.
+
+    Training: random resized crop and flip; evaluation: resize and center crop; ImageNet
+    normalization. Raises FileNotFoundError naming a missing folder.
+    """
+
+    def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
+                 train_dir: str = "train", val_dir: str = "val", test_dir: Optional[str] = None):
+        super().__init__(batch_size, num_workers)
+        self.root, self.image_size = root, image_size
+        self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
+
+    def setup(self, stage: Optional[str] = None):
+        from torchvision import datasets, transforms as T
+
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        train_tf = T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                              T.Normalize(mean, std)])
+        eval_tf = T.Compose([T.Resize(int(self.image_size * 1.14)), T.CenterCrop(self.image_size), T.ToTensor(),
+                             T.Normalize(mean, std)])
+        folder = lambda name: require_dir(os.path.join(self.root, name), "ImageFolderDataModule")  # noqa: E731
+        self.train_set = datasets.ImageFolder(folder(self.train_dir), train_tf)
+        self.val_set = datasets.ImageFolder(folder(self.val_dir), eval_tf)
+        self.test_set = datasets.ImageFolder(folder(self.test_dir or self.val_dir), eval_tf)
+        self.num_classes = len(self.train_set.classes)
+
+
+class CIFAR10DataModule(_Loaders):
+    """CIFAR-10 from a local copy (torchvision's layout, download=False): 45k/5k train/val split + the test set.
+
+    Raises FileNotFoundError naming the folder when the files are not there.
+    """
+
+    def __init__(self, root: str, batch_size: int = 256, num_workers: int = 4, augment: bool = True,
+                 split_seed: int = 0):
+        super().__init__(batch_size, num_workers)
+        self.root, self.augment, self.split_seed = root, augment, split_seed
+        self.num_classes = 10
+
+    def setup(self, stage: Optional[str] = None):
+        from torchvision import datasets, transforms as T
+
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        base = [T.ToTensor(), T.Normalize(mean, std)]
+        train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []) + base)
+        try:
+            full_train = datasets.CIFAR10(self.root, train=True, download=False, transform=train_tf)
+            full_eval = datasets.CIFAR10(self.root, train=True, download=False, transform=T.Compose(base))
+            self.test_set = datasets.CIFAR10(self.root, train=False, download=False, transform=T.Compose(base))
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise FileNotFoundError(f"CIFAR-10 not found or corrupted under {os.path.abspath(self.root)!r} "
+                                    f"(expected torchvision's cifar-10-batches-py folder): {e}") from e
+        generator = torch.Generator().manual_seed(self.split_seed)
+        train_idx, val_idx = random_split(range(len(full_train)), [45000, 5000], generator=generator)
+        self.train_set = torch.utils.data.Subset(full_train, list(train_idx))
+        self.val_set = torch.utils.data.Subset(full_eval, list(val_idx))

@@ -1,0 +1,100 @@
+"""`zoo fit|validate|test|predict -c CONFIG`: LightningCLI with the defaults people expect.
+
+On top of LightningCLI (so --print_config, dotted overrides and class_path/init_args all
+work): one run directory per run, runs/<name>/version_<n>/, holding the TensorBoard and
+CSV logs, the resolved config.yaml and checkpoints/ (best by the task's metric, and
+last); learning-rate and throughput monitors; gradient clipping at 1.0; bf16-mixed
+precision on a GPU. A config's own trainer.logger / callbacks are used as given.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .base import ZooTask
+
+
+def batch_size_of(batch) -> int:
+    """Samples in a batch: the leading size of its first tensor (tuples, lists, dicts)."""
+    while not isinstance(batch, torch.Tensor):
+        batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return batch.shape[0]
+
+
+def next_version(root: str, name: str) -> int:
+    """The first unused version_<n> under root/name."""
+    folder = os.path.join(root, name)
+    used = [int(d.split("_", 1)[1]) for d in os.listdir(folder)
+            if d.startswith("version_") and d.split("_", 1)[1].isdigit()] if os.path.isdir(folder) else []
+    return max(used, default=-1) + 1
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI over every ZooTask and LightningDataModule, with the project's defaults."""
+
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True):
+        # TensorBoard and CSV share the run directory on purpose; the CSV logger warns about it.
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        super().__init__(
+            model_class=ZooTask, subclass_mode_model=True,
+            datamodule_class=L.LightningDataModule, subclass_mode_data=True,
+            trainer_defaults={"gradient_clip_val": 1.0, "default_root_dir": "runs",
+                              "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
+            save_config_kwargs={"overwrite": True}, args=args, run=run)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--name", type=Optional[str], default=None,
+                            help="run name: logs go to <trainer.default_root_dir>/<name>/version_<n> "
+                                 "(default: the config file's name)")
+
+    def after_fit(self) -> None:
+        """One line that says how the run ended: the monitored metric, last and best, and where it is."""
+        checkpoint = next((c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None or checkpoint.monitor is None or self.trainer.global_rank != 0:
+            return
+        last = self.trainer.callback_metrics.get(checkpoint.monitor)
+        best = checkpoint.best_model_score
+        parts = [f"{checkpoint.monitor} = {float(last):.4f} after epoch {self.trainer.current_epoch - 1}"
+                 if last is not None else f"no {checkpoint.monitor} logged"]
+        if best is not None:
+            parts.append(f"best {float(best):.4f} ({checkpoint.best_model_path})")
+        print("zoo fit: " + "; ".join(parts) + f"; logs in {self.trainer.log_dir}")
+
+    def _run_name(self) -> str:
+        config = self.config.get(str(self.subcommand), self.config)
+        if config.get("name"):
+            return config["name"]
+        paths = config.get("config") or []
+        if paths:
+            return os.path.splitext(os.path.basename(str(paths[-1])))[0]
+        return type(self.model).__name__.lower()
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        root = config.get("default_root_dir") or "runs"
+        if config.get("logger") in (None, True) and not config.get("fast_dev_run"):
+            name = self._run_name()
+            version = f"version_{next_version(root, name)}"
+            config["logger"] = [TensorBoardLogger(root, name=name, version=version, default_hp_metric=False),
+                                CSVLogger(root, name=name, version=version)]
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        defaults = []
+        if not any(isinstance(c, ModelCheckpoint) for c in given):
+            monitor, mode = getattr(self.model, "monitor", ("val/loss", "min"))
+            defaults.append(ModelCheckpoint(monitor=monitor, mode=mode, save_last=True,
+                                            filename="best-{epoch}-{step}", auto_insert_metric_name=False))
+        if config.get("logger") not in (None, False) and not config.get("fast_dev_run"):
+            if not any(isinstance(c, LearningRateMonitor) for c in given):
+                defaults.append(LearningRateMonitor(logging_interval="step"))
+            if not any(isinstance(c, ThroughputMonitor) for c in given):
+                defaults.append(ThroughputMonitor(batch_size_fn=batch_size_of))
+        config["callbacks"] = given + defaults
+        return super()._instantiate_trainer(config, callbacks)
