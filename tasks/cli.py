@@ -1,6 +1,7 @@
 """The ``zoo`` command line: one subcommand per job.
 
     zoo fit|validate|test|predict -c CONFIG     training and evaluation (LightningCLI)
+    zoo generate CHECKPOINT --prompt TEXT       text from a trained decoder / seq2seq model
     zoo demo                                    correctness check + a quick benchmark
     zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
 
@@ -38,6 +39,12 @@ def _bench_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return 0
 
 
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tasks import generate
+
+    return generate.main(args)
+
+
 def _add_bench(subcommands) -> None:
     bench = subcommands.add_parser("bench", help="benchmarks, each beside its peers in the same process")
     targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -69,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subcommands.add_parser("demo", help="check the kernels against float64 math, then a quick benchmark")
     demo.set_defaults(handler=_demo)
     _add_bench(subcommands)
+    gen = subcommands.add_parser("generate", help="text from a trained GPT or seq2seq checkpoint")
+    from tasks.generate import add_arguments
+
+    add_arguments(gen)
+    gen.set_defaults(handler=_generate)
     return parser
 
 
