@@ -1,6 +1,7 @@
 """tritonzoo kernels: Triton flash attention with FlashAttention-2's and torch SDPA's APIs.
 
-Depends on torch and triton only; usable in any PyTorch or Lightning project.
+Depends on torch and triton only; usable in any PyTorch or Lightning project
+(kernels.lightning.TritonAttention is the Lightning callback; importing it needs Lightning).
 """
 
 from .flash_attn_interface import (
@@ -12,12 +13,14 @@ from .flash_attn_interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from .routing import AttentionRouting, triton_attention
 from .runtime import INTERPRET, reference_only
 from .sdpa import (
     disable_sdpa_patch,
     enable_sdpa_patch,
     fallback_reason,
     patch_sdpa,
+    record_routing,
     scaled_dot_product_attention,
     sdpa_stats,
 )
@@ -36,6 +39,9 @@ __all__ = [
     "disable_sdpa_patch",
     "fallback_reason",
     "sdpa_stats",
+    "record_routing",
+    "triton_attention",
+    "AttentionRouting",
     "reference_only",
     "INTERPRET",
 ]

@@ -28,8 +28,11 @@ from .runtime import use_triton
 #: torch's own function, captured before any patch.
 torch_sdpa = F.scaled_dot_product_attention
 
+SERVED = "served by the Triton kernel"
+
 _lock = threading.Lock()
 _stats: collections.Counter = collections.Counter()
+_recorders: list[collections.Counter] = []  # open record_routing() scopes
 
 
 def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -93,8 +96,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """
     reason = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not torch.compiler.is_compiling():
+        outcome = SERVED if reason is None else reason
         with _lock:
-            _stats["served by the Triton kernel" if reason is None else reason] += 1
+            _stats[outcome] += 1
+            for counter in _recorders:
+                counter[outcome] += 1
     if reason is not None:
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
@@ -114,6 +120,26 @@ def sdpa_stats(reset: bool = False) -> dict[str, int]:
         if reset:
             _stats.clear()
     return counts
+
+
+@contextlib.contextmanager
+def record_routing():
+    """Counts, by outcome, the calls of this module's scaled_dot_product_attention made inside
+    the block: yields a Counter whose keys are SERVED or a fallback reason."""
+    counter: collections.Counter = collections.Counter()
+    with _lock:
+        _recorders.append(counter)
+    try:
+        yield counter
+    finally:
+        with _lock:
+            _recorders.remove(counter)
+
+
+def routing_report(counter: collections.Counter) -> dict:
+    """{"served": n, "fell_back": m, "fallback_reasons": {reason: count}} of a record_routing counter."""
+    reasons = {k: v for k, v in counter.items() if k != SERVED}
+    return {"served": counter.get(SERVED, 0), "fell_back": sum(reasons.values()), "fallback_reasons": reasons}
 
 
 def enable_sdpa_patch() -> None:

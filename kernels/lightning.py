@@ -1,0 +1,55 @@
+"""A Lightning callback that runs a LightningModule's attention on the kernels.
+
+    trainer = L.Trainer(callbacks=[kernels.lightning.TritonAttention()])
+
+Only this module imports Lightning; `import kernels` does not.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from . import sdpa
+
+
+class TritonAttention(L.Callback):
+    """For the whole run (fit, validate, test or predict), routes torch.nn.functional's
+    scaled_dot_product_attention through the Triton kernels, wherever the module calls it
+    (timm, Hugging Face, hand-written code), and reports which calls the kernels served
+    and which fell back to torch, and why.
+
+    Args:
+        verbose: log the report at the end of each stage.
+    After a stage, `report()` gives {"served", "fell_back", "fallback_reasons"}.
+    """
+
+    def __init__(self, verbose: bool = True):
+        self.verbose = verbose
+        self.counter: collections.Counter = collections.Counter()
+        self._scope = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        patch, record = sdpa.patch_sdpa(), sdpa.record_routing()
+        patch.__enter__()
+        self._scope = (patch, record, record.__enter__())
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._scope is None:
+            return
+        patch, record, counter = self._scope
+        record.__exit__(None, None, None)
+        patch.__exit__(None, None, None)
+        self._scope = None
+        self.counter.update(counter)
+        if self.verbose:
+            report = self.report()
+            reasons = "; ".join(f"{n} x {r}" for r, n in report["fallback_reasons"].items()) or "none"
+            rank_zero_info(f"TritonAttention ({stage}): {report['served']} attention calls served by the Triton "
+                           f"kernels, {report['fell_back']} fell back to torch (reasons: {reasons})")
+
+    def report(self) -> dict:
+        """{"served": n, "fell_back": m, "fallback_reasons": {reason: count}} over the stages so far."""
+        return sdpa.routing_report(self.counter)

@@ -1,0 +1,141 @@
+"""Using the kernels in other projects: import isolation, the module hook, the Lightning callback,
+and the whole path a newcomer takes (wheel -> fresh venv -> their own Lightning project)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.lightning import TritonAttention
+from kernels.sdpa import torch_sdpa
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_kernels_imports_no_zoo_tasks_lightning_timm_torchaudio():
+    code = ("import sys, kernels, kernels.routing; "
+            "print([m for m in ('zoo', 'tasks', 'lightning', 'pytorch_lightning', 'timm', 'torchaudio', "
+            "'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+def _vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                            num_heads=4, num_classes=10)
+
+
+def test_module_hook_routes_and_reports():
+    model = _vit()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    with kernels.triton_attention(model) as handle:
+        out = model(x)
+        assert F.scaled_dot_product_attention is torch_sdpa  # patched only during the forward
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert handle.report() == {"served": 2, "fell_back": 0, "fallback_reasons": {}}
+    model(x)  # removed: no longer counted
+    assert handle.report()["served"] == 2
+
+
+class _Float64Attention(torch.nn.Module):
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_module_hook_reports_fallbacks_with_reasons():
+    module = _Float64Attention()
+    handle = kernels.triton_attention(module)
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    torch.testing.assert_close(module(q), torch_sdpa(q, q, q), rtol=0, atol=0)
+    report = handle.report()
+    assert report["served"] == 0 and report["fell_back"] == 1
+    (reason,) = report["fallback_reasons"]
+    assert "float64" in reason
+    handle.remove()
+
+
+class _TimmClassifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = _vit()
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        loss = F.cross_entropy(self.net(images), labels)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_lightning_callback_serves_the_run_and_matches_it():
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    losses, callback = {}, TritonAttention(verbose=False)
+    for name, callbacks in (("plain", []), ("triton", [callback])):
+        module = _TimmClassifier()
+        L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=callbacks).fit(
+            module, torch.utils.data.DataLoader(data, batch_size=4))
+        losses[name] = module.losses
+    assert F.scaled_dot_product_attention is torch_sdpa  # restored after the run
+    report = callback.report()
+    assert report["served"] == 3 * 2 and report["fell_back"] == 0  # 3 steps x 2 blocks
+    assert losses["triton"] == pytest.approx(losses["plain"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_wheel_in_a_fresh_venv_runs_an_outside_lightning_project(tmp_path):
+    """Build the wheel, install it with the constraints into a new venv outside the repository,
+    and train someone else's small Lightning project with and without the callback."""
+    # Everything runs outside the checkout, without PYTHONPATH: `python -m pip` puts the working
+    # directory on sys.path, and the checkout's tritonzoo.egg-info would pass for an installed
+    # tritonzoo (pip would then skip installing the wheel).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    source = tmp_path / "source"  # a copy without build/ leftovers of earlier builds
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", "build", "dist", "runs", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache", ".git"))
+    dist = tmp_path / "dist"
+
+    def call(*args, check=True, **kw):
+        return subprocess.run([str(a) for a in args], cwd=tmp_path, env=env, check=check, **kw)
+
+    call(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source)
+    (wheel,) = glob.glob(str(dist / "tritonzoo-*.whl"))
+    venv = tmp_path / "venv"
+    call(shutil.which("python3") or sys.executable, "-m", "venv", venv)
+    python = str(venv / "bin" / "python")
+    call(python, "-m", "pip", "install", "-q", "-c", os.path.join(REPO, "constraints.txt"), wheel, "timm", "lightning")
+    project = tmp_path / "their_project"
+    shutil.copytree(os.path.join(REPO, "tests", "reuse_project"), project)
+    env["TRITON_INTERPRET"] = "1"  # no GPU: the Triton kernels run in the interpreter
+
+    def run(*flags):
+        out = subprocess.run([python, "train_vit.py", *flags], cwd=project, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # The wheel's metadata declares torch and triton only; the extras add the rest.
+    metadata = call(python, "-m", "pip", "show", "tritonzoo", capture_output=True, text=True).stdout
+    assert "Requires: torch, triton" in metadata and str(venv) in metadata
+    plain, served = run(), run("--triton")
+    assert served["report"]["served"] == 4 * 2 and served["report"]["fell_back"] == 0
+    assert served["losses"] == pytest.approx(plain["losses"], abs=1e-4)
+    # The `zoo` command of a kernels-only install says which extra it needs.
+    zoo = call(venv / "bin" / "zoo", "fit", "-c", "x.yaml", capture_output=True, text=True, check=False)
+    assert zoo.returncode == 1 and 'pip install "tritonzoo[tasks]"' in zoo.stderr
