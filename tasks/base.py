@@ -84,6 +84,13 @@ class ZooTask(L.LightningModule):
         if tokenizer is not None:
             checkpoint["zoo_tokenizer"] = tokenizer.state()
 
+    def attention_figures(self, batch: Any, tokenizer: Any = None, sample: int = 0, layer: int = -1) -> dict:
+        """Figures of the model's attention maps for sample `sample` of a batch from this task's
+        data ({name: matplotlib Figure}) at block `layer` (negative: from the end); tokenizer
+        labels text tokens. `zoo attention-map` and tasks.callbacks.AttentionMapLogger draw
+        with it. Each domain task implements it."""
+        raise NotImplementedError(f"{type(self).__name__} does not draw attention maps")
+
     def configure_optimizers(self):
         hp = self.hparams
         fused = self.device.type == "cuda"

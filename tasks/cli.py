@@ -2,6 +2,7 @@
 
     zoo fit|validate|test|predict -c CONFIG     training and evaluation (LightningCLI)
     zoo generate CHECKPOINT --prompt TEXT       text from a trained decoder / seq2seq model
+    zoo attention-map CHECKPOINT [--text TEXT]  PNG figures of the model's attention for one input
     zoo demo                                    correctness check + a quick benchmark
     zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
 
@@ -45,6 +46,12 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return generate.main(args)
 
 
+def _attention_map(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tasks import attention_map
+
+    return attention_map.main(args)
+
+
 def _add_bench(subcommands) -> None:
     bench = subcommands.add_parser("bench", help="benchmarks, each beside its peers in the same process")
     targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -62,6 +69,10 @@ def _add_bench(subcommands) -> None:
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+#: Import names of what the `tasks` extra installs (pyproject.toml), beyond torch and triton.
+EXTRAS_MODULES = frozenset({"lightning", "torchmetrics", "jsonargparse", "tensorboard", "sklearn", "tokenizers",
+                            "matplotlib", "timm", "torchvision", "torchaudio", "yaml"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(gen)
     gen.set_defaults(handler=_generate)
+    maps = subcommands.add_parser("attention-map", help="PNG figures of a trained model's attention for one input")
+    from tasks.attention_map import add_arguments as add_map_arguments
+
+    add_map_arguments(maps)
+    maps.set_defaults(handler=_attention_map)
     return parser
 
 
@@ -89,6 +105,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Raises SystemExit (status 2) on a usage error, as argparse does.
     """
+    try:
+        return _run(argv)
+    except ModuleNotFoundError as error:
+        # `pip install tritonzoo` brings the kernels only; the CLI's jobs need the extras.
+        if error.name is None or error.name.split(".")[0] not in EXTRAS_MODULES:
+            raise
+        print(f"zoo: this command needs {error.name!r}, which `pip install tritonzoo` alone does not install; "
+              f'install the extras: pip install "tritonzoo[tasks]"', file=sys.stderr)
+        return 1
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:

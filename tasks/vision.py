@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+import zoo
+
 from .base import ZooTask
 
 
@@ -53,6 +55,24 @@ class ImageClassification(ZooTask):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def attention_figures(self, batch, tokenizer=None, sample: int = 0, layer: int = -1) -> dict:
+        """The class token's attention rollout over the image (all layers) and its attention per
+        head in block `layer`."""
+        from .attention_figures import layer_maps, vision_attention
+
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        image = images[sample: sample + 1]
+        maps = layer_maps(zoo.attention_maps(self.model, image))
+        grid = (image.shape[-2] // self.model.patch_size[0], image.shape[-1] // self.model.patch_size[1])
+        label = f" (label {int(batch[1][sample])})" if isinstance(batch, (tuple, list)) and len(batch) > 1 else ""
+        depth = len(maps)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer {layer} is out of range for {depth} blocks")
+        figure = vision_attention(image[0], [m[0] for m in maps[: layer % depth + 1]], grid,
+                                  self.model.num_prefix_tokens, class_token=self.model.cls_token is not None,
+                                  title=f"{self.hparams.model}: sample {sample}{label}")
+        return {"vision_attention": figure}
 
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -4,6 +4,7 @@
     zoo.list_models("gpt*")
 """
 
+from .attention_maps import attention_layers, attention_maps, attention_rollout
 from .backbone import Block, KVCache, Transformer
 from .config import TransformerConfig
 from .registry import build_config, create_model, list_models, register_model
@@ -13,6 +14,9 @@ from .weights import from_hf, from_timm
 from . import seq2seq, speech, text, vision  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "attention_layers",
+    "attention_maps",
+    "attention_rollout",
     "Block",
     "KVCache",
     "Transformer",

@@ -1,0 +1,120 @@
+"""Attention figures: what each panel shows, the TensorBoard callback, `zoo attention-map`.
+
+The panels are checked by the data they display (the arrays handed to imshow), against the
+maps computed independently here.
+"""
+
+import glob
+import os
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+import zoo
+from tasks import attention_figures as figs
+
+pytestmark = pytest.mark.usefixtures("reference_attention")
+
+
+def shown(ax, index=-1):
+    return torch.as_tensor(ax.images[index].get_array().data)
+
+
+def random_maps(layers, heads, tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(heads, tokens, tokens, generator=g).softmax(-1) for _ in range(layers)]
+
+
+def test_vision_panels_show_rollout_and_class_token_attention():
+    maps = random_maps(layers=3, heads=2, tokens=1 + 4 * 3)
+    fig = figs.vision_attention(torch.rand(3, 16, 12), maps, grid=(4, 3), num_prefix_tokens=1)
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 2 + 2
+    eye = torch.eye(13, dtype=torch.float64)
+    rollout = eye
+    for m in maps:
+        a = 0.5 * m.double().mean(0) + 0.5 * eye
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    torch.testing.assert_close(shown(axes[1]).double(), rollout[0, 1:].view(4, 3), rtol=0, atol=1e-6)
+    for h in range(2):
+        torch.testing.assert_close(shown(axes[2 + h]), maps[-1][h, 0, 1:].view(4, 3))
+    plt.close(fig)
+
+
+def test_vision_without_class_token_shows_attention_received():
+    maps = random_maps(layers=1, heads=1, tokens=4)
+    fig = figs.vision_attention(torch.rand(1, 4, 4), maps, grid=(2, 2), num_prefix_tokens=0, class_token=False)
+    axes = [ax for ax in fig.axes if ax.images]
+    torch.testing.assert_close(shown(axes[2]), maps[0][0].mean(0).view(2, 2))
+    with pytest.raises(ValueError, match="expected 1 \\+ 2x2"):
+        figs.vision_attention(torch.rand(1, 4, 4), maps, grid=(2, 2), num_prefix_tokens=1)
+    plt.close("all")
+
+
+def test_token_heatmaps_alignment_and_speech_panels():
+    probs = random_maps(1, 3, 5)[0]
+    fig = figs.token_heatmaps(probs, list("abcde"))
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 1 + 3
+    torch.testing.assert_close(shown(axes[0]), probs.mean(0))
+    torch.testing.assert_close(shown(axes[2]), probs[1])
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == list("abcde")
+    cross = torch.rand(2, 4, 6).softmax(-1)
+    fig = figs.alignment(cross, list("source"), list("tgt!"))
+    torch.testing.assert_close(shown(fig.axes[0]), cross.mean(0))
+    fig = figs.speech_attention(torch.randn(80, 20), random_maps(1, 2, 10)[0])
+    assert len([ax for ax in fig.axes if ax.images]) == 2
+    with pytest.raises(ValueError, match="heads, Sq, Sk"):
+        figs.token_heatmaps(torch.rand(5, 5))
+    plt.close("all")
+
+
+def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tasks.cli import main
+
+    root = str(tmp_path / "runs")
+    main(["fit", "-c", "configs/vision/vit_digits.yaml", "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
+          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+          "--trainer.callbacks+=tasks.callbacks.AttentionMapLogger", "--trainer.callbacks.every_n_epochs=1"])
+    run_dir = os.path.join(root, "vit_digits", "version_0")
+    (events,) = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
+    accumulator = EventAccumulator(events, size_guidance={"images": 0})
+    accumulator.Reload()
+    images = accumulator.Images("attention/vision_attention")
+    assert [image.step for image in images] == [2, 4]  # after each epoch's validation (2 steps per epoch)
+    out = str(tmp_path / "maps")
+    assert main(["attention-map", os.path.join(run_dir, "checkpoints", "last.ckpt"), "--sample", "1",
+                 "--out", out]) == 0
+    assert os.listdir(out) == ["vision_attention.png"]
+    image = plt.imread(os.path.join(out, "vision_attention.png"))
+    assert image.shape[0] > 100 and image.std() > 0.01  # a drawn figure, not a blank canvas
+    with pytest.raises(ValueError, match="--text needs a text model"):
+        main(["attention-map", os.path.join(run_dir, "checkpoints", "last.ckpt"), "--text", "hi"])
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        main(["attention-map", str(tmp_path / "nowhere.ckpt")])
+
+
+def test_callback_validates_its_arguments():
+    from tasks.callbacks import AttentionMapLogger
+
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        AttentionMapLogger(every_n_epochs=0)
+    with pytest.raises(ValueError, match="sample"):
+        AttentionMapLogger(sample=-1)
+
+
+def test_vision_task_figures_use_the_models_maps():
+    from tasks.vision import ImageClassification
+
+    task = ImageClassification("vit_digits").eval()
+    images = torch.randn(2, 1, 8, 8)
+    figures = task.attention_figures((images, torch.tensor([3, 4])), sample=1, layer=1)
+    axes = [ax for ax in figures["vision_attention"].axes if ax.images]
+    maps = zoo.attention_maps(task.model, images[1:], layers=[1])["backbone.blocks.1.attn"][0]
+    grid = 8 // task.model.patch_size[0]
+    # vit_digits pools by averaging (no class token): head 0's panel is the attention each patch receives.
+    torch.testing.assert_close(shown(axes[2]), maps[0].mean(0).view(grid, grid))
+    plt.close("all")

@@ -1,0 +1,146 @@
+"""Attention you can look at: the probabilities the fast kernels never store.
+
+    maps = zoo.attention_maps(model, {"input_ids": ids, "attention_mask": mask}, layers=[0, -1], heads=[0])
+    maps["backbone.blocks.0.attn"]            # (B, 1, Sq, Sk) float32, rows sum to 1
+    rollout = zoo.attention_rollout([maps[k] for k in sorted_self_attention_names])
+
+The chosen attention layers run their "eager" path for one forward (explicit
+softmax(QK^T * scale) with the model's causal, padding and ALiBi masks) and keep the
+probabilities; every other layer keeps its backend. Nothing changes on the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .attention import Attention
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def attention_layers(model: nn.Module) -> dict[str, Attention]:
+    """Every attention module of a zoo model by its module name, in forward order
+    (encoder before decoder; in a block, self-attention before cross-attention)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, Attention)}
+
+
+def _block_of(name: str) -> tuple[Optional[str], int]:
+    """("encoder.blocks.", 3) for "encoder.blocks.3.attn"; (None, -1) outside a block stack."""
+    match = _BLOCK_INDEX.search(name)
+    return (name[: match.start(1)], int(match.group(1))) if match else (None, -1)
+
+
+def _select(names: list[str], layers, model_name: str) -> list[str]:
+    if layers is None:
+        return names
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    depth: dict[str, int] = {}
+    for name in names:
+        stack, index = _block_of(name)
+        if stack is not None:
+            depth[stack] = max(depth.get(stack, 0), index + 1)
+    chosen = set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, str)):
+            raise TypeError(f"layers holds block indices (int) or module-name patterns (str), got {layer!r}")
+        if isinstance(layer, str):
+            hits = fnmatch.filter(names, layer)
+            if not hits:
+                raise ValueError(f"layers: no attention module of {model_name} matches {layer!r}; "
+                                 f"its attention modules are {names}")
+            chosen.update(hits)
+            continue
+        for stack, n in depth.items():
+            if not -n <= layer < n:
+                raise ValueError(f"layers: block index {layer} is out of range for {stack.rstrip('.')} ({n} blocks)")
+        chosen.update(name for name in names if _block_of(name)[0] is not None
+                      and _block_of(name)[1] == layer % depth[_block_of(name)[0]])
+    return [n for n in names if n in chosen]
+
+
+def attention_maps(model: nn.Module, inputs: Any, layers: Optional[Sequence[Union[int, str]]] = None,
+                   heads: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
+    """The attention probabilities of a zoo model's self- and cross-attention layers.
+
+    Args:
+        model: a zoo model (any module holding zoo.attention.Attention layers).
+        inputs: what the model's forward takes: a tensor (model(inputs)), a tuple
+            (model(*inputs)) or a dict (model(**inputs)).
+        layers: None for every attention layer, or a list of block indices (negative from
+            the end; index i selects block i of every stack, e.g. the encoder's and the
+            decoder's, with their self- and cross-attention) and/or module-name patterns
+            (fnmatch: "decoder.blocks.*.cross_attn").
+        heads: None for all heads, or the head indices to keep.
+    Returns:
+        {module name: float32 (B, len(heads), Sq, Sk)} in forward order. Each row is
+        softmax(QK^T * scale) under the model's masks: it sums to 1 over the keys a query
+        may see and is exactly 0 on masked keys (a row with no key at all is all zeros).
+        The forward runs in eval mode (no dropout) and without gradients.
+    Raises:
+        ValueError / TypeError for unknown layers or head indices; ValueError if the
+        model has no zoo attention layers.
+    """
+    found = attention_layers(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no zoo attention layers (zoo.attention.Attention)")
+    names = _select(list(found), layers, type(model).__name__)
+    num_heads = next(iter(found.values())).heads
+    if heads is not None:
+        heads = list(heads)
+        bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not -num_heads <= h < num_heads]
+        if bad or not heads:
+            raise ValueError(f"heads must be a non-empty list of head indices in [0, {num_heads}), got {heads}")
+    was_training = model.training
+    model.eval()
+    for name in names:
+        found[name].keep_probs = True
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, dict):
+                model(**inputs)
+            elif isinstance(inputs, (tuple, list)):
+                model(*inputs)
+            else:
+                model(inputs)
+        maps = {}
+        for name in names:
+            probs = found[name].last_probs
+            if probs is None:
+                raise ValueError(f"{name} did not run in the forward (is it used for these inputs?)")
+            maps[name] = (probs if heads is None else probs[:, heads]).float()
+        return maps
+    finally:
+        for name in names:
+            found[name].keep_probs = False
+            found[name].last_probs = None
+        model.train(was_training)
+
+
+def attention_rollout(maps: Sequence[Tensor], residual: float = 0.5) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each output token draws on each
+    input token through a stack of self-attention layers.
+
+    maps: per layer, in order, (B, H, S, S) probabilities (heads are averaged). Each layer's
+    mean map is mixed with the identity for the residual path, A = (1 - residual) * P + residual * I,
+    rows renormalized, and the layers multiplied: R = A_L @ ... @ A_1. Returns (B, S, S);
+    rows sum to 1.
+    """
+    if not maps:
+        raise ValueError("attention_rollout needs at least one (B, H, S, S) map")
+    if not 0.0 <= residual <= 1.0:
+        raise ValueError(f"residual must be in [0, 1], got {residual}")
+    rollout = None
+    for probs in maps:
+        if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+            raise ValueError(f"rollout needs square self-attention maps (B, H, S, S), got {tuple(probs.shape)}")
+        mixed = (1 - residual) * probs.double().mean(1) + residual * torch.eye(probs.shape[-1], dtype=torch.float64,
+                                                                                device=probs.device)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return rollout.float()
