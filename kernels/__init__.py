@@ -4,6 +4,7 @@ Depends on torch and triton only; usable in any PyTorch or Lightning project
 (kernels.lightning.TritonAttention is the Lightning callback; importing it needs Lightning).
 """
 
+from .decoding_interface import flash_attn_with_kvcache
 from .flash_attn_interface import (
     attention,
     flash_attn_func,
@@ -33,6 +34,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "scaled_dot_product_attention",
     "patch_sdpa",
     "enable_sdpa_patch",

@@ -5,6 +5,8 @@
     zoo attention-map CHECKPOINT [--text TEXT]  PNG figures of the model's attention for one input
     zoo demo                                    correctness check + a quick benchmark
     zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
+    zoo bench decode [--quick] [--out DIR] [--device cuda|cpu]
+    zoo compare NAME ... [--device cuda|cpu] [--runs DIR ...]   models beside their timm / HF references
 
 Each subcommand registers itself in build_parser() with a handler taking the parsed
 arguments and returning the exit status. Handlers import their modules lazily: the
@@ -40,6 +42,20 @@ def _bench_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return 0
 
 
+def _bench_decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if device == "cpu" and not args.quick:
+        parser.error("the decoding benchmark needs a CUDA GPU; on CPU add --quick (a smoke run)")
+    from tasks import bench_decode
+
+    bench_decode.run(device=device, quick=args.quick, out_dir=args.out, command=args.command_line)
+    return 0
+
+
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tasks import generate
 
@@ -50,6 +66,12 @@ def _attention_map(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from tasks import attention_map
 
     return attention_map.main(args)
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tasks import compare
+
+    return compare.run_from_args(args)
 
 
 def _add_bench(subcommands) -> None:
@@ -66,6 +88,15 @@ def _add_bench(subcommands) -> None:
     attention.add_argument("--device", choices=("cuda", "cpu"), default=None,
                            help="default: cuda when available, else cpu")
     attention.set_defaults(handler=_bench_attention)
+    decode = targets.add_parser(
+        "decode", help="flash_attn_with_kvcache vs torch SDPA over the same KV cache",
+        description="Times one decode step (append + attention; GQA 64:8, D 128, bf16, cache 4k-64k, batch 1-16) "
+                    "of tritonzoo's flash_attn_with_kvcache beside torch SDPA backends on the same cache. "
+                    "Writes decode.json, decode.md and decode.png to --out.")
+    decode.add_argument("--quick", action="store_true", help="batch 1/16 x cache 4k/64k (on CPU: a smoke run)")
+    decode.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default: bench_out)")
+    decode.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    decode.set_defaults(handler=_bench_decode)
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -87,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subcommands.add_parser("demo", help="check the kernels against float64 math, then a quick benchmark")
     demo.set_defaults(handler=_demo)
     _add_bench(subcommands)
+    from tasks.compare import add_arguments as add_compare_arguments
+
+    compare_parser = subcommands.add_parser(
+        "compare", help="zoo models beside timm / Hugging Face references: params, FLOPs, throughput, memory, MFU",
+        description="Measures presets or config files in one run beside their reference implementations; writes "
+                    "compare.md/.csv/.json and PNG plots to --out.")
+    add_compare_arguments(compare_parser)
+    compare_parser.set_defaults(handler=_compare)
     gen = subcommands.add_parser("generate", help="text from a trained GPT or seq2seq checkpoint")
     from tasks.generate import add_arguments
 
