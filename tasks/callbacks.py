@@ -6,8 +6,7 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 
 class AttentionMapLogger(L.Callback):
@@ -19,8 +18,8 @@ class AttentionMapLogger(L.Callback):
         every_n_epochs: draw after the validation of every n-th epoch (and of the last).
         sample: which sample of the first validation batch (the loader is not shuffled,
             so it is the same sample every time).
-    Raises:
-        MisconfigurationException at fit start if the trainer has no TensorBoard logger.
+    Without a TensorBoard logger (e.g. under fast_dev_run, which turns loggers off) it
+    warns once at fit start and draws nothing.
     """
 
     def __init__(self, every_n_epochs: int = 5, sample: int = 0):
@@ -30,10 +29,12 @@ class AttentionMapLogger(L.Callback):
             raise ValueError(f"sample must be >= 0, got {sample}")
         self.every_n_epochs, self.sample = every_n_epochs, sample
         self._batch: Optional[Any] = None
+        self._enabled = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
-            raise MisconfigurationException("AttentionMapLogger logs to TensorBoard: add a TensorBoardLogger")
+        self._enabled = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
+        if not self._enabled:
+            rank_zero_warn("AttentionMapLogger draws nothing: the trainer has no TensorBoardLogger")
 
     def _fixed_batch(self, trainer: L.Trainer) -> Any:
         if self._batch is None:
@@ -47,7 +48,7 @@ class AttentionMapLogger(L.Callback):
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not self._enabled:
             return
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
