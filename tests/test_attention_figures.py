@@ -118,3 +118,29 @@ def test_vision_task_figures_use_the_models_maps():
     # vit_digits pools by averaging (no class token): head 0's panel is the attention each patch receives.
     torch.testing.assert_close(shown(axes[2]), maps[0].mean(0).view(grid, grid))
     plt.close("all")
+
+
+def test_text_figures_label_tokens_and_show_the_models_maps():
+    from tasks.data.tokenizers import CharTokenizer
+    from tasks.text import CausalLM, MaskedLM
+
+    tokenizer = CharTokenizer.from_corpus(["hello world, attention!"])
+    gpt = CausalLM("gpt_nano", vocab_size=tokenizer.vocab_size).eval()
+    batch = gpt.text_batch(["hello", "attention world"], tokenizer)
+    assert batch["input_ids"][0, 0] == tokenizer.bos_id and batch["attention_mask"][0].sum() == 6
+    fig = gpt.attention_figures(batch, tokenizer, sample=0)["text_attention"]
+    axes = [ax for ax in fig.axes if ax.images]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["<bos>", "h", "e", "l", "l", "o"]
+    want = zoo.attention_maps(gpt.model, batch["input_ids"][:1, :6], layers=[-1])["backbone.blocks.3.attn"][0]
+    torch.testing.assert_close(shown(axes[1]), want[0])  # head 0, padding excluded
+    assert (shown(axes[1]).triu(1) == 0).all()  # causal
+
+    bert = MaskedLM("bert_tiny", vocab_size=tokenizer.vocab_size).eval()
+    long = bert.text_batch(["hello world " * 10], tokenizer)  # 122 tokens: cut to FIGURE_TOKENS
+    axes = [ax for ax in bert.attention_figures(long, tokenizer)["text_attention"].axes if ax.images]
+    labels = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert len(labels) == MaskedLM.FIGURE_TOKENS and labels[0] == "<bos>" and labels[-1] == "<eos>"
+    cut = torch.cat([long["input_ids"][0, : MaskedLM.FIGURE_TOKENS - 1], torch.tensor([tokenizer.eos_id])])[None]
+    want = zoo.attention_maps(bert.model, {"input_ids": cut}, layers=[-1])["backbone.blocks.1.attn"][0]
+    torch.testing.assert_close(shown(axes[0]), want.mean(0))
+    plt.close("all")
