@@ -1,9 +1,12 @@
-"""tritonzoo kernels: Triton flash attention with FlashAttention-2's and torch SDPA's APIs.
+"""tritonzoo kernels: Triton flash attention with FlashAttention-2's and torch SDPA's APIs,
+KV-cache decoding, and the block's other hot spots (norms, rotary, activations, cross-entropy).
 
 Depends on torch and triton only; usable in any PyTorch or Lightning project
 (kernels.lightning.TritonAttention is the Lightning callback; importing it needs Lightning).
 """
 
+from .activations import geglu, gelu, swiglu
+from .cross_entropy import cross_entropy, fused_linear_cross_entropy
 from .decoding_interface import flash_attn_with_kvcache
 from .flash_attn_interface import (
     attention,
@@ -14,6 +17,8 @@ from .flash_attn_interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from .norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .rotary import apply_rotary_emb, apply_rotary_emb_qk
 from .routing import AttentionRouting, triton_attention
 from .runtime import INTERPRET, reference_only
 from .sdpa import (
@@ -36,6 +41,17 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "scaled_dot_product_attention",
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "apply_rotary_emb",
+    "apply_rotary_emb_qk",
+    "gelu",
+    "swiglu",
+    "geglu",
+    "cross_entropy",
+    "fused_linear_cross_entropy",
     "patch_sdpa",
     "enable_sdpa_patch",
     "disable_sdpa_patch",

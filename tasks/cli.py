@@ -6,6 +6,7 @@
     zoo demo                                    correctness check + a quick benchmark
     zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
     zoo bench decode [--quick] [--out DIR] [--device cuda|cpu]
+    zoo bench ops [--quick] [--out DIR] [--device cuda|cpu] [--ops OP ...]
     zoo compare NAME ... [--device cuda|cpu] [--runs DIR ...]   models beside their timm / HF references
 
 Each subcommand registers itself in build_parser() with a handler taking the parsed
@@ -39,6 +40,20 @@ def _bench_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     from tasks import bench_attention
 
     bench_attention.run(device=device, quick=args.quick, out_dir=args.out, command=args.command_line)
+    return 0
+
+
+def _bench_ops(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if device == "cpu" and not args.quick:
+        parser.error("the full ops benchmark needs a CUDA GPU; on CPU add --quick")
+    from tasks import bench_ops
+
+    bench_ops.run(device=device, quick=args.quick, out_dir=args.out, ops=args.ops, command=args.command_line)
     return 0
 
 
@@ -88,6 +103,18 @@ def _add_bench(subcommands) -> None:
     attention.add_argument("--device", choices=("cuda", "cpu"), default=None,
                            help="default: cuda when available, else cpu")
     attention.set_defaults(handler=_bench_attention)
+    ops = targets.add_parser(
+        "ops", help="norms, RoPE, activations, cross-entropy vs torch eager and torch.compile",
+        description="Times tritonzoo's training ops (forward and forward+backward, peak memory on CUDA) beside "
+                    "the same PyTorch code run eager and under torch.compile. Writes ops.json and ops.png to --out.")
+    ops.add_argument("--quick", action="store_true",
+                     help="one size per op (the only mode on CPU, where it times the PyTorch path)")
+    ops.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default: bench_out)")
+    ops.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available, else cpu")
+    ops.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                     help="only these ops (layer_norm rms_norm add_rms_norm rotary gelu_bias swiglu geglu "
+                          "cross_entropy fused_linear_cross_entropy)")
+    ops.set_defaults(handler=_bench_ops)
     decode = targets.add_parser(
         "decode", help="flash_attn_with_kvcache vs torch SDPA over the same KV cache",
         description="Times one decode step (append + attention; GQA 64:8, D 128, bf16, cache 4k-64k, batch 1-16) "

@@ -1,0 +1,434 @@
+"""Cross-entropy over a large vocabulary in Triton, and a fused linear + cross-entropy.
+
+    cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean")
+    fused_linear_cross_entropy(hidden, weight, target, bias=None, ...same options...,
+                               chunk_size=None)
+
+Semantics are torch.nn.functional.cross_entropy's for (N, V) logits and (N,) class
+targets: rows whose target is ignore_index add nothing (and get exactly zero gradient);
+label smoothing eps mixes in the uniform distribution, loss = (1 - eps) * nll + eps *
+(lse - mean(logits)); "mean" divides by the number of rows not ignored (NaN when all
+are). The loss is float32 whatever the logits' dtype.
+
+One program per row makes two passes over the vocabulary in BLOCK_V chunks: an online
+max / sum-exp (and the sum of the logits for smoothing), then the gradient
+softmax - (1 - eps) * onehot - eps / V, scaled for the reduction, written in the same
+kernel (Liger-Kernel's trick): the backward is a multiplication by grad_output.
+
+The fused variant never holds the (N, V) logits: it walks the tokens in chunks; each
+chunk's logits (chunk, V) = hidden_chunk @ weight^T go through the kernel above, which
+overwrites them with their gradient in place, and then grad_hidden_chunk = dlogits @
+weight and grad_weight += dlogits^T @ hidden_chunk, all in the forward. With
+reduction "none" the per-row grad_output is not known then: the forward computes the
+losses only and the backward walks the chunks again, scaling each row by its grad_output.
+grad_weight accumulates in weight's dtype (as Liger-Kernel), one rounding per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .runtime import INTERPRET, reference_only, use_triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+_MAX_BLOCK_V = 256 if INTERPRET else 8192
+
+
+@triton.jit
+def _ce_kernel(Logits, Grad, Target, Loss, NValid, RowScale, V, stride_l, stride_g, ignore_index, smoothing,
+               HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, SMOOTH: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_V)
+    l_row = Logits + row * stride_l
+    target = tl.load(Target + row).to(tl.int64)
+    ignored = target == ignore_index
+    # Pass 1: online max and sum of exponentials, one chunk at a time.
+    m = float("-inf")
+    d = 0.0
+    sum_x = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(l_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # A chunk of only -inf logits so far: keep the exponents finite (no -inf - -inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_use) + tl.sum(tl.exp(x - m_use), axis=0)
+        m = m_new
+        if SMOOTH:
+            sum_x += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+    lse = m + tl.log(d)
+    x_t = tl.load(l_row + target, mask=target != ignore_index, other=0.0).to(tl.float32)
+    loss = lse - x_t
+    if SMOOTH:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - sum_x / V)
+    tl.store(Loss + row, tl.where(ignored, 0.0, loss))
+    if HAS_GRAD:
+        scale = 1.0
+        if MEAN:
+            scale = 1.0 / tl.load(NValid)
+        if HAS_ROW_SCALE:
+            scale = scale * tl.load(RowScale + row).to(tl.float32)
+        scale = tl.where(ignored, 0.0, scale)
+        g_row = Grad + row * stride_g
+        # Pass 2: the gradient, written over the logits when Grad is Logits (each chunk
+        # is read before it is overwritten, by the same program).
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            x = tl.load(l_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols == target, 1.0 - smoothing, 0.0)
+            if SMOOTH:
+                g -= smoothing / V
+            tl.store(g_row + cols, (g * scale).to(Grad.dtype.element_ty), mask=cols < V)
+
+
+def _launch(kernel):
+    # wrap_triton lets torch.compile see the kernel; interpreted kernels are not
+    # JITFunctions, which wrap_triton refuses, so they launch directly.
+    return kernel if INTERPRET else wrap_triton(kernel)
+
+
+def _n_valid(target: Tensor, ignore_index: int) -> Tensor:
+    """Rows not ignored, as a float32 tensor of one element (no host sync)."""
+    return (target != ignore_index).sum().to(torch.float32).reshape(1)
+
+
+def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoothing, mean):
+    """Per-row losses (float32, 0 for ignored rows); writes the gradient into grad when given.
+
+    grad may be logits itself (in place). The gradient is scaled by 1 / n_valid when
+    mean, and by row_scale (N,) when given.
+    """
+    N, V = logits.shape
+    loss = logits.new_empty(N, dtype=torch.float32)
+    if N == 0:
+        return loss
+    block_v = min(_MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+    dummy = logits
+    _launch(_ce_kernel)[(N,)](
+        logits, grad if grad is not None else dummy, target, loss, n_valid,
+        row_scale if row_scale is not None else loss, V, logits.stride(0),
+        grad.stride(0) if grad is not None else 0, ignore_index, smoothing,
+        HAS_GRAD=grad is not None, MEAN=mean, SMOOTH=smoothing > 0, HAS_ROW_SCALE=row_scale is not None,
+        BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 4)
+    return loss
+
+
+def ce_rows_reference(logits, grad, target, n_valid, row_scale, ignore_index, smoothing, mean):
+    """The PyTorch path of ce_rows_triton (float32 arithmetic)."""
+    x = logits.float()
+    V = x.shape[1]
+    lse = torch.logsumexp(x, dim=1)
+    ignored = target == ignore_index
+    safe_t = torch.where(ignored, 0, target).long()
+    loss = lse - x.gather(1, safe_t[:, None])[:, 0]
+    if smoothing > 0:
+        loss = (1 - smoothing) * loss + smoothing * (lse - x.mean(1))
+    loss = torch.where(ignored, 0.0, loss)
+    if grad is not None:
+        g = torch.exp(x - lse[:, None])
+        g = g - (1 - smoothing) * torch.nn.functional.one_hot(safe_t, V).to(g.dtype)
+        if smoothing > 0:
+            g = g - smoothing / V
+        scale = torch.where(ignored, 0.0, 1.0 / n_valid if mean else 1.0)
+        if row_scale is not None:
+            scale = scale * row_scale.float()
+        grad.copy_(g * scale[:, None])
+    return loss
+
+
+def _reduce(loss_rows: Tensor, n_valid: Tensor, reduction: int) -> Tensor:
+    if reduction == REDUCTIONS["none"]:
+        return loss_rows
+    total = loss_rows.sum()
+    return total / n_valid[0] if reduction == REDUCTIONS["mean"] else total
+
+
+# --------------------------------------------------------------------------------------
+# Cross-entropy on given logits
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("tritonzoo::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, reduction: int,
+                      compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """(loss: float32, () or (N,) by reduction; dlogits for grad_output 1, or empty)."""
+    triton_path = use_triton(logits)
+    rows = ce_rows_triton if triton_path else ce_rows_reference
+    n_valid = _n_valid(target, ignore_index)
+    if compute_grad:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    else:
+        grad = logits.new_empty(0)
+    loss_rows = rows(logits, grad if compute_grad else None, target, n_valid, None, ignore_index, label_smoothing,
+                     reduction == REDUCTIONS["mean"])
+    return _reduce(loss_rows, n_valid, reduction), grad
+
+
+def _ce_setup(ctx, inputs, output):
+    _, _, _, _, reduction, compute_grad = inputs
+    ctx.save_for_backward(output[1])
+    ctx.per_row = reduction == REDUCTIONS["none"]
+    ctx.compute_grad = compute_grad
+
+
+def _ce_backward(ctx, grad_loss, _grad_dlogits):
+    (dlogits,) = ctx.saved_tensors
+    if not ctx.compute_grad:
+        raise RuntimeError("cross_entropy ran without computing its gradient (no input required grad then); "
+                           "call it with logits that require grad to differentiate it")
+    scale = grad_loss[:, None] if ctx.per_row else grad_loss
+    return dlogits * scale.to(dlogits.dtype), None, None, None, None, None
+
+
+cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+# --------------------------------------------------------------------------------------
+
+
+#: Fewer tokens per chunk make GEMMs too small to fill a GPU (and the loop's overhead rule).
+MIN_CHUNK_TOKENS = 256
+
+
+def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk: a chunk's logits hold about as many elements as the hidden states
+    (Liger-Kernel's rule), rounded up to a power of two, at least MIN_CHUNK_TOKENS, and at
+    most n_tokens rounded up to a power of two."""
+    n = triton.next_power_of_2(max(n_tokens, 1))
+    chunks = triton.cdiv(vocab, max(hidden, 1))
+    return min(n, max(MIN_CHUNK_TOKENS, triton.next_power_of_2(triton.cdiv(n_tokens, chunks))))
+
+
+def flce_chunks(hidden, weight, bias, target, ignore_index, smoothing, mean, row_scale, grad_hidden, grad_weight,
+                grad_bias, chunk_size):
+    """Walks the tokens in chunks; returns per-row losses and fills the gradient buffers given.
+
+    grad_hidden: (N, H) written; grad_weight: (V, H) accumulated into (zeros in);
+    grad_bias: (V,) float32 accumulated into. Each may be None (not computed). The
+    gradients are those of the loss rows scaled by 1 / n_valid (mean) and row_scale.
+    """
+    N = hidden.shape[0]
+    n_valid = _n_valid(target, ignore_index)
+    need_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+    triton_path = use_triton(hidden)
+    rows_fn = ce_rows_triton if triton_path else ce_rows_reference
+    losses = []
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        h = hidden[start:end]
+        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+        scale = row_scale[start:end] if row_scale is not None else None
+        # The kernel overwrites the chunk's logits with their gradient (in place).
+        losses.append(rows_fn(logits, logits if need_grad else None, target[start:end], n_valid, scale,
+                              ignore_index, smoothing, mean))
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if grad_weight is not None:
+            grad_weight.addmm_(logits.t(), h)
+        if grad_bias is not None:
+            grad_bias += logits.sum(0, dtype=torch.float32)
+    loss_rows = torch.cat(losses) if losses else hidden.new_empty(0, dtype=torch.float32)
+    return loss_rows, n_valid
+
+
+def _grad_buffers(hidden, weight, bias, needs_hidden, needs_weight):
+    return (torch.empty_like(hidden) if needs_hidden else None,
+            torch.zeros_like(weight) if needs_weight else None,
+            bias.new_zeros(bias.shape, dtype=torch.float32) if bias is not None and needs_weight else None)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.triton_op("tritonzoo::fused_linear_cross_entropy_fwd", mutates_args=())
+def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                                   ignore_index: int, label_smoothing: float, reduction: int, chunk_size: int,
+                                   grad_hidden_needed: bool, grad_weight_needed: bool
+                                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias) for grad_output 1; gradients empty when not needed.
+
+    With reduction "none" no gradient is computed here (see the module docstring).
+    grad_bias is float32 (and computed with grad_weight).
+    """
+    per_row = reduction == REDUCTIONS["none"]
+    gh, gw, gb = _grad_buffers(hidden, weight, bias, grad_hidden_needed and not per_row,
+                               grad_weight_needed and not per_row)
+    loss_rows, n_valid = flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing,
+                                     reduction == REDUCTIONS["mean"], None, gh, gw, gb, chunk_size)
+    return (_reduce(loss_rows, n_valid, reduction), _or_empty(gh, hidden), _or_empty(gw, weight),
+            _or_empty(gb, hidden))
+
+
+@torch.library.triton_op("tritonzoo::fused_linear_cross_entropy_bwd", mutates_args=())
+def fused_linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                   target: Tensor, ignore_index: int, label_smoothing: float, chunk_size: int,
+                                   grad_hidden_needed: bool, grad_weight_needed: bool
+                                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduction "none": (grad_hidden, grad_weight, float32 grad_bias) for per-row grad_loss (N,)."""
+    gh, gw, gb = _grad_buffers(hidden, weight, bias, grad_hidden_needed, grad_weight_needed)
+    flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, False, grad_loss.float(), gh, gw, gb,
+                chunk_size)
+    return _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, hidden)
+
+
+def _flce_setup(ctx, inputs, output):
+    hidden, weight, bias, target, ignore_index, smoothing, reduction, chunk, need_h, need_w = inputs
+    _, gh, gw, gb = output
+    ctx.per_row = reduction == REDUCTIONS["none"]
+    if ctx.per_row:
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+    ctx.params = (ignore_index, smoothing, chunk, need_h, need_w, bias is not None,
+                  bias.dtype if bias is not None else None)
+    ctx.reference = not use_triton(hidden)
+
+
+def _flce_backward(ctx, grad_loss, *_):
+    ignore_index, smoothing, chunk, need_h, need_w, has_bias, bias_dtype = ctx.params
+    if ctx.per_row:
+        hidden, weight, bias, target = ctx.saved_tensors
+        with reference_only() if ctx.reference else contextlib.nullcontext():
+            gh, gw, gb = fused_linear_cross_entropy_bwd(grad_loss.contiguous(), hidden, weight, bias, target,
+                                                        ignore_index, smoothing, chunk, need_h, need_w)
+    else:
+        if not (need_h or need_w):
+            raise RuntimeError("fused_linear_cross_entropy ran without computing its gradients (no input "
+                               "required grad then); call it with inputs that require grad to differentiate it")
+        gh, gw, gb = ctx.saved_tensors
+        gh, gw, gb = (g * grad_loss.to(g.dtype) if g.numel() else g for g in (gh, gw, gb))
+    return (gh if need_h else None, gw if need_w else None,
+            gb.to(bias_dtype) if has_bias and need_w else None, None, None, None, None, None, None, None)
+
+
+fused_linear_cross_entropy_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def _check_options(ignore_index, label_smoothing, reduction) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return REDUCTIONS[reduction]
+
+
+def _check_float(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+
+
+def _check_target(target, n: int, vocab: int, ignore_index: int, device, rows_name: str) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+    if tuple(target.shape) != (n,):
+        raise ValueError(f"target must have shape ({rows_name},) = ({n},), got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the inputs are on {device}")
+    if target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    # A target out of range would make the kernel read out of bounds.
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if target.device.type != "cpu":
+        # No host sync in a training step: a device-side assert, as torch's own cross-entropy.
+        torch._assert_async(~bad.any(), f"target holds a value outside [0, {vocab}) and not ignore_index")
+    elif bool(bad.any()):
+        value = target[bad][0].item()
+        raise ValueError(f"target holds {value}, outside [0, {vocab}) and not ignore_index ({ignore_index})")
+
+
+def _requires_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> Tensor:
+    """torch.nn.functional.cross_entropy for logits (N, V) and class targets (N,), fused.
+
+    logits fp16/bf16/fp32 (any V >= 1); target int64/int32 in [0, V) or ignore_index.
+    Returns the float32 loss: a scalar ("mean", "sum") or (N,) ("none"). The forward
+    also computes the logits' gradient (one extra (N, V) buffer while the graph lives).
+    Raises TypeError/ValueError naming the bad argument.
+    """
+    _check_float(logits, "logits")
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must have 2 dims (tokens, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
+    red = _check_options(ignore_index, label_smoothing, reduction)
+    _check_target(target, logits.shape[0], logits.shape[1], ignore_index, logits.device, "tokens")
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    loss, _ = torch.ops.tritonzoo.cross_entropy_fwd(logits, target.contiguous(), ignore_index, float(label_smoothing),
+                                                    red, _requires_grad(logits))
+    return loss
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                               ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                               chunk_size: Optional[int] = None) -> Tensor:
+    """cross_entropy(hidden @ weight.T + bias, target, ...) without the (N, V) logits.
+
+    hidden (N, H), weight (V, H) (an nn.Linear's / tied embedding's layout), bias None
+    or (V,), all of one dtype (fp16/bf16/fp32) and device; target (N,) as cross_entropy.
+    chunk_size: tokens per chunk (default: default_chunk_size, chunk logits about the
+    size of hidden). Under torch.autocast the three are cast to the autocast dtype first,
+    as for a linear layer. Returns the float32 loss as cross_entropy. Gradients flow to
+    hidden, weight and bias. Raises TypeError/ValueError naming the bad argument.
+    """
+    _check_float(hidden, "hidden")
+    _check_float(weight, "weight")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # As autocast runs the linear layer this replaces: in the autocast dtype.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have 2 dims (tokens, hidden), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape (vocab, hidden) = (V, {hidden.shape[1]}) with V >= 1, "
+                         f"got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_float(t, name)
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; they must match")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    V = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"bias must have shape (vocab,) = ({V},), got {tuple(bias.shape)}")
+    red = _check_options(ignore_index, label_smoothing, reduction)
+    _check_target(target, hidden.shape[0], V, ignore_index, hidden.device, "tokens")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], V, hidden.shape[1])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    need_h = _requires_grad(hidden)
+    need_w = _requires_grad(weight, bias)
+    loss, _, _, _ = torch.ops.tritonzoo.fused_linear_cross_entropy_fwd(
+        hidden.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+        target.contiguous(), ignore_index, float(label_smoothing), red, chunk_size, need_h, need_w)
+    return loss
+

@@ -1,0 +1,409 @@
+"""LayerNorm and RMSNorm in Triton, each optionally fused with a residual add.
+
+    y = (x - mean) * rstd * weight + bias          (LayerNorm; RMSNorm: mean = 0)
+    rstd = 1 / sqrt(var + eps), var over the last dim, statistics in float32
+
+The add variants compute s = x + residual (rounded to x's dtype, as an unfused
+``x + residual`` would be), normalize s, and return both y and s: the pre-norm block's
+residual stream in one pass over memory.
+
+Kernels: rows are normalized in tiles of BLOCK_M rows x BLOCK_N = next_power_of_2(N)
+columns while BLOCK_N <= MAX_FUSED_BLOCK (the whole row in registers: one read, one
+write); longer rows loop over the row in BLOCK_N chunks (variance around the mean in a
+second pass, then the output), so any hidden size runs without register spills. The
+backward computes dx row by row, and dweight/dbias as per-program partial sums over a
+fixed range of rows, reduced afterwards (no atomics: deterministic).
+
+The launchers check nothing (the public functions at the bottom do); the torch.library
+ops are tritonzoo::norm_fwd / norm_bwd; norm_reference_* is the PyTorch path of the
+same semantics (CPU without the interpreter, and the tests' torch-side reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .norms_looped import _bwd_looped, _fwd_looped
+from .runtime import INTERPRET, reference_only, use_triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Largest hidden size accepted (the looped kernels have no limit of their own).
+MAX_HIDDEN = 1 << 20
+#: Rows up to this many (power-of-two padded) elements are held whole in registers; on
+#: an H100 8192 fp32 values over 16 warps is 16 per thread per live tensor, no spills.
+#: The interpreter uses a small limit so that the tests reach the looped kernels.
+MAX_FUSED_BLOCK = 1024 if INTERPRET else 8192
+#: Tile size of the short-row kernels: several rows per program when rows are short.
+_TILE_ELEMENTS = 4096
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_fused(X, R, W, B, Y, S, Mean, Rstd, M, N, stride_x, stride_r, stride_y, stride_s, eps,
+               IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols[None, :] < N)
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # The sum is rounded to the stream's dtype before normalizing, as unfused code
+        # does; the backward recomputes from the stored sum and so sees the same values.
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / N
+        tl.store(Mean + rows, mean, mask=row_ok)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_fused(X, W, DY, DS, DX, Mean, Rstd, DW, DB, M, N, stride_x, stride_dy, stride_ds, stride_dx,
+               rows_per_program,
+               IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_lo = pid * rows_per_program
+    row_hi = tl.minimum(row_lo + rows_per_program, M)
+    for r0 in range(row_lo, row_hi, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        if IS_RMS:
+            xhat = x * rstd[:, None]
+        else:
+            mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            wdy = dy * w
+        else:
+            wdy = dy
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        if IS_RMS:
+            dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(wdy, axis=1) / N
+            dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_W:
+            dw += tl.sum(dy * xhat, axis=0)
+        if HAS_B:
+            db += tl.sum(dy, axis=0)
+    if HAS_W:
+        tl.store(DW + pid * N + cols, dw, mask=col_ok)
+    if HAS_B:
+        tl.store(DB + pid * N + cols, db, mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers (inputs arrive validated: 2-D (M, N) with unit column stride)
+# --------------------------------------------------------------------------------------
+
+
+def _launch(kernel):
+    # wrap_triton lets torch.compile see the kernel; interpreted kernels are not
+    # JITFunctions, which wrap_triton refuses, so they launch directly.
+    return kernel if INTERPRET else wrap_triton(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(device: torch.device) -> int:
+    """How many programs share the rows in the backward (the partial-sum count)."""
+    if device.type != "cuda":
+        return 4  # the interpreter: few programs, each looping over many rows
+    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _plan(n: int) -> tuple[bool, int, int, int]:
+    """(fused, BLOCK_M, BLOCK_N, num_warps of the forward) for rows of n elements.
+
+    The backward keeps more tensors live per element: it runs twice the warps.
+    """
+    block_n = max(16, triton.next_power_of_2(n))
+    if block_n <= MAX_FUSED_BLOCK:
+        block_m = max(1, min(64, _TILE_ELEMENTS // block_n))
+        tile = block_m * block_n
+        return True, block_m, block_n, min(16, max(1, tile // 512))
+    # Looped: chunks of MAX_FUSED_BLOCK / 2, 8 elements per thread per live tensor.
+    block_n = MAX_FUSED_BLOCK // 2
+    return False, 1, block_n, min(16, max(1, block_n // 256))
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.float32)
+
+
+def norm_triton_fwd(x, residual, weight, bias, eps, is_rms):
+    """The Triton forward: (y, sum or empty, mean or empty, rstd); x (M, N)."""
+    M, N = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else _empty(x)
+    mean = _empty(x) if is_rms else x.new_empty(M, dtype=torch.float32)
+    rstd = x.new_empty(M, dtype=torch.float32)
+    if M == 0:
+        return y, s, mean, rstd
+    fused, block_m, block_n, warps = _plan(N)
+    dummy = x
+    args = (x, residual if residual is not None else dummy, weight if weight is not None else dummy,
+            bias if bias is not None else dummy, y, s if residual is not None else dummy,
+            mean if not is_rms else rstd, rstd, M, N, x.stride(0),
+            residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0) if residual is not None else 0,
+            eps)
+    flags = dict(IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                 BLOCK_N=block_n, num_warps=warps)
+    if fused:
+        _launch(_fwd_fused)[(triton.cdiv(M, block_m),)](*args, BLOCK_M=block_m, **flags)
+    else:
+        _launch(_fwd_looped)[(M,)](*args, **flags)
+    return y, s, mean, rstd
+
+
+def norm_triton_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
+    """The Triton backward: (dx, float32 dweight or empty, float32 dbias or empty); src is x or the sum."""
+    M, N = src.shape
+    dx = torch.empty_like(src, memory_format=torch.contiguous_format)
+    fused, block_m, block_n, warps = _plan(N)
+    rows_per_program = block_m * triton.cdiv(triton.cdiv(M, _programs(src.device)), block_m)
+    programs = triton.cdiv(M, rows_per_program) if M else 0
+    has_w = weight is not None
+    # Each fused program writes its whole partial row; the looped ones accumulate into it.
+    partial = functools.partial(src.new_empty if fused else src.new_zeros, dtype=torch.float32)
+    dw_part = partial(programs, N) if has_w else _empty(src)
+    db_part = partial(programs, N) if has_bias else _empty(src)
+    if M > 0:
+        dummy = src
+        args = (src, weight if has_w else dummy, dy, ds if ds is not None else dummy, dx,
+                mean if not is_rms else rstd, rstd, dw_part if has_w else dummy, db_part if has_bias else dummy,
+                M, N, src.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
+                rows_per_program)
+        flags = dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, HAS_DS=ds is not None, BLOCK_N=block_n,
+                     num_warps=min(16, 2 * warps))
+        if fused:
+            _launch(_bwd_fused)[(programs,)](*args, BLOCK_M=block_m, **flags)
+        else:
+            _launch(_bwd_looped)[(programs,)](*args, **flags)
+    # The second, deterministic reduction of the per-program partial sums.
+    return dx, dw_part.sum(0) if has_w else _empty(src), db_part.sum(0) if has_bias else _empty(src)
+
+
+# --------------------------------------------------------------------------------------
+# The PyTorch path: the same semantics in plain torch, float32 inside
+# --------------------------------------------------------------------------------------
+
+
+def norm_reference_fwd(x, residual, weight, bias, eps, is_rms):
+    """The PyTorch forward, same outputs as norm_triton_fwd."""
+    s = (x.float() + residual.float()).to(x.dtype) if residual is not None else _empty(x)
+    xf = (s if residual is not None else x).float()
+    if is_rms:
+        mean, xc = _empty(x), xf
+    else:
+        mean = xf.mean(-1)
+        xc = xf - mean[:, None]
+    rstd = torch.rsqrt(xc.square().mean(-1) + eps)
+    y = xc * rstd[:, None]
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), s, mean, rstd
+
+
+def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
+    """The PyTorch backward, same outputs as norm_triton_bwd."""
+    xf = src.float()
+    xhat = (xf if is_rms else xf - mean[:, None]) * rstd[:, None]
+    dyf = dy.float()
+    wdy = dyf * weight.float() if weight is not None else dyf
+    dx = wdy - xhat * (xhat * wdy).mean(-1, keepdim=True)
+    if not is_rms:
+        dx = dx - wdy.mean(-1, keepdim=True)
+    dx = dx * rstd[:, None]
+    if ds is not None:
+        dx = dx + ds.float()
+    dw = (dyf * xhat).sum(0) if weight is not None else _empty(src)
+    db = dyf.sum(0) if has_bias else _empty(src)
+    return dx.to(src.dtype), dw, db
+
+
+# --------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("tritonzoo::norm_fwd", mutates_args=())
+def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+             is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, residual sum or empty, mean or empty, rstd) of x (M, N); see the module docstring."""
+    impl = norm_triton_fwd if use_triton(x) else norm_reference_fwd
+    return impl(x, residual, weight, bias, eps, is_rms)
+
+
+@torch.library.triton_op("tritonzoo::norm_bwd", mutates_args=())
+def norm_bwd(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
+             rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight or empty, dbias or empty), the last two float32; ds: the gradient into the sum output."""
+    impl = norm_triton_bwd if use_triton(src) else norm_reference_bwd
+    return impl(dy, ds, src, weight, has_bias, mean, rstd, is_rms)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms = inputs
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.flags = (residual is not None, bias is not None, is_rms)
+    ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+    ctx.reference = not use_triton(x)
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd):
+    src, weight, mean, rstd = ctx.saved_tensors
+    has_res, has_bias, is_rms = ctx.flags
+    if dy is None:
+        dy = torch.zeros_like(src)
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    if ds is not None and ds.stride(-1) != 1:
+        ds = ds.contiguous()
+    with reference_only() if ctx.reference else contextlib.nullcontext():
+        dx, dw, db = norm_bwd(dy, ds if has_res else None, src, weight, has_bias, mean, rstd, is_rms)
+    w_dtype, b_dtype = ctx.dtypes
+    return (dx, dx if has_res else None, dw.to(w_dtype) if weight is not None else None,
+            db.to(b_dtype) if has_bias else None, None, None)
+
+
+norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def _check_param(t, name: str, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+    if t.shape != x.shape[-1:]:
+        raise ValueError(f"{name} must have shape (hidden,) = ({x.shape[-1]},), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _run(x, residual, weight, bias, eps, is_rms):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; expected float16, bfloat16 or float32")
+    if x.dim() < 1 or not 1 <= x.shape[-1] <= MAX_HIDDEN:
+        raise ValueError(f"x must have a last (hidden) dim of size 1 to {MAX_HIDDEN}, got shape {tuple(x.shape)}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    _check_param(weight, "weight", x)
+    _check_param(bias, "bias", x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(-1, shape[-1])
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    y, s, _, _ = torch.ops.tritonzoo.norm_fwd(x2, r2, weight, bias, float(eps), is_rms)
+    if residual is None:
+        return y.view(shape)
+    return y.view(shape), s.view(shape)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
+
+    x (..., hidden), fp16/bf16/fp32, hidden 1 to MAX_HIDDEN; weight, bias None or
+    (hidden,) of any of those dtypes. Statistics in float32; returns x's shape and dtype
+    (torch.nn.functional.layer_norm(x, (hidden,), weight, bias, eps) semantics).
+    Raises TypeError/ValueError naming the bad argument.
+    """
+    return _run(x, None, weight, bias, eps, False)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+             eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight + bias.
+
+    Shapes, dtypes and errors as layer_norm.
+    """
+    return _run(x, None, weight, bias, eps, True)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Fused ``s = x + residual; y = layer_norm(s)``; returns (y, s).
+
+    residual has x's shape and dtype; s is rounded to that dtype before it is
+    normalized (as the unfused code computes it). Gradients flow into x and residual
+    through both outputs. Other arguments and errors as layer_norm.
+    """
+    return _run(x, residual, weight, bias, eps, False)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                 eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Fused ``s = x + residual; y = rms_norm(s)``; returns (y, s). As add_layer_norm."""
+    return _run(x, residual, weight, bias, eps, True)

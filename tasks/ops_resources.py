@@ -1,0 +1,92 @@
+"""Hopper resources of the training-op kernels without a GPU: each kernel compiled for
+sm_90a at its launcher's configuration (registers, spills, 16-byte loads).
+
+    python -m tasks.bench_ops --resources
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import triton
+
+def kernel_variants() -> list[tuple]:
+    """(name, jit function, argument types, constexprs, num_warps) of each op kernel (bf16).
+
+    The configurations are the launchers' GPU choices (kernels.norms._plan etc.), so this
+    must run without TRITON_INTERPRET (the interpreter's configurations differ).
+    """
+    import importlib
+
+    from kernels import activations, norms, rotary
+
+    # By module path: `kernels.cross_entropy` the attribute may be the exported function.
+    ce = importlib.import_module("kernels.cross_entropy")
+
+    types = dict(Mean="*fp32", Rstd="*fp32", DW="*fp32", DB="*fp32", Cos="*fp32", Sin="*fp32", Offsets="*i32",
+                 Pos="*i64", Target="*i64", Loss="*fp32", NValid="*fp32", RowScale="*fp32", eps="fp32",
+                 smoothing="fp32")
+    variants = []
+    for hidden in (4096, 16384):
+        fused, bm, bn, warps = norms._plan(hidden)
+        flags = dict(IS_RMS=False, HAS_W=True, HAS_B=True, BLOCK_N=bn, **({"BLOCK_M": bm} if fused else {}))
+        kind = "fused" if fused else "looped"
+        variants.append((f"norm fwd {kind} N={hidden}", norms._fwd_fused if fused else norms._fwd_looped, types,
+                         dict(flags, HAS_RES=True), warps))
+        variants.append((f"norm bwd {kind} N={hidden}", norms._bwd_fused if fused else norms._bwd_looped, types,
+                         dict(flags, HAS_DS=True), min(16, 2 * warps)))
+    for interleaved in (False, True):
+        variants.append((f"rotary {'gptj' if interleaved else 'neox'} D=128 rotary 64", rotary._rotary_kernel,
+                         types, dict(INTERLEAVED=interleaved, CONJ=False, HAS_OFFSETS=True, HAS_POS=False,
+                                     COPY_TAIL=True, BLOCK_S=32, BLOCK_HALF=32, BLOCK_TAIL=64, HEADS=8), 4))
+    tile = dict(BLOCK_M=activations._BLOCK_M, BLOCK_N=activations._BLOCK_N)
+    variants.append(("gelu bwd tanh + bias", activations._gelu_bwd_kernel, types,
+                     dict(tile, ACT=activations.GELU_TANH, HAS_B=True), activations._TILE["num_warps"]))
+    variants.append(("geglu bwd erf", activations._glu_bwd_kernel, types, dict(tile, ACT=activations.GELU_ERF),
+                     activations._TILE["num_warps"]))
+    variants.append(("cross_entropy, vocab a multiple of 16, smoothing", ce._ce_kernel, types,
+                     dict(HAS_GRAD=True, MEAN=True, SMOOTH=True, HAS_ROW_SCALE=False, BLOCK_V=ce._MAX_BLOCK_V), 16))
+    return variants
+
+
+def hopper_resources(variants: Optional[list] = None) -> list[dict]:
+    """Compiles each variant for sm_90a (no GPU needed): registers, spill bytes, 16-byte global loads.
+
+    Pointers, strides and sizes are declared divisible by 16, as the JIT specializes them
+    for a hidden size such as 4096.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    rows = []
+    for name, fn, types, constexprs, warps in variants if variants is not None else kernel_variants():
+        # Capitalized arguments are tensors, except the sizes M, N, V.
+        sig = {a: "constexpr" if a in constexprs else
+               types.get(a, "*bf16" if a[0].isupper() and a not in ("M", "N", "V") else "i32") for a in fn.arg_names}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                   if sig[a] not in ("constexpr", "fp32") and a not in ("offset", "ignore_index", "rows_per_program")}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        ptx = compiled.asm["ptx"]
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        try:
+            report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                    text=True, check=True).stderr
+        finally:
+            os.unlink(f.name)
+        rows.append({"kernel": name, "num_warps": warps,
+                     "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+                     "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
+                     "loads_16B": len(re.findall(r"ld\.global[.\w:]*\.v4\.b32", ptx))})
+        print(f"| {name} | {warps} | {rows[-1]['registers']} | {rows[-1]['spill_bytes']} | "
+              f"{rows[-1]['loads_16B']} |", flush=True)
+    return rows
+
+
