@@ -19,11 +19,11 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
+from zoo.layers import token_cross_entropy
 
 from .base import ZooTask
 
@@ -119,8 +119,9 @@ class _LanguageModelTask(ZooTask):
         """(mean cross-entropy over the scored tokens, their number, logits)."""
         logits = self._forward_logits(batch)
         labels = batch["labels"]
-        total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+        # The model's loss op: tritonzoo's cross-entropy kernel unless the model says otherwise.
+        total = token_cross_entropy(logits.flatten(0, -2), labels.flatten(), self.model.cfg.backbone.kernel_ops,
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
         count = (labels != IGNORE_INDEX).sum()
         # A batch with nothing to score (possible with tiny masked-LM batches) gives 0, not NaN.
         return total / count.clamp_min(1), count, logits

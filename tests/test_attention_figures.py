@@ -76,9 +76,12 @@ def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path):
     from tasks.cli import main
 
     root = str(tmp_path / "runs")
-    main(["fit", "-c", "configs/vision/vit_digits.yaml", "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
-          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-          "--trainer.callbacks+=tasks.callbacks.AttentionMapLogger", "--trainer.callbacks.every_n_epochs=1"])
+    every_epoch = tmp_path / "every_epoch.yaml"  # replaces the config's callbacks (every 10 epochs)
+    every_epoch.write_text("trainer:\n  callbacks:\n    - class_path: tasks.callbacks.AttentionMapLogger\n"
+                           "      init_args: {every_n_epochs: 1}\n")
+    main(["fit", "-c", "configs/vision/vit_digits.yaml", "-c", str(every_epoch), "--name", "vit_digits",
+          "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+          f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"])
     run_dir = os.path.join(root, "vit_digits", "version_0")
     (events,) = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
     accumulator = EventAccumulator(events, size_guidance={"images": 0})

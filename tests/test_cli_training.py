@@ -177,7 +177,9 @@ def test_triton_and_sdpa_backends_train_the_same(tmp_path):
     for backend in ("triton", "sdpa"):
         torch.manual_seed(0)
         task = ImageClassification(model="vit_digits", lr=3e-3,
-                                   model_args={"attn_backend": backend, "drop_path": 0.0, "depth": 2, "heads": 2})
+                                   model_args={"attn_backend": backend, "drop_path": 0.0, "depth": 2, "heads": 2,
+                                               # attention alone differs between the runs
+                                               "kernel_ops": False})
 
         class Record(L.Callback):
             def __init__(self):

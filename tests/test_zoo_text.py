@@ -16,6 +16,9 @@ import zoo.weights
 from zoo.generation import choose_tokens, top_k_filter, top_p_filter
 from zoo.registry import create_model
 
+# The kernels' PyTorch path, except tests named "...interpreter..." (conftest.reference_attention).
+pytestmark = pytest.mark.usefixtures("reference_attention")
+
 TOL = 1e-4
 BACKENDS = ["eager", "sdpa", "triton"]  # triton: the kernels' PyTorch path, inside reference_only
 

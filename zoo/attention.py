@@ -137,8 +137,8 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(cfg.dim, q_width + 2 * kv_width, bias=cfg.qkv_bias)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, kernel_ops=cfg.kernel_ops)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, kernel_ops=cfg.kernel_ops)
         self.proj = nn.Linear(q_width, cfg.dim, bias=cfg.proj_bias)
         self.drop = nn.Dropout(cfg.dropout)
         #: When True (set by zoo.attention_maps), the next forward keeps its probabilities
@@ -163,10 +163,11 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: Tensor, *, memory: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                rope: Optional[tuple[Tensor, Tensor]] = None, alibi_slopes: Optional[Tensor] = None,
+                rope: Optional[tuple] = None, alibi_slopes: Optional[Tensor] = None,
                 cache: Optional[LayerCache] = None) -> Tensor:
         """x (B, S, dim) -> (B, S, dim). key_padding_mask (B, Sk) covers the keys: for
-        self-attention with a cache, all keys so far; for cross-attention, the memory."""
+        self-attention with a cache, all keys so far; for cross-attention, the memory.
+        rope: the rotary angles of the input tokens (Rotary.rope), applied to q and k."""
         B, S, _ = x.shape
         q, k, v = self._project(x, memory, cache)
         if self.q_norm is not None:

@@ -42,7 +42,7 @@ class Block(nn.Module):
         return norm(x + self.drop_path(scale(branch(x))))
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, memory: Optional[Tensor] = None,
-                memory_padding_mask: Optional[Tensor] = None, rope: Optional[tuple[Tensor, Tensor]] = None,
+                memory_padding_mask: Optional[Tensor] = None, rope: Optional[tuple] = None,
                 alibi_slopes: Optional[Tensor] = None, cache: Optional[LayerCache] = None) -> Tensor:
         x = self._residual(x, self.norm1, lambda h: self.attn(
             h, key_padding_mask=key_padding_mask, rope=rope, alibi_slopes=alibi_slopes, cache=cache), self.ls1)
@@ -84,7 +84,7 @@ class Transformer(nn.Module):
         elif cfg.positions == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.dim))
         elif cfg.positions == "rotary":
-            self.rotary = Rotary(cfg.rotary_dim or cfg.head_size, cfg.rotary_base)
+            self.rotary = Rotary(cfg.rotary_dim or cfg.head_size, cfg.rotary_base, kernel_ops=cfg.kernel_ops)
         if cfg.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.heads), persistent=False)
         else:
@@ -135,9 +135,11 @@ class Transformer(nn.Module):
         """
         B, S, _ = x.shape
         last = None  # the largest position, when known without reading device memory
+        shared = None  # positions every batch row has (S,), when made here
         if position_ids is None:
             start = cache.offset if cache is not None else 0
-            position_ids = torch.arange(start, start + S, device=x.device).unsqueeze(0).expand(B, S)
+            shared = torch.arange(start, start + S, device=x.device)
+            position_ids = shared.unsqueeze(0).expand(B, S)
             last = start + S - 1
         elif position_ids.device.type == "cpu" and S and not torch.compiler.is_compiling():
             last = int(position_ids.max())  # explicit positions: checked on CPU, where it costs no sync
@@ -150,7 +152,9 @@ class Transformer(nn.Module):
         if self.input_norm is not None:
             x = self.input_norm(x)
         x = self.drop(x)
-        rope = self.rotary.cos_sin(position_ids) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary.rope(shared if shared is not None else position_ids)
         for i, block in enumerate(self.blocks):
             args = (x, key_padding_mask, memory, memory_padding_mask, rope, self.alibi_slopes,
                     cache.layers[i] if cache is not None else None)

@@ -46,6 +46,7 @@ class TransformerConfig:
     layer_scale: Optional[float] = None  # LayerScale initial value on each residual branch (None: off)
     attn_backend: str = "triton"  # triton (this project's kernels), sdpa (torch) or eager (explicit softmax)
     checkpointing: bool = False  # recompute each block in the backward (activation checkpointing)
+    kernel_ops: bool = True  # norms, rotary, activations, LM losses through tritonzoo's kernels (False: torch ops)
 
     def __post_init__(self):
         def need(condition, message):
@@ -66,6 +67,7 @@ class TransformerConfig:
                                                  f"got {getattr(self, name)!r}")
         for name in ("dropout", "attn_dropout", "drop_path"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(isinstance(self.kernel_ops, bool), f"kernel_ops must be a bool, got {self.kernel_ops!r}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
         need(self.mlp_hidden is None or self.mlp_hidden > 0, f"mlp_hidden must be positive, got {self.mlp_hidden}")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")

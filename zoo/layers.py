@@ -1,35 +1,75 @@
-"""Building blocks of the backbone: norms, MLPs, residual helpers and positions."""
+"""Building blocks of the backbone: norms, MLPs, residual helpers, positions and the token loss.
+
+With kernel_ops (TransformerConfig.kernel_ops, the default) the norms, the MLP's
+activations, rotary positions and the token loss run tritonzoo's kernels (kernels/:
+Triton on CUDA, their PyTorch path on CPU); without, torch's own ops. Both compute the
+same function with the same parameters, so a checkpoint loads into either. Tensors of a
+dtype the kernels do not take (float64) use torch's ops either way.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
+
 from .config import TransformerConfig
+
+#: The dtypes tritonzoo's kernels take.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, statistics in float32."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, kernel_ops: bool = True):
         super().__init__()
         self.eps = eps
+        self.kernel_ops = kernel_ops
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel_ops and x.dtype in KERNEL_DTYPES:
+            return kernels.rms_norm(x, self.weight, eps=self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, kernel_ops={self.kernel_ops}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same state_dict) whose forward is kernels.layer_norm
+    when kernel_ops: statistics in float32, output in the input's dtype."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, kernel_ops: bool = True):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
+                         dtype=dtype)
+        self.kernel_ops = kernel_ops
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The kernel normalizes over the last dim only; a multi-dim normalized_shape takes torch's op.
+        if self.kernel_ops and len(self.normalized_shape) == 1 and x.dtype in KERNEL_DTYPES:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel_ops={self.kernel_ops}"
+
 
 def make_norm(cfg: TransformerConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm (LayerNorm or RMSNorm) over `dim` (default cfg.dim)."""
     dim = cfg.dim if dim is None else dim
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        return RMSNorm(dim, cfg.norm_eps, kernel_ops=cfg.kernel_ops)
+    return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, kernel_ops=cfg.kernel_ops)
 
 
 class MLP(nn.Module):
@@ -38,6 +78,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.kind = cfg.mlp
+        self.kernel_ops = cfg.kernel_ops
         hidden = cfg.mlp_width
         gated = cfg.mlp in ("swiglu", "geglu")
         # A gated unit's fc1 produces both halves (value, gate) in one matmul.
@@ -46,6 +87,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel_ops and self.kind != "relu" and x.dtype in KERNEL_DTYPES:
+            return self.drop(self.fc2(self._kernel_activation(x)))
         h = self.fc1(x)
         if self.kind == "gelu":
             h = F.gelu(h)
@@ -57,6 +100,36 @@ class MLP(nn.Module):
             value, gate = h.chunk(2, dim=-1)
             h = value * (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate))
         return self.drop(self.fc2(h))
+
+    def _kernel_activation(self, x: Tensor) -> Tensor:
+        if self.kind in ("gelu", "gelu_tanh"):
+            # fc1's bias is added inside the GELU kernel (one pass over the hidden activations).
+            return fused_linear_gelu(x, self.fc1, "tanh" if self.kind == "gelu_tanh" else "none")
+        value, gate = self.fc1(x).chunk(2, dim=-1)
+        return kernels.swiglu(gate, value) if self.kind == "swiglu" else kernels.geglu(gate, value)
+
+
+def fused_linear_gelu(x: Tensor, linear: nn.Linear, approximate: str = "none") -> Tensor:
+    """gelu(linear(x)) with the bias added in kernels.gelu rather than in the matmul."""
+    h = F.linear(x, linear.weight)
+    bias = linear.bias
+    # Under autocast the matmul runs in the autocast dtype; the bias follows it, as in nn.Linear.
+    return kernels.gelu(h, bias.to(h.dtype) if bias is not None else None, approximate=approximate)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, kernel_ops: bool = True, ignore_index: int = -100,
+                        label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+    """Float32 cross-entropy of logits (N, V) against class ids (N,); labels == ignore_index add nothing.
+
+    kernel_ops: kernels.cross_entropy (float32 arithmetic on the logits as they are, no
+    float32 copy of them); else torch's F.cross_entropy on float32 logits. reduction
+    "mean" (over the rows not ignored; NaN when all are, as torch), "sum" or "none".
+    """
+    if kernel_ops and logits.dtype in KERNEL_DTYPES:
+        return kernels.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                     reduction=reduction)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction=reduction)
 
 
 class DropPath(nn.Module):
@@ -118,9 +191,10 @@ def alibi_slopes(heads: int) -> Tensor:
 class Rotary(nn.Module):
     """Rotary position embedding (rotate-half layout, as GPT-NeoX / LLaMA), optionally partial."""
 
-    def __init__(self, rotary_dim: int, base: float = 10000.0):
+    def __init__(self, rotary_dim: int, base: float = 10000.0, kernel_ops: bool = True):
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.kernel_ops = kernel_ops
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -130,9 +204,39 @@ class Rotary(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
         return angles.cos(), angles.sin()
 
+    def rope(self, positions: Tensor) -> tuple:
+        """The angles of integer positions, in the form apply_rotary(x, *rope) takes.
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates the first cos.shape[-1] dims of x (B, S, H, D) by the given angles."""
+        positions (B, S), or (S,) shared by every batch row (made by arange: training,
+        cached decoding without padding). Without kernel_ops: cos_sin(positions), (1, S, 1,
+        rotary_dim) for shared positions. With kernel_ops: tables for kernels.apply_rotary_emb,
+        (cos, sin, rows): cos and sin (N, rotary_dim / 2) hold the angles of the tokens and
+        rows (B, S) which table row is which token's, or None for shared positions (then
+        the tables have S rows, row s for token s). The angles are computed as cos_sin's,
+        so both forms rotate by the same float32 cos and sin.
+        """
+        if not self.kernel_ops:
+            return self.cos_sin(positions[None] if positions.dim() == 1 else positions)
+        angles = positions.reshape(-1).float()[:, None] * self.inv_freq
+        rows = None
+        if positions.dim() == 2:
+            rows = torch.arange(positions.numel(), device=positions.device).view(positions.shape)
+        return angles.cos(), angles.sin(), rows
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+    """Rotates the first rotary_dim dims of x (B, S, H, D) by the given angles (rotate-half).
+
+    cos, sin either (B|1, S, 1, rotary_dim) (Rotary.cos_sin): torch's ops; or
+    (N, rotary_dim / 2) tables with rows (B, S) or None (Rotary.rope with kernel_ops):
+    kernels.apply_rotary_emb, whose position_ids are those rows.
+    """
+    if cos.dim() == 2:
+        if x.dtype in KERNEL_DTYPES:
+            return kernels.apply_rotary_emb(x, cos, sin, position_ids=rows)
+        # A dtype the kernel does not take: the tables as cos_sin's layout, torch's ops.
+        cos, sin = (t[rows] if rows is not None else t[None, : x.shape[1]] for t in (cos, sin))
+        cos, sin = (torch.cat([t, t], dim=-1)[:, :, None, :] for t in (cos, sin))
     rd = cos.shape[-1]
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     x1, x2 = x_rot.float().chunk(2, dim=-1)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
 from .config import TransformerConfig
+from .layers import token_cross_entropy
 from .registry import register_model
 
 
@@ -209,7 +210,7 @@ class Seq2SeqTransformer(nn.Module):
             return logits
         if labels.shape != tgt_ids.shape:
             raise ValueError(f"labels must have the shape of tgt_ids {tuple(tgt_ids.shape)}, got {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = token_cross_entropy(logits.flatten(0, 1), labels.flatten(), self.cfg.decoder.kernel_ops)
         return logits, loss
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .backbone import KVCache, Transformer
 from .config import TransformerConfig
 from .generation import TokenIds, check_max_new_tokens, check_sampling, decode
-from .layers import make_norm
+from .layers import KERNEL_DTYPES, fused_linear_gelu, make_norm, token_cross_entropy
 from .registry import build_config, register_model
 
 IGNORE_INDEX = -100
@@ -125,12 +125,20 @@ class MaskedLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.backbone.dim, cfg.backbone.dim)
         self.act = _activation(cfg.backbone.mlp)
+        # The GELU kernel (dense's bias fused) for the GELU family; SiLU and ReLU stay torch's.
+        self.kernel_gelu = None
+        if cfg.backbone.kernel_ops and cfg.backbone.mlp in ("gelu", "geglu", "gelu_tanh"):
+            self.kernel_gelu = "tanh" if cfg.backbone.mlp == "gelu_tanh" else "none"
         self.norm = make_norm(cfg.backbone)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
         """x (B, S, dim), embedding (vocab, dim) -> logits (B, S, vocab)."""
-        return F.linear(self.norm(self.act(self.dense(x))), embedding, self.bias)
+        if self.kernel_gelu is not None and x.dtype in KERNEL_DTYPES:
+            h = fused_linear_gelu(x, self.dense, self.kernel_gelu)
+        else:
+            h = self.act(self.dense(x))
+        return F.linear(self.norm(h), embedding, self.bias)
 
 
 class BertModel(nn.Module):
@@ -203,7 +211,7 @@ class BertModel(nn.Module):
             return logits
         if labels.shape != logits.shape[:-1]:
             raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = token_cross_entropy(logits.flatten(0, -2), labels.flatten(), self.cfg.backbone.kernel_ops, IGNORE_INDEX)
         return logits, loss
 
 
@@ -321,8 +329,8 @@ class GPT(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX)
+        loss = token_cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), self.cfg.backbone.kernel_ops,
+                                   IGNORE_INDEX)
         return logits, loss
 
     @torch.no_grad()
