@@ -1,0 +1,173 @@
+"""Parallel text (source -> target pairs) for sequence-to-sequence tasks: batching and local TSV files.
+
+A batch is a dict: src_ids (B, Ss) and src_mask (B, Ss) bool, tgt_ids (B, St) (bos, then
+the target shifted right), labels (B, St) (target ids then eos, -100 on padding), and the
+raw strings source_text / target_text (lists of B) for metrics that compare text.
+Tokenization happens in the collate function, with the data module's tokenizer of the
+moment, so a tokenizer restored from a checkpoint (load_state_dict) is the one used.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.seq2seq import shift_tokens_right
+
+from .tokenizers import make_tokenizer, tokenizer_from_state
+
+
+class Seq2SeqCollate:
+    """Turns a list of (source, target) strings into a padded batch (see the module docstring).
+
+    Sources are cut to max_length tokens and targets to max_length - 1 before the eos. A
+    plain object (not a bound method of the data module) so that worker processes pickle
+    the tokenizer only.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 256):
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a token and eos), got {max_length}")
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> dict:
+        tok = self.tokenizer
+        sources = [tok.encode(s)[:self.max_length] for s, _ in pairs]
+        targets = [tok.encode(t)[:self.max_length - 1] + [tok.eos_id] for _, t in pairs]
+        B = len(pairs)
+        src = torch.full((B, max(map(len, sources))), tok.pad_id, dtype=torch.long)
+        labels = torch.full((B, max(map(len, targets))), -100, dtype=torch.long)
+        src_mask = torch.zeros(src.shape, dtype=torch.bool)
+        for i, (s, t) in enumerate(zip(sources, targets)):
+            src[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            src_mask[i, :len(s)] = True
+            labels[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        return {"src_ids": src, "src_mask": src_mask, "tgt_ids": shift_tokens_right(labels, tok.bos_id, tok.pad_id),
+                "labels": labels, "source_text": [s for s, _ in pairs], "target_text": [t for _, t in pairs]}
+
+
+class PairsDataModule(L.LightningDataModule):
+    """Base of the parallel-text data modules: loaders with Seq2SeqCollate, the tokenizer's state.
+
+    Subclasses set self.tokenizer and self.train_set / val_set / test_set (datasets of
+    (source, target) string pairs) in setup(). state_dict() holds {"tokenizer": state}, so
+    a resumed run decodes with the vocabulary it was trained with.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, max_length: int):
+        super().__init__()
+        self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
+        self.tokenizer = None
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
+        if dataset is None or self.tokenizer is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=Seq2SeqCollate(self.tokenizer, self.max_length),
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self):
+        return self._loader(self.test_set, shuffle=False)
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.state()} if self.tokenizer is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "tokenizer" in state_dict:
+            self.tokenizer = tokenizer_from_state(state_dict["tokenizer"])
+
+
+def read_tsv(path: str) -> list[tuple[str, str]]:
+    """(source, target) pairs from a UTF-8 file of `source<TAB>target` lines; blank lines are skipped.
+
+    Raises FileNotFoundError naming a missing file, and ValueError naming the file and the
+    line number of a line without exactly one tab or with an empty side.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"parallel text: no file at {os.path.abspath(path)!r} "
+                                f"(expected source<TAB>target lines)")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+                raise ValueError(f"{path}:{number}: expected 'source<TAB>target' with both sides non-empty, "
+                                 f"got {len(fields) - 1} tab(s) in {line[:80]!r}")
+            pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise ValueError(f"{path}: no source<TAB>target lines")
+    return pairs
+
+
+class TSVDataModule(PairsDataModule):
+    """Parallel text from local TSV files (source<TAB>target per line); one tokenizer for both sides.
+
+    Args:
+        train_path: training pairs.
+        val_path: validation pairs; None holds out `val_fraction` of the training lines
+            (a seeded shuffle) instead.
+        test_path: test pairs (None: the validation pairs).
+        tokenizer: "subword" (byte-level BPE), "chars" or "bytes"; subword and chars are
+            built from the training split (both sides).
+        vocab_size: subword vocabulary size (BPE may stop short of it on a small corpus;
+            the model's vocabulary must be at least tokenizer.vocab_size).
+        max_length: sources and targets are cut to this many tokens.
+        val_fraction, seed: the held-out share when there is no val_path.
+
+    Raises (in setup) FileNotFoundError naming a missing file and ValueError naming the
+    file and line of a malformed line.
+    """
+
+    def __init__(self, train_path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
+                 tokenizer: str = "subword", vocab_size: int = 8000, max_length: int = 256, batch_size: int = 64,
+                 num_workers: int = 0, val_fraction: float = 0.01, seed: int = 0):
+        super().__init__(batch_size, num_workers, max_length)
+        if tokenizer not in ("subword", "chars", "bytes"):
+            raise ValueError(f"tokenizer must be subword, chars or bytes, got {tokenizer!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.tokenizer_kind, self.vocab_size = tokenizer, vocab_size
+        self.val_fraction, self.seed = val_fraction, seed
+
+    def setup(self, stage: Optional[str] = None):
+        if self.train_set is not None:
+            return
+        train = read_tsv(self.train_path)
+        if self.val_path is not None:
+            val = read_tsv(self.val_path)
+        else:
+            order = list(range(len(train)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, int(len(train) * self.val_fraction))
+            if n_val >= len(train):
+                raise ValueError(f"{self.train_path}: {len(train)} line(s) are too few to hold out a validation "
+                                 f"share; pass val_path")
+            held = set(order[:n_val])
+            val = [train[i] for i in sorted(held)]
+            train = [p for i, p in enumerate(train) if i not in held]
+        test = read_tsv(self.test_path) if self.test_path is not None else val
+        if self.tokenizer is None:  # else restored by load_state_dict
+            texts = (side for pair in train for side in pair)
+            self.tokenizer = make_tokenizer(self.tokenizer_kind, texts, self.vocab_size)
+        self.train_set, self.val_set, self.test_set = train, val, test

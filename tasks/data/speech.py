@@ -1,0 +1,513 @@
+"""Speech data: keywords synthesized offline with espeak-ng, Speech Commands and LibriSpeech (local files).
+
+Keyword batches are (waveforms (B, T) float32 at 16 kHz, lengths (B,) samples, labels (B,));
+transcribed-speech batches are dicts of waveforms, lengths, targets (B, L) symbol ids
+(padded with 0, the CTC blank), target_lengths (B,) and the texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import time
+import wave
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence, Union
+
+import lightning as L
+import torch
+import torchaudio
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from .tokenizers import CharTokenizer, tokenizer_from_state
+from .vision import require_dir
+
+SAMPLE_RATE = 16000
+WORD_SETS = {
+    "digits": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+    "commands": ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"),
+}
+ESPEAK_INSTALL = ("espeak-ng is needed to synthesize the keyword data set and is not on PATH; install it with "
+                  "`apt-get install espeak-ng` (Debian/Ubuntu), `brew install espeak-ng` (macOS) or "
+                  "`dnf install espeak-ng` (Fedora)")
+
+
+def read_wav(data: Union[bytes, str]) -> tuple[torch.Tensor, int]:
+    """Samples (T,) float32 in [-1, 1] and the sample rate of 16-bit PCM WAV bytes or a file path.
+
+    Reads to the end of the data, so espeak-ng's streamed WAVs (whose header gives no
+    length) decode whole. Raises ValueError (naming the file) for another sample format.
+    """
+    name = data if isinstance(data, str) else "<wav bytes>"
+    with wave.open(data if isinstance(data, str) else io.BytesIO(data)) as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{name}: expected 16-bit PCM WAV, got {8 * w.getsampwidth()}-bit samples")
+        rate, channels = w.getframerate(), w.getnchannels()
+        frames = w.readframes(w.getnframes())
+    samples = torch.frombuffer(bytearray(frames), dtype=torch.int16).float() / 32768.0
+    return samples.view(-1, channels).mean(dim=1), rate
+
+
+def read_audio(path: str) -> tuple[torch.Tensor, int]:
+    """Mono samples (T,) float32 and sample rate of an audio file: WAV with the standard library,
+    anything else (FLAC) with soundfile or torchaudio.load (torchcodec), whichever is installed.
+
+    Raises FileNotFoundError naming a missing file, RuntimeError naming the file when no
+    decoder for its format is installed.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio file not found: {os.path.abspath(path)!r}")
+    if path.lower().endswith(".wav"):
+        return read_wav(path)
+    try:
+        import soundfile
+
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        return torch.from_numpy(samples).mean(dim=1), rate
+    except ImportError:
+        pass
+    try:
+        waveform, rate = torchaudio.load(path)
+    except ImportError as e:
+        raise RuntimeError(f"cannot decode {path!r}: install soundfile or torchcodec "
+                           f"(`pip install soundfile`)") from e
+    return waveform.mean(dim=0), rate
+
+
+def collate_waveforms(items: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(waveform (T_i,), label) items -> waveforms (B, max T_i) zero-padded, lengths (B,), labels (B,)."""
+    lengths = torch.tensor([len(w) for w, _ in items], dtype=torch.long)
+    waveforms = torch.zeros(len(items), int(lengths.max()))
+    for i, (w, _) in enumerate(items):
+        waveforms[i, :len(w)] = w
+    return waveforms, lengths, torch.tensor([label for _, label in items], dtype=torch.long)
+
+
+class _Loaders(L.LightningDataModule):
+    """Loaders over self.sets["train" | "val" | "test"] with self.collate."""
+
+    def __init__(self, batch_size: int, num_workers: int):
+        super().__init__()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.sets: Optional[dict[str, Dataset]] = None
+
+    def collate_fn(self):
+        """The loaders' collate function: a plain picklable callable."""
+        return collate_waveforms
+
+    def _loader(self, split: str) -> DataLoader:
+        if self.sets is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
+        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=split == "train",
+                          num_workers=self.num_workers, collate_fn=self.collate_fn(),
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("test")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Keywords synthesized with espeak-ng
+
+
+def require_espeak() -> str:
+    """The espeak-ng executable; RuntimeError saying how to install it when it is missing."""
+    path = shutil.which("espeak-ng")
+    if path is None:
+        raise RuntimeError(ESPEAK_INSTALL)
+    return path
+
+
+def espeak_voices() -> tuple[list[str], list[str]]:
+    """(English languages, voice variants) of the installed espeak-ng.
+
+    Languages are espeak-ng's own English voices (`espeak-ng --voices=en`), MBROLA ones
+    left out (they need separately installed MBROLA voice data); variants are the
+    speaker presets of `espeak-ng --voices=variant` (m1..m8, f1..f5, klatt, whisper, ...).
+    """
+    espeak = require_espeak()
+    listing = subprocess.run([espeak, "--voices=en"], capture_output=True, text=True, check=True).stdout
+    languages = sorted({line.split()[1] for line in listing.splitlines()[1:]
+                        if len(line.split()) >= 5 and line.split()[4].startswith("gmw/")})
+    listing = subprocess.run([espeak, "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    variants = sorted({m.group(1).strip() for m in re.finditer(r"!v/(.+?)(?:\s{2,}|$)", listing, re.M)})
+    return languages, variants
+
+
+def synthesize(word: str, voice: str, speed: int = 175, pitch: int = 50) -> torch.Tensor:
+    """One utterance of `word` by espeak-ng voice `voice` ("en-us+f3") at `speed` words per minute
+    and `pitch` (0-99): float32 samples (T,) at 16 kHz, leading and trailing silence cut.
+
+    Raises RuntimeError if espeak-ng is missing or fails (with its message).
+    """
+    result = subprocess.run([require_espeak(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
+                            capture_output=True)
+    if result.returncode != 0 or len(result.stdout) <= 44:
+        raise RuntimeError(f"espeak-ng -v {voice!r} failed on {word!r}: {result.stderr.decode(errors='replace')}")
+    samples, rate = read_wav(result.stdout)
+    samples = torchaudio.functional.resample(samples, rate, SAMPLE_RATE)
+    loud = (samples.abs() > 0.02 * samples.abs().max()).nonzero()
+    margin = SAMPLE_RATE // 100  # keep 10 ms around the speech: onsets and releases are quiet
+    return samples[max(0, int(loud[0]) - margin):int(loud[-1]) + margin + 1]
+
+
+def voice_split(variant: str, shares: Sequence[int] = (70, 15, 15)) -> str:
+    """"train", "val" or "test" for a voice variant, by CRC-32 of its name (stable across runs)."""
+    bucket = zlib.crc32(variant.encode()) % sum(shares)
+    if bucket < shares[0]:
+        return "train"
+    return "val" if bucket < shares[0] + shares[1] else "test"
+
+
+class KeywordClips(Dataset):
+    """Clean clips (int16, concatenated) -> augmented (waveform (T,), label) items.
+
+    Each item: the clip at a random gain, placed at a random offset in a window of
+    `duration` seconds (None: the clip's own length plus up to 0.1 s each side), white
+    noise at a random SNR in snr_db over the whole window. Training items are also
+    speed-perturbed: resampled by a random factor within 1 +- speed_perturb, which moves
+    tempo, pitch and formants together, as a different vocal tract would (Ko et al.,
+    2015: "Audio augmentation for speech recognition"). Training draws from torch's
+    global RNG (reseeded per worker by the DataLoader); evaluation uses a generator
+    seeded by (seed, index), so every evaluation sees the same items.
+    """
+
+    def __init__(self, audio: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor,
+                 duration: Optional[float], snr_db: tuple[float, float], train: bool, seed: int = 0,
+                 speed_perturb: float = 0.0):
+        if not 0.0 <= speed_perturb < 0.5:
+            raise ValueError(f"speed_perturb must be in [0, 0.5), got {speed_perturb}")
+        self.audio, self.offsets, self.labels = audio, offsets, labels
+        self.speed_perturb = speed_perturb
+        self.window = None if duration is None else int(duration * SAMPLE_RATE)
+        self.snr_db, self.train, self.seed = snr_db, train, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = None if self.train else torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        u = torch.rand(6, generator=g).tolist()
+        clip = self.audio[self.offsets[i]:self.offsets[i + 1]].float() / 32768.0
+        if self.train and self.speed_perturb:
+            # Rates on a 400 Hz grid: resample's kernel size follows rate / gcd, kept small.
+            rate = round(SAMPLE_RATE * (1 + self.speed_perturb * (2 * u[5] - 1)) / 400) * 400
+            clip = torchaudio.functional.resample(clip, SAMPLE_RATE, rate)
+        clip = clip * ((0.2 + 0.7 * u[0]) / clip.abs().max().clamp(min=1e-4))
+        window = self.window or len(clip) + int(u[1] * 0.2 * SAMPLE_RATE)
+        if len(clip) > window:  # a slow utterance: keep a random window of it
+            start = int(u[2] * (len(clip) - window + 1))
+            clip = clip[start:start + window]
+        out = torch.zeros(window)
+        start = int(u[3] * (window - len(clip) + 1))
+        out[start:start + len(clip)] = clip
+        snr = self.snr_db[0] + (self.snr_db[1] - self.snr_db[0]) * u[4]
+        noise_std = (clip.pow(2).mean() / 10 ** (snr / 10)).sqrt()
+        return out + noise_std * torch.randn(window, generator=g), int(self.labels[i])
+
+
+class KeywordDataModule(_Loaders):
+    """Spoken keywords synthesized offline with espeak-ng; val/test voices are never heard in training.
+
+    A voice is an English espeak-ng language (accent) with a speaker variant; variants are
+    split by a hash of their name (`voice_split`), so each split has its own speakers,
+    while accents are shared. Each clip draws an accent, a variant of its split, a speed
+    and a pitch. The clean clips are cached in `cache_dir` (keyed by these arguments),
+    and augmented on the fly (see KeywordClips).
+
+    Args:
+        words: "digits" (zero..nine), "commands" (yes, no, up, down, left, right, on,
+            off, stop, go) or a list of words; the label is the index in this list.
+        train_per_word, eval_per_word: clips per word in train, and in val and test each.
+        duration: seconds of each item (None: variable length, padded per batch).
+        snr_db: the range of the added white noise's signal-to-noise ratio.
+        speed_perturb: training clips are resampled by a factor in 1 +- this (see KeywordClips).
+        speeds, pitches: ranges of espeak-ng's -s (words per minute) and -p (0-99).
+        shares: percentages of the variants in train, val, test.
+        cache_dir: where the synthesized set is kept ("~" expanded).
+        seed, batch_size, num_workers: as usual; synth_workers: espeak-ng processes at once.
+
+    Raises (in prepare_data or setup) RuntimeError with install instructions when espeak-ng
+    is missing and nothing is cached, and RuntimeError naming a cache file it cannot read.
+    """
+
+    def __init__(self, words: Union[str, list[str]] = "digits", train_per_word: int = 300, eval_per_word: int = 40,
+                 duration: Optional[float] = 1.0, snr_db: tuple[float, float] = (10.0, 40.0),
+                 speed_perturb: float = 0.0, speeds: tuple[int, int] = (120, 220), pitches: tuple[int, int] = (20, 80),
+                 shares: tuple[int, int, int] = (70, 15, 15), cache_dir: str = "~/.cache/tritonzoo/keywords",
+                 seed: int = 0, batch_size: int = 64, num_workers: int = 0, synth_workers: Optional[int] = None):
+        super().__init__(batch_size, num_workers)
+        if isinstance(words, str):
+            if words not in WORD_SETS:
+                raise ValueError(f"words must be one of {', '.join(WORD_SETS)} or a list of words, got {words!r}")
+            words = list(WORD_SETS[words])
+        if len(words) < 2 or len(set(words)) != len(words):
+            raise ValueError(f"words must be at least two distinct words, got {words}")
+        self.classes, self.num_classes = list(words), len(words)
+        self.train_per_word, self.eval_per_word = train_per_word, eval_per_word
+        if not 0.0 <= speed_perturb < 0.5:
+            raise ValueError(f"speed_perturb must be in [0, 0.5), got {speed_perturb}")
+        self.duration, self.snr_db, self.speed_perturb = duration, tuple(snr_db), speed_perturb
+        self.speeds, self.pitches, self.shares = tuple(speeds), tuple(pitches), tuple(shares)
+        self.cache_dir, self.seed = os.path.expanduser(cache_dir), seed
+        self.synth_workers = synth_workers or os.cpu_count() or 1
+        self.clips: Optional[dict] = None
+        self.synthesis_seconds: Optional[float] = None  # set when prepare_data() or setup() synthesized
+
+    def cache_path(self) -> str:
+        """The cache file of this configuration of the data set."""
+        key = json.dumps([self.classes, self.train_per_word, self.eval_per_word, self.speeds, self.pitches,
+                          self.shares, self.seed, SAMPLE_RATE])
+        return os.path.join(self.cache_dir, f"keywords-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt")
+
+    def synthesize_all(self) -> dict:
+        """Synthesizes every clip: {split: {"audio": int16 (N,), "offsets": (n + 1,), "labels": (n,),
+        "voices": [str]}}. Raises RuntimeError when espeak-ng is missing or a split gets no variant."""
+        languages, variants = espeak_voices()
+        by_split = {s: [v for v in variants if voice_split(v, self.shares) == s] for s in ("train", "val", "test")}
+        for split, names in by_split.items():
+            if not names or not languages:
+                raise RuntimeError(f"espeak-ng offers no English voice variant for the {split} split "
+                                   f"(languages {languages}, variants {variants})")
+        jobs = []
+        for split, names in by_split.items():
+            rng = random.Random(f"{self.seed}:{split}")
+            per_word = self.train_per_word if split == "train" else self.eval_per_word
+            for label, word in enumerate(self.classes):
+                for _ in range(per_word):
+                    voice = f"{rng.choice(languages)}+{rng.choice(names)}"
+                    jobs.append((split, label, word, voice, rng.randint(*self.speeds), rng.randint(*self.pitches)))
+        with ThreadPoolExecutor(self.synth_workers) as pool:
+            clips = list(pool.map(lambda job: synthesize(job[2], job[3], job[4], job[5]), jobs))
+        out = {}
+        for split in by_split:
+            picked = [(job, clip) for job, clip in zip(jobs, clips) if job[0] == split]
+            lengths = torch.tensor([0] + [len(clip) for _, clip in picked])
+            audio = torch.cat([clip for _, clip in picked])
+            out[split] = {"audio": (audio.clamp(-1, 1) * 32767).round().to(torch.int16),
+                          "offsets": lengths.cumsum(0), "labels": torch.tensor([job[1] for job, _ in picked]),
+                          "voices": [job[3] for job, _ in picked]}
+        return out
+
+    def prepare_data(self):
+        """Synthesizes the set into the cache unless it is there. Lightning calls this on one
+        process per node before setup(), so distributed runs synthesize once."""
+        path = self.cache_path()
+        if os.path.exists(path):
+            return
+        rank_zero_info(f"KeywordDataModule: synthesizing the keyword set with espeak-ng (minutes, once); "
+                       f"it will be cached at {path}")
+        start = time.perf_counter()
+        clips = self.synthesize_all()
+        self.synthesis_seconds = time.perf_counter() - start
+        rank_zero_info(f"KeywordDataModule: synthesized in {self.synthesis_seconds:.0f} s")
+        os.makedirs(self.cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(clips, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent or interrupted run never sees half a file
+
+    def setup(self, stage: Optional[str] = None):
+        if self.clips is not None:
+            return
+        path = self.cache_path()
+        if not os.path.exists(path):  # setup() called without prepare_data(), outside a Trainer
+            self.prepare_data()
+        try:
+            self.clips = torch.load(path, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"cannot read the keyword cache {path!r} ({e}); delete it to synthesize "
+                               f"the set again") from e
+        self.sets = {split: self.dataset(split) for split in ("train", "val", "test")}
+
+    def dataset(self, split: str) -> KeywordClips:
+        """The augmented items of "train", "val" or "test" (after setup)."""
+        if self.clips is None:
+            raise RuntimeError("KeywordDataModule: call setup() first")
+        c = self.clips[split]
+        return KeywordClips(c["audio"], c["offsets"], c["labels"], self.duration, self.snr_db,
+                            train=split == "train", seed=self.seed + {"train": 0, "val": 1, "test": 2}[split],
+                            speed_perturb=self.speed_perturb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real speech from local copies (torchaudio's layouts, never downloaded)
+
+
+class _SpeechCommandsItems(Dataset):
+    """(waveform (T,), label) of a torchaudio SPEECHCOMMANDS subset, read with the wave module;
+    training items are shifted in time by up to `shift` seconds (zero fill)."""
+
+    def __init__(self, dataset, archive: str, class_index: dict[str, int], unknown: Optional[int], shift: float):
+        self.archive, self.shift = archive, int(shift * SAMPLE_RATE)
+        self.items = []
+        for n in range(len(dataset)):
+            relpath, _, word, _, _ = dataset.get_metadata(n)
+            label = class_index.get(word, unknown)
+            if label is not None:
+                self.items.append((relpath, label))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        relpath, label = self.items[i]
+        samples, rate = read_wav(os.path.join(self.archive, relpath))
+        if rate != SAMPLE_RATE:
+            samples = torchaudio.functional.resample(samples, rate, SAMPLE_RATE)
+        if self.shift:
+            offset = int(torch.randint(-self.shift, self.shift + 1, ()))
+            samples = torch.roll(samples, offset)
+            if offset > 0:
+                samples[:offset] = 0
+            elif offset < 0:
+                samples[offset:] = 0
+        return samples, label
+
+
+class SpeechCommandsDataModule(_Loaders):
+    """Google Speech Commands v2 from a local copy: root/SpeechCommands/speech_commands_v0.02/<word>/*.wav.
+
+    torchaudio's SPEECHCOMMANDS (download=False) with the official validation_list.txt and
+    testing_list.txt splits (speakers are disjoint across them).
+    Args:
+        root: the folder holding SpeechCommands/.
+        words: the classes; None: all 35 words of v2. With a list, every other word is
+            the class "_unknown_" (the last label) when unknown=True, else left out.
+        shift: training time-shift augmentation, in seconds.
+        batch_size, num_workers: of the loaders.
+    Raises (in setup) FileNotFoundError naming the missing folder.
+    """
+
+    def __init__(self, root: str, words: Optional[list[str]] = None, unknown: bool = True, shift: float = 0.1,
+                 batch_size: int = 128, num_workers: int = 8):
+        super().__init__(batch_size, num_workers)
+        self.root, self.words, self.unknown, self.shift = root, words, unknown, shift
+        self.classes: Optional[list[str]] = None
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes is None:
+            raise RuntimeError("SpeechCommandsDataModule: call setup() first")
+        return len(self.classes)
+
+    def setup(self, stage: Optional[str] = None):
+        if self.sets is not None:
+            return
+        folder = require_dir(os.path.join(self.root, "SpeechCommands", "speech_commands_v0.02"),
+                             "Speech Commands v2 (torchaudio's layout, root/SpeechCommands/speech_commands_v0.02)")
+        for listing in ("validation_list.txt", "testing_list.txt"):
+            if not os.path.isfile(os.path.join(folder, listing)):
+                raise FileNotFoundError(f"Speech Commands split list not found: {os.path.join(folder, listing)!r}")
+        words = self.words or sorted(d for d in os.listdir(folder)
+                                     if os.path.isdir(os.path.join(folder, d)) and not d.startswith("_"))
+        self.classes = list(words) + (["_unknown_"] if self.words and self.unknown else [])
+        index = {w: i for i, w in enumerate(words)}
+        unknown = len(words) if self.words and self.unknown else None
+        archive = os.path.join(self.root, "SpeechCommands")
+        self.sets = {split: _SpeechCommandsItems(
+            torchaudio.datasets.SPEECHCOMMANDS(self.root, download=False, subset=subset), archive, index, unknown,
+            self.shift if split == "train" else 0.0)
+            for split, subset in (("train", "training"), ("val", "validation"), ("test", "testing"))}
+
+
+# Upper-case letters, apostrophe and space: every character of LibriSpeech's transcripts.
+LIBRISPEECH_ALPHABET = " 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class TranscriptCollate:
+    """(waveform (T,), text) items -> {"waveforms", "lengths", "targets" (padded with 0), "target_lengths",
+    "texts"}, the text encoded with `tokenizer` (a plain object, so workers pickle only the tokenizer)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: Sequence[tuple[torch.Tensor, str]]) -> dict:
+        waveforms, lengths, _ = collate_waveforms([(w, 0) for w, _ in items])
+        ids = [self.tokenizer.encode(text) for _, text in items]
+        targets = torch.zeros(len(ids), max(1, max(map(len, ids))), dtype=torch.long)
+        for i, row in enumerate(ids):
+            targets[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return {"waveforms": waveforms, "lengths": lengths, "targets": targets,
+                "target_lengths": torch.tensor([len(r) for r in ids], dtype=torch.long),
+                "texts": [text for _, text in items]}
+
+
+class _LibriSpeechItems(Dataset):
+    """(waveform (T,) at 16 kHz, transcript) of torchaudio LIBRISPEECH subsets."""
+
+    def __init__(self, datasets, archive: str):
+        self.archive = archive
+        self.index = [(d, n) for d in datasets for n in range(len(d))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        dataset, n = self.index[i]
+        relpath, _, transcript, *_ = dataset.get_metadata(n)
+        samples, rate = read_audio(os.path.join(self.archive, relpath))
+        if rate != SAMPLE_RATE:
+            samples = torchaudio.functional.resample(samples, rate, SAMPLE_RATE)
+        return samples, transcript
+
+
+class LibriSpeechDataModule(_Loaders):
+    """LibriSpeech from a local copy (root/LibriSpeech/<subset>/...flac), for CTC with characters.
+
+    torchaudio's LIBRISPEECH (download=False). The tokenizer is a CharTokenizer over
+    LIBRISPEECH_ALPHABET (vocab_size 33; id 0, the pad, is the CTC blank). FLAC needs
+    soundfile or torchcodec installed.
+    Args: root (the folder holding LibriSpeech/), train_subsets, val_subset, test_subset
+    (e.g. "train-clean-100", "dev-clean", "test-clean"), batch_size, num_workers.
+    Raises (in setup) FileNotFoundError naming a missing subset folder.
+    """
+
+    def __init__(self, root: str, train_subsets: Sequence[str] = ("train-clean-100",), val_subset: str = "dev-clean",
+                 test_subset: str = "test-clean", batch_size: int = 32, num_workers: int = 8):
+        super().__init__(batch_size, num_workers)
+        self.root, self.train_subsets = root, list(train_subsets)
+        self.val_subset, self.test_subset = val_subset, test_subset
+        self.tokenizer = CharTokenizer(LIBRISPEECH_ALPHABET)
+
+    def collate_fn(self):
+        return TranscriptCollate(self.tokenizer)  # the tokenizer of the moment: load_state_dict may replace it
+
+    def setup(self, stage: Optional[str] = None):
+        if self.sets is not None:
+            return
+        archive = os.path.join(self.root, "LibriSpeech")
+
+        def subsets(names):
+            for name in names:
+                require_dir(os.path.join(archive, name), f"LibriSpeech {name} (torchaudio's layout, root/LibriSpeech/"
+                                                         f"{name})")
+            return _LibriSpeechItems([torchaudio.datasets.LIBRISPEECH(self.root, url=n, download=False)
+                                      for n in names], archive)
+
+        self.sets = {"train": subsets(self.train_subsets), "val": subsets([self.val_subset]),
+                     "test": subsets([self.test_subset])}
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "tokenizer" in state_dict:
+            self.tokenizer = tokenizer_from_state(state_dict["tokenizer"])

@@ -1,0 +1,151 @@
+"""Sequence-to-sequence: an encoder-decoder trained with teacher forcing, evaluated by decoding."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import CharErrorRate
+
+from .base import ZooTask
+from .data.tokenizers import tokenizer_from_state
+
+
+def tokenizer_for(task) -> Any:
+    """The tokenizer a task decodes with: its data module's, else the one restored from its checkpoint.
+
+    Raises RuntimeError when neither exists.
+    """
+    datamodule = getattr(task._trainer, "datamodule", None) if task._trainer is not None else None
+    tokenizer = getattr(datamodule, "tokenizer", None) or task.tokenizer
+    if tokenizer is None:
+        raise RuntimeError(f"{type(task).__name__} needs a tokenizer: train or evaluate it with a data module "
+                           f"that has .tokenizer, or load it from a checkpoint written by one")
+    return tokenizer
+
+
+class Seq2Seq(ZooTask):
+    """Trains a zoo encoder-decoder (seq2seq_tiny, transformer_base) on pairs of token sequences.
+
+    Batches are dicts from tasks.data.parallel.Seq2SeqCollate: src_ids, src_mask, tgt_ids
+    (B, S) and labels (B, S) (-100 on padding), plus source_text / target_text. Training
+    minimizes teacher-forced cross-entropy; validation and test also decode (greedy, or
+    beam search with num_beams > 1) and log exact_match (the fraction of outputs equal
+    to the reference string) and cer (torchmetrics' character error rate).
+
+    Args as ZooTask, plus:
+        model: an encoder-decoder preset.
+        vocab_size: source and target vocabulary of the model; at least the tokenizer's
+            vocab_size (checked in setup). Explicit rather than linked from the data
+            module so that it is in the hyperparameters and load_from_checkpoint
+            rebuilds the model from the file alone.
+        label_smoothing: cross-entropy label smoothing.
+        num_beams: beams when decoding for the metrics (1: greedy).
+        max_new_tokens: longest decoded output, in tokens.
+    """
+
+    monitor = ("val/exact_match", "max")  # what the best checkpoint is chosen by
+
+    def __init__(self, model: str = "seq2seq_tiny", vocab_size: int = 128, label_smoothing: float = 0.0,
+                 num_beams: int = 1, max_new_tokens: int = 64, model_args: Optional[dict[str, Any]] = None,
+                 **kwargs):
+        super().__init__(model, {"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, **(model_args or {})},
+                         **kwargs)
+        self.tokenizer = None  # set in setup() from the data module, or from a checkpoint
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": metric() for stage in ("val", "test")
+            for name, metric in (("exact_match", MeanMetric), ("cer", CharErrorRate))})
+
+    def setup(self, stage: str) -> None:
+        tokenizer = tokenizer_for(self)
+        vocab = min(self.model.cfg.src_vocab_size, self.model.cfg.tgt_vocab_size)
+        if tokenizer.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                             f"{vocab}: set the task's vocab_size to at least {tokenizer.vocab_size}")
+        self.tokenizer = tokenizer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if "zoo_tokenizer" not in checkpoint and self.tokenizer is not None:
+            checkpoint["zoo_tokenizer"] = self.tokenizer.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "zoo_tokenizer" in checkpoint:
+            self.tokenizer = tokenizer_from_state(checkpoint["zoo_tokenizer"])
+
+    def forward(self, src_ids, tgt_ids, src_mask=None):
+        """Teacher-forced logits (B, St, vocab)."""
+        return self.model(src_ids, tgt_ids, src_mask=src_mask)
+
+    def _loss(self, batch) -> torch.Tensor:
+        logits = self.model(batch["src_ids"], batch["tgt_ids"], src_mask=batch["src_mask"])
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                               label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def decode(self, src_ids: torch.Tensor, src_mask: Optional[torch.Tensor] = None, tokenizer=None,
+               max_new_tokens: Optional[int] = None, num_beams: Optional[int] = None) -> list[str]:
+        """Decoded strings (B of them) for padded source ids (B, S): tokens up to the first eos."""
+        tokenizer = tokenizer or tokenizer_for(self)
+        out = self.model.generate(src_ids, src_mask, max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
+                                  num_beams=num_beams or self.hparams.num_beams, bos_id=tokenizer.bos_id,
+                                  eos_id=tokenizer.eos_id)
+        texts = []
+        for row in out[:, 1:].tolist():
+            if tokenizer.eos_id in row:
+                row = row[:row.index(tokenizer.eos_id)]
+            texts.append(tokenizer.decode(row))
+        return texts
+
+    def _evaluate(self, batch, stage: str) -> None:
+        size = len(batch["labels"])
+        self.log(f"{stage}/loss", self._loss(batch), prog_bar=True, on_epoch=True, batch_size=size)
+        predictions = self.decode(batch["src_ids"], batch["src_mask"])
+        references = batch["target_text"]
+        exact = self.metrics[f"{stage}_exact_match"]
+        exact.update(torch.tensor([p == r for p, r in zip(predictions, references)], dtype=torch.float32,
+                                  device=self.device))
+        cer = self.metrics[f"{stage}_cer"]
+        cer.update(predictions, references)
+        self.log(f"{stage}/exact_match", exact, prog_bar=True, on_epoch=True, batch_size=size)
+        self.log(f"{stage}/cer", cer, on_epoch=True, batch_size=size)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return self.decode(batch["src_ids"], batch["src_mask"])
+
+    @torch.no_grad()
+    def generate_text(self, sources: Sequence[str], tokenizer=None, max_new_tokens: Optional[int] = None,
+                      num_beams: int = 1) -> list[str]:
+        """Outputs for source strings: tokenize (with `tokenizer`, else the task's), decode, detokenize.
+
+        Raises ValueError for an empty list or an empty source, RuntimeError without a tokenizer.
+        """
+        tokenizer = tokenizer or tokenizer_for(self)
+        if not sources:
+            raise ValueError("sources must hold at least one string")
+        ids = [tokenizer.encode(s) for s in sources]
+        if any(not row for row in ids):
+            raise ValueError("every source must have at least one token (got an empty string)")
+        src = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(src.shape, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(ids):
+            src[i, :len(row)] = torch.tensor(row, device=self.device)
+            mask[i, :len(row)] = True
+        was_training = self.training
+        self.eval()
+        try:
+            return self.decode(src, mask, tokenizer, max_new_tokens, num_beams)
+        finally:
+            self.train(was_training)

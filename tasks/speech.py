@@ -1,0 +1,142 @@
+"""Speech tasks: keyword spotting (utterance classification) and CTC speech recognition."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import CharErrorRate, WordErrorRate
+
+from .base import ZooTask
+from .data.tokenizers import tokenizer_from_state
+from .seq2seq import tokenizer_for
+
+
+class AudioClassification(ZooTask):
+    """Trains a zoo SpeechClassifier (speech_tiny, whisper_*_encoder with num_classes) with cross-entropy.
+
+    Batches are (waveforms (B, T) at 16 kHz, lengths (B,) samples, labels (B,)); logs
+    loss, top-1 accuracy (acc) and top-5 (acc_top5, or top-k for fewer classes).
+    Args as ZooTask, plus num_classes and label_smoothing.
+    """
+
+    monitor = ("val/acc", "max")  # what the best checkpoint is chosen by
+
+    def __init__(self, model: str = "speech_tiny", num_classes: int = 12, label_smoothing: float = 0.0,
+                 model_args: Optional[dict[str, Any]] = None, **kwargs):
+        super().__init__(model, {"num_classes": num_classes, **(model_args or {})}, **kwargs)
+        top = min(5, num_classes)
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+            for stage in ("train", "val", "test") for name, k in (("acc", 1), (f"acc_top{top}", top))})
+
+    def forward(self, waveforms, lengths=None):
+        """Class logits (B, num_classes)."""
+        return self.model(waveforms, lengths)
+
+    def _step(self, batch, stage: str):
+        waveforms, lengths, labels = batch
+        logits = self.model(waveforms, lengths)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
+                 batch_size=len(labels))
+        for name, metric in self.metrics.items():
+            if name.startswith(stage + "_"):
+                metric(logits, labels)
+                self.log(f"{stage}/{name[len(stage) + 1:]}", metric, prog_bar=name.endswith("_acc"),
+                         on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        waveforms, lengths = batch[0], batch[1]
+        return self.model(waveforms, lengths).softmax(dim=-1)
+
+
+class SpeechRecognition(ZooTask):
+    """Trains a zoo SpeechCTC (a speech encoder with a per-frame head) with the CTC loss.
+
+    Batches are dicts (tasks.data.speech.TranscriptCollate): waveforms (B, T), lengths
+    (B,), targets (B, L) symbol ids, target_lengths (B,), texts. Validation and test
+    decode greedily (best path) and log cer and wer (torchmetrics) against the texts,
+    detokenized with the data module's tokenizer (or the checkpoint's).
+
+    Args as ZooTask, plus:
+        vocab_size: output symbols including the blank; at least the tokenizer's
+            vocab_size (checked in setup). Explicit so that load_from_checkpoint
+            rebuilds the model from the file alone.
+        blank_id: the CTC blank; 0, the tokenizers' pad id, which no transcript holds.
+    """
+
+    monitor = ("val/cer", "min")  # what the best checkpoint is chosen by
+
+    def __init__(self, model: str = "whisper_base_encoder", vocab_size: int = 33, blank_id: int = 0,
+                 model_args: Optional[dict[str, Any]] = None, **kwargs):
+        super().__init__(model, {"num_classes": 0, "vocab_size": vocab_size, "blank_id": blank_id,
+                                 **(model_args or {})}, **kwargs)
+        self.tokenizer = None  # set in setup() from the data module, or from a checkpoint
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": metric() for stage in ("val", "test")
+            for name, metric in (("cer", CharErrorRate), ("wer", WordErrorRate))})
+
+    def setup(self, stage: str) -> None:
+        tokenizer = tokenizer_for(self)
+        if tokenizer.vocab_size > self.model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} symbols but the model's CTC head has "
+                             f"{self.model.cfg.vocab_size}: set the task's vocab_size to at least "
+                             f"{tokenizer.vocab_size}")
+        self.tokenizer = tokenizer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if "zoo_tokenizer" not in checkpoint and self.tokenizer is not None:
+            checkpoint["zoo_tokenizer"] = self.tokenizer.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "zoo_tokenizer" in checkpoint:
+            self.tokenizer = tokenizer_from_state(checkpoint["zoo_tokenizer"])
+
+    def forward(self, waveforms, lengths=None):
+        """Per-frame logits (B, S, vocab_size)."""
+        return self.model(waveforms, lengths)
+
+    def _loss(self, batch) -> torch.Tensor:
+        return self.model.ctc_loss(batch["waveforms"], batch["lengths"], batch["targets"], batch["target_lengths"])
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["lengths"]))
+        return loss
+
+    def transcribe(self, waveforms: torch.Tensor, lengths=None, tokenizer=None) -> list[str]:
+        """Greedy CTC transcripts (B strings) of waveforms (B, T) with lengths (B,) samples."""
+        tokenizer = tokenizer or tokenizer_for(self)
+        return [tokenizer.decode(ids) for ids in self.model.greedy_decode(waveforms, lengths)]
+
+    def _evaluate(self, batch, stage: str) -> None:
+        size = len(batch["lengths"])
+        self.log(f"{stage}/loss", self._loss(batch), prog_bar=True, on_epoch=True, batch_size=size)
+        predictions = self.transcribe(batch["waveforms"], batch["lengths"])
+        for name in ("cer", "wer"):
+            metric = self.metrics[f"{stage}_{name}"]
+            metric.update(predictions, batch["texts"])
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "cer", on_epoch=True, batch_size=size)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return self.transcribe(batch["waveforms"], batch["lengths"])

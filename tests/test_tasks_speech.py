@@ -1,0 +1,254 @@
+"""Speech tasks and data: espeak-ng synthesis, the voice split, batching, KWS and CTC tasks, bad paths.
+
+Oracles: espeak-ng's own WAV files read with the wave module (sample counts and rates),
+set disjointness for the voice split, the items themselves for batching, an edit
+distance computed here for CER/WER, and the file names for errors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import wave
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tasks.data import speech as speech_data
+from tasks.data.speech import (LIBRISPEECH_ALPHABET, SAMPLE_RATE, KeywordDataModule, LibriSpeechDataModule,
+                               SpeechCommandsDataModule, TranscriptCollate, collate_waveforms, read_audio, read_wav,
+                               synthesize, voice_split)
+from tasks.data.tokenizers import CharTokenizer
+from tasks.speech import AudioClassification, SpeechRecognition
+
+pytestmark = pytest.mark.usefixtures("reference_attention")
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
+
+
+def _espeak_file(tmp_path, word: str, voice: str, speed: int) -> tuple[int, int]:
+    """(sample rate, frames) of espeak-ng's own WAV file for the word (-w writes a complete header)."""
+    path = tmp_path / f"{word}-{speed}.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), word], check=True)
+    with wave.open(str(path)) as w:
+        return w.getframerate(), w.getnframes()
+
+
+@needs_espeak
+def test_synthesis_gives_16khz_audio_of_plausible_length(tmp_path):
+    for speed in (120, 220):
+        rate, frames = _espeak_file(tmp_path, "seven", "en-us+m3", speed)
+        streamed = subprocess.run(["espeak-ng", "-v", "en-us+m3", "-s", str(speed), "--stdout", "seven"],
+                                  capture_output=True, check=True).stdout
+        samples, streamed_rate = read_wav(streamed)
+        assert (streamed_rate, len(samples)) == (rate, frames)  # the streamed WAV decodes whole
+        clip = synthesize("seven", "en-us+m3", speed=speed)
+        # Resampled to 16 kHz, then silence trimmed: at most the file's length at 16 kHz.
+        assert len(clip) <= math.ceil(frames * SAMPLE_RATE / rate) + 1
+        assert 0.2 * SAMPLE_RATE < len(clip) < 1.2 * SAMPLE_RATE, len(clip)  # one spoken word
+        assert clip.abs().max() > 0.05
+    slow, fast = synthesize("seven", "en-us+m3", speed=100), synthesize("seven", "en-us+m3", speed=300)
+    assert len(slow) > 1.5 * len(fast)
+
+
+def test_voice_split_follows_the_shares():
+    names = [f"voice{i}" for i in range(2000)]
+    counts = {s: sum(voice_split(n) == s for n in names) for s in ("train", "val", "test")}
+    assert abs(counts["train"] / 2000 - 0.70) < 0.05 and abs(counts["val"] / 2000 - 0.15) < 0.04
+
+
+@pytest.fixture(scope="module")
+def keywords(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    cache = tmp_path_factory.mktemp("keyword_cache")
+    dm = KeywordDataModule(words=["yes", "no", "stop"], train_per_word=12, eval_per_word=6, cache_dir=str(cache),
+                           batch_size=8)
+    dm.setup("fit")
+    return dm
+
+
+def test_keyword_voices_are_disjoint_across_splits(keywords):
+    variants = {split: {v.split("+", 1)[1] for v in keywords.clips[split]["voices"]}
+                for split in ("train", "val", "test")}
+    assert not variants["train"] & variants["val"]
+    assert not variants["train"] & variants["test"]
+    assert not variants["val"] & variants["test"]
+    assert [len(keywords.clips[s]["labels"]) for s in ("train", "val", "test")] == [36, 18, 18]
+    assert keywords.synthesis_seconds is not None
+
+
+def test_keyword_cache_is_reused(keywords):
+    again = KeywordDataModule(words=["yes", "no", "stop"], train_per_word=12, eval_per_word=6,
+                              cache_dir=keywords.cache_dir)
+    again.setup("fit")
+    assert again.synthesis_seconds is None  # loaded, not synthesized
+    assert torch.equal(again.clips["val"]["audio"], keywords.clips["val"]["audio"])
+    assert torch.equal(again.dataset("val")[5][0], keywords.dataset("val")[5][0])
+
+
+def test_a_corrupt_cache_file_is_named(keywords, tmp_path):
+    dm = KeywordDataModule(words=["yes", "no", "stop"], train_per_word=12, eval_per_word=6, cache_dir=str(tmp_path))
+    os.makedirs(tmp_path, exist_ok=True)
+    with open(dm.cache_path(), "wb") as f:
+        f.write(b"not a torch file")
+    with pytest.raises(RuntimeError, match=os.path.basename(dm.cache_path())):
+        dm.setup("fit")
+
+
+def test_keyword_batches_hold_variable_lengths(keywords):
+    val = keywords.dataset("val")
+    assert torch.equal(val[3][0], val[3][0])  # evaluation items are fixed
+    fixed = next(iter(keywords.val_dataloader()))
+    assert fixed[0].shape == (8, SAMPLE_RATE) and fixed[1].tolist() == [SAMPLE_RATE] * 8
+
+    keywords.duration = None
+    try:
+        variable = keywords.dataset("val")
+        items = [variable[i] for i in range(8)]
+    finally:
+        keywords.duration = 1.0
+    waveforms, lengths, labels = collate_waveforms(items)
+    assert lengths.tolist() == [len(w) for w, _ in items] and len(set(lengths.tolist())) > 1
+    assert waveforms.shape == (8, max(lengths.tolist()))
+    for i, (w, label) in enumerate(items):
+        assert torch.equal(waveforms[i, :len(w)], w) and not waveforms[i, len(w):].any()
+        assert labels[i] == label
+
+
+def _dominant_hz(waveform: torch.Tensor) -> float:
+    spectrum = torch.fft.rfft(waveform * torch.hann_window(len(waveform)))
+    return float(spectrum.abs().argmax()) * SAMPLE_RATE / len(waveform)
+
+
+def test_speed_perturbation_moves_the_pitch_within_its_range():
+    # A 1 kHz tone resampled by r and played at 16 kHz sounds at 1000 / r Hz (analytic).
+    tone = (0.5 * torch.sin(2 * math.pi * 1000 * torch.arange(SAMPLE_RATE // 2) / SAMPLE_RATE) * 32767)
+    audio, offsets, labels = tone.to(torch.int16), torch.tensor([0, len(tone)]), torch.tensor([0])
+    quiet = (200.0, 200.0)  # the noise far below the tone: the peak is the tone's
+    plain = speech_data.KeywordClips(audio, offsets, labels, None, quiet, train=True)
+    assert abs(_dominant_hz(plain[0][0]) - 1000) < 5  # within the FFT's 2 Hz bins
+    perturbed = speech_data.KeywordClips(audio, offsets, labels, None, quiet, train=True, speed_perturb=0.2)
+    peaks = [_dominant_hz(perturbed[0][0]) for _ in range(30)]
+    assert all(1000 / 1.2 - 5 < f < 1000 / 0.8 + 5 for f in peaks), peaks
+    assert max(peaks) - min(peaks) > 100, peaks  # 30 draws over a +-20 % range do spread
+    evaluation = speech_data.KeywordClips(audio, offsets, labels, None, quiet, train=False, speed_perturb=0.2)
+    assert abs(_dominant_hz(evaluation[0][0]) - 1000) < 5  # evaluation items are never perturbed
+    with pytest.raises(ValueError, match="speed_perturb"):
+        KeywordDataModule(speed_perturb=0.7)
+
+
+def test_missing_espeak_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(speech_data.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
+        KeywordDataModule(cache_dir=str(tmp_path)).setup("fit")
+
+
+def test_keyword_spotting_trains_a_few_steps(keywords, tmp_path):
+    task = AudioClassification(model="speech_tiny", num_classes=3, lr=2e-3, warmup=2,
+                               model_args={"attn_backend": "sdpa"})
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, max_steps=6, num_sanity_val_steps=0)
+    trainer.fit(task, keywords)
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"])) and 0.0 <= float(metrics["val/acc"]) <= 1.0
+    assert "val/acc_top3" in metrics
+
+
+class _Words(L.LightningDataModule):
+    """Four synthesized words with their transcripts, as a LibriSpeech batch would hold them."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokenizer = CharTokenizer(LIBRISPEECH_ALPHABET)
+        self.items = [(synthesize(w.lower(), "en-us+f2"), w) for w in ("YES", "NO", "GO LEFT", "STOP")]
+
+    def val_dataloader(self):
+        return DataLoader(self.items, batch_size=4, collate_fn=TranscriptCollate(self.tokenizer))
+
+
+def _edits(a: list, b: list) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+@needs_espeak
+def test_ctc_task_gives_finite_loss_and_error_rates(tmp_path):
+    data = _Words()
+    task = SpeechRecognition(model="speech_tiny", vocab_size=33, model_args={"attn_backend": "sdpa"})
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    metrics = trainer.validate(task, data, verbose=False)[0]
+    assert math.isfinite(metrics["val/loss"]) and metrics["val/loss"] > 0
+    batch = next(iter(data.val_dataloader()))
+    assert batch["targets"][2, :batch["target_lengths"][2]].tolist() == data.tokenizer.encode("GO LEFT")
+    task.eval()  # as in validation: SpecAugment off (validate() puts the module back in train mode)
+    predictions = task.transcribe(batch["waveforms"], batch["lengths"])
+    texts = batch["texts"]
+    cer = sum(_edits(list(p), list(t)) for p, t in zip(predictions, texts)) / sum(map(len, texts))
+    wer = sum(_edits(p.split(), t.split()) for p, t in zip(predictions, texts)) / sum(len(t.split()) for t in texts)
+    assert metrics["val/cer"] == pytest.approx(cer, rel=1e-5)
+    assert metrics["val/wer"] == pytest.approx(wer, rel=1e-5)
+    # One gradient step: the loss is differentiable and the parameters move.
+    loss = task._loss(batch)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+
+
+def _write_wav(path, samples: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((samples.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes())
+
+
+def test_speech_commands_follows_the_official_lists(tmp_path):
+    folder = tmp_path / "SpeechCommands" / "speech_commands_v0.02"
+    tone = torch.sin(torch.arange(SAMPLE_RATE // 2) * 0.05)
+    for word in ("yes", "no", "bed"):
+        for speaker in ("aaa", "bbb", "ccc"):
+            _write_wav(folder / word / f"{speaker}_nohash_0.wav", tone)
+    (folder / "validation_list.txt").write_text("yes/bbb_nohash_0.wav\nbed/bbb_nohash_0.wav\n")
+    (folder / "testing_list.txt").write_text("no/ccc_nohash_0.wav\n")
+    dm = SpeechCommandsDataModule(root=str(tmp_path), words=["yes", "no"], batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert dm.classes == ["yes", "no", "_unknown_"] and dm.num_classes == 3
+    assert sorted(label for _, label in dm.sets["val"].items) == [0, 2]
+    assert [label for _, label in dm.sets["test"].items] == [1]
+    assert len(dm.sets["train"]) == 9 - 3
+    waveforms, lengths, labels = next(iter(dm.val_dataloader()))
+    assert waveforms.shape == (2, SAMPLE_RATE // 2) and lengths.tolist() == [SAMPLE_RATE // 2] * 2
+    everything = SpeechCommandsDataModule(root=str(tmp_path), num_workers=0)
+    everything.setup("fit")
+    assert everything.classes == ["bed", "no", "yes"]
+
+
+def test_missing_speech_folders_and_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_commands"):
+        SpeechCommandsDataModule(root=str(tmp_path / "no_such_commands")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="dev-clean"):
+        (tmp_path / "libri" / "LibriSpeech" / "train-clean-100").mkdir(parents=True)
+        LibriSpeechDataModule(root=str(tmp_path / "libri")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="no_such_libri"):
+        LibriSpeechDataModule(root=str(tmp_path / "no_such_libri")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="missing.flac"):
+        read_audio(str(tmp_path / "missing.flac"))
+
+
+def test_librispeech_tokenizer_round_trips_transcripts():
+    dm = LibriSpeechDataModule(root="unused")
+    text = "HE HOPED THERE WOULD BE STEW FOR DINNER TURNIPS AND CARROTS AND BRUISED POTATOES'"
+    ids = dm.tokenizer.encode(text)
+    assert 0 not in ids and dm.tokenizer.unk_id not in ids  # never the CTC blank, never unknown
+    assert dm.tokenizer.decode(ids) == text and dm.tokenizer.vocab_size == 33
