@@ -89,8 +89,13 @@ class ZooCLI(LightningCLI):
         defaults = []
         if not any(isinstance(c, ModelCheckpoint) for c in given):
             monitor, mode = getattr(self.model, "monitor", ("val/loss", "min"))
-            defaults.append(ModelCheckpoint(monitor=monitor, mode=mode, save_last=True,
-                                            filename="best-{epoch}-{step}", auto_insert_metric_name=False))
+            defaults.append(ModelCheckpoint(monitor=monitor, mode=mode, filename="best-{epoch}-{step}",
+                                            auto_insert_metric_name=False))
+            # "last" as the run's final weights: ModelCheckpoint(save_last=True) writes last.ckpt only
+            # when it saves a top-k checkpoint, so a run whose metric stops improving would leave an
+            # old one. An unmonitored checkpoint keeping one file is rewritten at every save.
+            defaults.append(ModelCheckpoint(monitor=None, save_top_k=1, filename="last",
+                                            enable_version_counter=False))
         if config.get("logger") not in (None, False) and not config.get("fast_dev_run"):
             if not any(isinstance(c, LearningRateMonitor) for c in given):
                 defaults.append(LearningRateMonitor(logging_interval="step"))

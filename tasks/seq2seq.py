@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate
+
+import zoo
+from zoo.layers import token_cross_entropy
 
 from .base import ZooTask
 from .data.tokenizers import tokenizer_from_state
@@ -81,8 +83,9 @@ class Seq2Seq(ZooTask):
 
     def _loss(self, batch) -> torch.Tensor:
         logits = self.model(batch["src_ids"], batch["tgt_ids"], src_mask=batch["src_mask"])
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                               label_smoothing=self.hparams.label_smoothing)
+        return token_cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                   self.model.cfg.decoder.kernel_ops, ignore_index=-100,
+                                   label_smoothing=self.hparams.label_smoothing)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
@@ -124,6 +127,44 @@ class Seq2Seq(ZooTask):
 
     def predict_step(self, batch, batch_idx):
         return self.decode(batch["src_ids"], batch["src_mask"])
+
+    def text_batch(self, sources: Sequence[str], tokenizer=None) -> dict:
+        """{"src_ids", "src_mask"} (B, S), right-padded, for source strings (as generate_text encodes them)."""
+        tokenizer = tokenizer or tokenizer_for(self)
+        if isinstance(sources, str) or not sources:
+            raise ValueError("sources must be a non-empty list of strings")
+        ids = [tokenizer.encode(s) for s in sources]
+        if any(not row for row in ids):
+            raise ValueError("every source must have at least one token (got an empty string)")
+        src = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(src.shape, dtype=torch.bool)
+        for i, row in enumerate(ids):
+            src[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), True
+        return {"src_ids": src.to(self.device), "src_mask": mask.to(self.device)}
+
+    @torch.no_grad()
+    def attention_figures(self, batch, tokenizer=None, sample: int = 0, layer: int = -1) -> dict:
+        """The cross-attention alignment of block `layer` of the decoder (mean over heads): the model
+        decodes sample `sample` greedily; row t is the step that produced output token t."""
+        from .attention_figures import alignment
+        from .text import token_labels
+
+        tokenizer = tokenizer or tokenizer_for(self)
+        src = batch["src_ids"][sample][batch["src_mask"][sample].bool()][None]
+        out = self.model.generate(src, None, max_new_tokens=self.hparams.max_new_tokens, num_beams=1,
+                                  bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)[0].tolist()
+        if tokenizer.eos_id in out[1:]:
+            out = out[: out.index(tokenizer.eos_id, 1) + 1]
+        depth = len(self.model.decoder.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer {layer} is out of range for a {depth}-block decoder")
+        name = f"decoder.blocks.{layer % depth}.cross_attn"
+        tgt = torch.tensor([out[:-1]], device=src.device)  # teacher-forced on the model's own output
+        probs = zoo.attention_maps(self.model, (src, tgt), layers=[name])[name][0]
+        source = token_labels(src[0].tolist(), tokenizer)
+        title = f"{self.hparams.model}, {name}: {tokenizer.decode(src[0].tolist())!r} -> " \
+                f"{tokenizer.decode([t for t in out[1:] if t != tokenizer.eos_id])!r}"
+        return {"cross_attention": alignment(probs, source, token_labels(out[1:], tokenizer), title=title)}
 
     @torch.no_grad()
     def generate_text(self, sources: Sequence[str], tokenizer=None, max_new_tokens: Optional[int] = None,

@@ -9,9 +9,24 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
+import zoo
+
 from .base import ZooTask
 from .data.tokenizers import tokenizer_from_state
 from .seq2seq import tokenizer_for
+
+
+def speech_figures(task: ZooTask, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], sample: int,
+                   layer: int, title: str) -> dict:
+    """Self-attention over frames in block `layer` of sample `sample`, under its log-mel spectrogram."""
+    from .attention_figures import speech_attention
+
+    wave = waveforms[sample: sample + 1]
+    if lengths is not None:
+        wave = wave[:, : int(lengths[sample])]
+    (name, probs), = zoo.attention_maps(task.model, (wave, None), layers=[layer]).items()
+    log_mel, _ = task.model.log_mels(wave)
+    return {"speech_attention": speech_attention(log_mel[0], probs[0], title=f"{title}, {name}")}
 
 
 class AudioClassification(ZooTask):
@@ -61,6 +76,12 @@ class AudioClassification(ZooTask):
     def predict_step(self, batch, batch_idx):
         waveforms, lengths = batch[0], batch[1]
         return self.model(waveforms, lengths).softmax(dim=-1)
+
+    def attention_figures(self, batch, tokenizer=None, sample: int = 0, layer: int = -1) -> dict:
+        """Self-attention over the frames of one clip (block `layer`, mean over heads) beside its log-mels."""
+        waveforms, lengths, labels = batch
+        return speech_figures(self, waveforms, lengths, sample, layer,
+                              f"{self.hparams.model}: sample {sample} (label {int(labels[sample])})")
 
 
 class SpeechRecognition(ZooTask):
@@ -140,3 +161,8 @@ class SpeechRecognition(ZooTask):
 
     def predict_step(self, batch, batch_idx):
         return self.transcribe(batch["waveforms"], batch["lengths"])
+
+    def attention_figures(self, batch, tokenizer=None, sample: int = 0, layer: int = -1) -> dict:
+        """Self-attention over the frames of one utterance (block `layer`, mean over heads) beside its log-mels."""
+        return speech_figures(self, batch["waveforms"], batch["lengths"], sample, layer,
+                              f"{self.hparams.model}: sample {sample}")

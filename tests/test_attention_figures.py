@@ -147,3 +147,40 @@ def test_text_figures_label_tokens_and_show_the_models_maps():
     want = zoo.attention_maps(bert.model, {"input_ids": cut}, layers=[-1])["backbone.blocks.1.attn"][0]
     torch.testing.assert_close(shown(axes[0]), want.mean(0))
     plt.close("all")
+
+
+def test_seq2seq_figure_is_the_cross_attention_of_the_models_own_output():
+    from tasks.data.tokenizers import CharTokenizer
+    from tasks.seq2seq import Seq2Seq
+
+    tokenizer = CharTokenizer.from_corpus(["0123456789-march tuesday,"])
+    task = Seq2Seq("seq2seq_tiny", vocab_size=tokenizer.vocab_size, max_new_tokens=6).eval()
+    batch = task.text_batch(["march 3", "tuesday 21"], tokenizer)
+    fig = task.attention_figures(batch, tokenizer, sample=1, layer=0)["cross_attention"]
+    src = batch["src_ids"][1:2]
+    out = task.model.generate(src, None, max_new_tokens=6, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    out = out[0].tolist()
+    if tokenizer.eos_id in out[1:]:
+        out = out[: out.index(tokenizer.eos_id, 1) + 1]
+    want = zoo.attention_maps(task.model, (src, torch.tensor([out[:-1]])),
+                              layers=["decoder.blocks.0.cross_attn"])["decoder.blocks.0.cross_attn"][0]
+    torch.testing.assert_close(shown(fig.axes[0]), want.mean(0))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list("tuesday 21")
+    with pytest.raises(ValueError, match="out of range"):
+        task.attention_figures(batch, tokenizer, layer=5)
+    plt.close("all")
+
+
+def test_speech_figure_shows_attention_over_the_real_frames():
+    from tasks.speech import AudioClassification
+
+    task = AudioClassification("speech_tiny", num_classes=3).eval()
+    waveforms = torch.randn(2, 16000)
+    lengths = torch.tensor([16000, 8000])
+    fig = task.attention_figures((waveforms, lengths, torch.tensor([0, 2])), sample=1)["speech_attention"]
+    (spectrogram, attention) = [ax for ax in fig.axes if ax.images]
+    want = zoo.attention_maps(task.model, waveforms[1:, :8000], layers=[-1])["backbone.blocks.1.attn"][0]
+    torch.testing.assert_close(shown(attention), want.mean(0))
+    log_mel, _ = task.model.log_mels(waveforms[1:, :8000])
+    torch.testing.assert_close(shown(spectrogram), log_mel[0])
+    plt.close("all")

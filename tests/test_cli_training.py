@@ -97,6 +97,11 @@ def test_digits_converges(tmp_path, capsys):
     for artefact in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt"):
         assert os.path.exists(os.path.join(run_dir, artefact)), artefact
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    # last.ckpt holds the final weights, whether or not the last epoch was the best.
+    last = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), weights_only=False, map_location="cpu")
+    assert last["global_step"] == cli.trainer.global_step
+    (best,) = glob.glob(os.path.join(run_dir, "checkpoints", "best-*.ckpt"))
+    assert torch.load(best, weights_only=False, map_location="cpu")["global_step"] <= cli.trainer.global_step
 
 
 def _task(**kwargs):
