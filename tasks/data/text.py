@@ -23,7 +23,6 @@ import hashlib
 import math
 import os
 import sysconfig
-from collections import Counter
 from typing import Optional, Sequence, Union
 
 import torch
