@@ -132,7 +132,7 @@ class Seq2Seq(ZooTask):
         """{"src_ids", "src_mask"} (B, S), right-padded, for source strings (as generate_text encodes them)."""
         tokenizer = tokenizer or tokenizer_for(self)
         if isinstance(sources, str) or not sources:
-            raise ValueError("sources must be a non-empty list of strings")
+            raise ValueError("sources must hold at least one string (a list of them, not one string)")
         ids = [tokenizer.encode(s) for s in sources]
         if any(not row for row in ids):
             raise ValueError("every source must have at least one token (got an empty string)")
@@ -174,16 +174,8 @@ class Seq2Seq(ZooTask):
         Raises ValueError for an empty list or an empty source, RuntimeError without a tokenizer.
         """
         tokenizer = tokenizer or tokenizer_for(self)
-        if not sources:
-            raise ValueError("sources must hold at least one string")
-        ids = [tokenizer.encode(s) for s in sources]
-        if any(not row for row in ids):
-            raise ValueError("every source must have at least one token (got an empty string)")
-        src = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros(src.shape, dtype=torch.bool, device=self.device)
-        for i, row in enumerate(ids):
-            src[i, :len(row)] = torch.tensor(row, device=self.device)
-            mask[i, :len(row)] = True
+        batch = self.text_batch(sources, tokenizer)
+        src, mask = batch["src_ids"], batch["src_mask"]
         was_training = self.training
         self.eval()
         try:
