@@ -80,9 +80,17 @@ class ZooTask(L.LightningModule):
         # the task's class, and the data module's tokenizer when it has one.
         checkpoint["zoo_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
+        # A task that keeps its own tokenizer (restored from a checkpoint) saves that one.
+        tokenizer = getattr(datamodule, "tokenizer", None) or getattr(self, "tokenizer", None)
         if tokenizer is not None:
             checkpoint["zoo_tokenizer"] = tokenizer.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Tasks that decode text (seq2seq, CTC) keep the tokenizer as self.tokenizer.
+        if hasattr(self, "tokenizer") and "zoo_tokenizer" in checkpoint:
+            from .data.tokenizers import tokenizer_from_state
+
+            self.tokenizer = tokenizer_from_state(checkpoint["zoo_tokenizer"])
 
     def attention_figures(self, batch: Any, tokenizer: Any = None, sample: int = 0, layer: int = -1) -> dict:
         """Figures of the model's attention maps for sample `sample` of a batch from this task's

@@ -12,7 +12,6 @@ import zoo
 from zoo.layers import token_cross_entropy
 
 from .base import ZooTask
-from .data.tokenizers import tokenizer_from_state
 
 
 def tokenizer_for(task) -> Any:
@@ -67,15 +66,6 @@ class Seq2Seq(ZooTask):
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{vocab}: set the task's vocab_size to at least {tokenizer.vocab_size}")
         self.tokenizer = tokenizer
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if "zoo_tokenizer" not in checkpoint and self.tokenizer is not None:
-            checkpoint["zoo_tokenizer"] = self.tokenizer.state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "zoo_tokenizer" in checkpoint:
-            self.tokenizer = tokenizer_from_state(checkpoint["zoo_tokenizer"])
 
     def forward(self, src_ids, tgt_ids, src_mask=None):
         """Teacher-forced logits (B, St, vocab)."""

@@ -12,7 +12,6 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 import zoo
 
 from .base import ZooTask
-from .data.tokenizers import tokenizer_from_state
 from .seq2seq import tokenizer_for
 
 
@@ -117,15 +116,6 @@ class SpeechRecognition(ZooTask):
                              f"{self.model.cfg.vocab_size}: set the task's vocab_size to at least "
                              f"{tokenizer.vocab_size}")
         self.tokenizer = tokenizer
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if "zoo_tokenizer" not in checkpoint and self.tokenizer is not None:
-            checkpoint["zoo_tokenizer"] = self.tokenizer.state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "zoo_tokenizer" in checkpoint:
-            self.tokenizer = tokenizer_from_state(checkpoint["zoo_tokenizer"])
 
     def forward(self, waveforms, lengths=None):
         """Per-frame logits (B, S, vocab_size)."""
