@@ -270,16 +270,23 @@ def _cpu_name() -> str:
     return f"CPU ({model}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
 
 
-def metadata(device: str, quick: bool, command: Optional[str], warmup: float, rep: float) -> dict:
-    """Where and how the run happened: device, versions, date, command line, conventions."""
+def run_metadata(device: str, quick: bool, command: Optional[str], title: str) -> dict:
+    """What every benchmark records about its run: device, mode, title, versions, date, command line."""
     return {
         "device": torch.cuda.get_device_name() if device != "cpu" else _cpu_name(),
         "mode": ("quick " if quick else "") + ("CPU" if device == "cpu" else "GPU"),
-        "title": CPU_TITLE if device == "cpu" else "Attention kernels: tritonzoo vs torch SDPA backends and "
-                                                  "FlexAttention",
+        "title": title,
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else shlex.join(sys.argv),
+    }
+
+
+def metadata(device: str, quick: bool, command: Optional[str], warmup: float, rep: float) -> dict:
+    """Where and how the run happened: device, versions, date, command line, conventions."""
+    title = CPU_TITLE if device == "cpu" else "Attention kernels: tritonzoo vs torch SDPA backends and FlexAttention"
+    return {
+        **run_metadata(device, quick, command, title),
         "flops": FLOP_CONVENTION,
         "timing": (f"median of triton.testing.do_bench (warmup {warmup} ms, rep {rep} ms)" if device != "cpu"
                    else f"median wall-clock of repeated calls (warmup {warmup} ms, rep {rep} ms)")

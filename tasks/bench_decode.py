@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import platform
 import shlex
 import sys
 import warnings
@@ -38,7 +36,7 @@ import triton
 from kernels import reference_only
 from kernels.decoding_interface import flash_attn_with_kvcache
 from kernels.sdpa import torch_sdpa  # torch's own SDPA, even if someone patched F's
-from tasks.bench_attention import _cpu_name, _timed, write_json
+from tasks.bench_attention import _timed, run_metadata, write_json
 
 OURS = "tritonzoo"
 GPU_CACHE_LENS = (4096, 8192, 16384, 32768, 65536)
@@ -187,12 +185,7 @@ def metadata(device: str, quick: bool, command: Optional[str], warmup: float, re
     """Device, versions, date, command line and the timing method of a run."""
     gpu = device != "cpu"
     return {
-        "device": torch.cuda.get_device_name() if gpu else _cpu_name(),
-        "mode": ("quick " if quick else "") + ("GPU" if gpu else "CPU"),
-        "title": GPU_TITLE if gpu else CPU_TITLE,
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command if command is not None else shlex.join(sys.argv),
+        **run_metadata(device, quick, command, GPU_TITLE if gpu else CPU_TITLE),
         "timing": (f"eager: median of triton.testing.do_bench (warmup {warmup} ms, rep {rep} ms, L2 flushed); "
                    f"graph: median of triton.testing.do_bench_cudagraph (rep {rep} ms)") if gpu
                   else f"median wall-clock of repeated calls (warmup {warmup} ms, rep {rep} ms)",

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
 import os
-import platform
 import shlex
 import sys
 from dataclasses import asdict, dataclass
@@ -30,14 +28,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from kernels import reference_only
 from kernels.activations import geglu, gelu, swiglu
 from kernels.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from kernels.norms import add_rms_norm, layer_norm, rms_norm
 from kernels.rotary import apply_rotary_emb
-from tasks.bench_attention import AccuracyError, _cpu_name, time_ms, write_json
+from tasks.bench_attention import AccuracyError, run_metadata, time_ms, write_json
 from tasks.ops_resources import hopper_resources
 
 OURS, EAGER, COMPILE = "tritonzoo", "eager", "compile"
@@ -257,12 +254,7 @@ def metadata(device: str, quick: bool, command: Optional[str], warmup: float, re
     """Where and how the run happened: device, versions, date, command line, method."""
     gpu = device != "cpu"
     return {
-        "device": torch.cuda.get_device_name() if gpu else _cpu_name(),
-        "mode": ("quick " if quick else "") + ("GPU" if gpu else "CPU"),
-        "title": GPU_TITLE if gpu else CPU_TITLE,
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command if command is not None else shlex.join(sys.argv),
+        **run_metadata(device, quick, command, GPU_TITLE if gpu else CPU_TITLE),
         "timing": (f"median of triton.testing.do_bench (warmup {warmup} ms, rep {rep} ms)" if gpu
                    else f"median wall-clock of repeated calls (warmup {warmup} ms, rep {rep} ms)")
                   + "; forward with inputs requiring grad; fwd+bwd = forward + torch.autograd.grad",
