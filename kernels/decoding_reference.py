@@ -78,13 +78,17 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     if rotary_cos is not None:
         i = torch.arange(Sq, device=dev).view(1, -1) * int(rotary_per_token)
         q = rotate(q, rotary_cos, rotary_sin, cache_len.view(-1, 1) + i, rotary_interleaved)
+    j = torch.arange(capacity, device=dev).view(1, 1, -1) - starts.view(-1, 1, 1)  # key index within the row
+    in_row = ((j >= 0) & (j < total.view(-1, 1, 1))).view(B, 1, 1, capacity, 1)
+    # Slots outside a row's keys may hold anything (FlashAttention-2's contract), NaN
+    # included, and 0 * NaN is NaN: they are zeroed, not just given zero weight.
     keys = k_cache[rows, slots].float().permute(0, 2, 1, 3).unsqueeze(2)  # (B, Hk, 1, capacity, D)
     values = v_cache[rows, slots].float().permute(0, 2, 1, 3).unsqueeze(2)
+    keys, values = (torch.where(in_row, x, 0.0) for x in (keys, values))
     qg = q.float().view(B, Sq, Hk, G, D).permute(0, 2, 3, 1, 4)  # (B, Hk, G, Sq, D)
     s = (qg @ keys.transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    j = torch.arange(capacity, device=dev).view(1, 1, -1) - starts.view(-1, 1, 1)  # key index within the row
     i = torch.arange(Sq, device=dev).view(1, -1, 1)
     rel = i + (total - Sq).view(-1, 1, 1) - j  # (B, Sq, capacity): key j sits rel places left of query i's diagonal
     if alibi_slopes is not None:

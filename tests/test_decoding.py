@@ -152,6 +152,38 @@ def test_rows_without_keys(backend):
     assert torch.isfinite(lse[1]).all()
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_slots_outside_the_keys_may_hold_nan(backend, paged):
+    """FA2's contract: a cache slot before leftpad or past cache_seqlens + the append may hold
+    anything (torch.empty does). NaN and inf there must not reach the output."""
+    device, ctx = backend
+    B, H, Hk, D = 2, 4, 2, 16
+    lens = torch.tensor([7, 12], dtype=torch.int32, device=device)
+    kwargs = dict(causal=True, alibi_slopes=torch.rand(H, device=device))
+    if paged:
+        kc = torch.full((6, 8, Hk, D), float("nan"), device=device)
+        table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32, device=device)
+        kwargs["block_table"] = table
+        for b in range(B):  # the keys themselves are real numbers
+            for pos in range(int(lens[b])):
+                kc[table[b, pos // 8], pos % 8] = _rand(Hk, D, device=device)
+    else:
+        kc = torch.full((B, 24, Hk, D), float("nan"), device=device)
+        kc[0, :7], kc[1, 3:12] = _rand(7, Hk, D, device=device), _rand(9, Hk, D, device=device)
+        kc[1, :3] = float("inf")
+        kwargs["cache_leftpad"] = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    vc = kc.clone() * -1
+    q, k, v = _rand(B, 2, H, D, device=device), _rand(B, 2, Hk, D, device=device), _rand(B, 2, Hk, D, device=device)
+    with ctx():
+        out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, return_softmax_lse=True, **kwargs)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    finite_k, finite_v = torch.nan_to_num(kc, 0.0, 0.0, 0.0), torch.nan_to_num(vc, 0.0, 0.0, 0.0)
+    ref_out, ref_lse, _, _ = kvcache_oracle(q, finite_k, finite_v, k, v, lens, causal=True,
+                                            alibi=kwargs["alibi_slopes"], leftpad=kwargs.get("cache_leftpad"),
+                                            block_table=kwargs.get("block_table"))
+    _check(out, lse, ref_out, ref_lse)
+
+
 def test_num_splits_give_the_same_result(device):
     """Split-K + combine equals one pass; more splits than key tiles leave some empty."""
     B, cap, H, Hk, D = 2, 70, 4, 1, 16

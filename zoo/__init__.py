@@ -5,7 +5,8 @@
 """
 
 from .attention_maps import attention_layers, attention_maps, attention_rollout
-from .backbone import Block, KVCache, Transformer
+from .backbone import Block, Transformer
+from .cache import KVCache
 from .config import TransformerConfig
 from .registry import build_config, create_model, list_models, register_model
 from .weights import from_hf, from_timm

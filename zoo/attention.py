@@ -23,6 +23,7 @@ from torch import Tensor, nn
 import kernels
 from kernels.sdpa import torch_sdpa
 
+from .cache import LayerCache
 from .config import TransformerConfig
 from .layers import RMSNorm, apply_rotary
 
@@ -83,44 +84,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = Fals
     return (out, probs) if return_probs else out
 
 
-class LayerCache:
-    """Keys and values one attention layer has seen, for incremental decoding.
-
-    Self-attention keys grow by appending (the buffer doubles when full, so appends are
-    amortized O(1)); cross-attention keys are computed from the memory once.
-    """
-
-    def __init__(self):
-        self.k: Optional[Tensor] = None
-        self.v: Optional[Tensor] = None
-        self.length = 0
-        self.cross_k: Optional[Tensor] = None
-        self.cross_v: Optional[Tensor] = None
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Adds (B, S, Hk, D) keys and values; returns all of them so far."""
-        needed = self.length + k.shape[1]
-        if self.k is None or needed > self.k.shape[1]:
-            capacity = max(needed, 2 * (self.k.shape[1] if self.k is not None else 0), 16)
-            new_k = k.new_empty((k.shape[0], capacity, *k.shape[2:]))
-            new_v = v.new_empty((v.shape[0], capacity, *v.shape[2:]))
-            if self.length:
-                new_k[:, : self.length] = self.k[:, : self.length]
-                new_v[:, : self.length] = self.v[:, : self.length]
-            self.k, self.v = new_k, new_v
-        self.k[:, self.length:needed] = k
-        self.v[:, self.length:needed] = v
-        self.length = needed
-        return self.k[:, :needed], self.v[:, :needed]
-
-    def reorder(self, index: Tensor) -> None:
-        """Keeps batch rows `index` (beam search)."""
-        for name in ("k", "v", "cross_k", "cross_v"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, index))
-
-
 class Attention(nn.Module):
     """Multi-head (grouped-query) self- or cross-attention with an output projection."""
 
@@ -167,7 +130,10 @@ class Attention(nn.Module):
                 cache: Optional[LayerCache] = None) -> Tensor:
         """x (B, S, dim) -> (B, S, dim). key_padding_mask (B, Sk) covers the keys: for
         self-attention with a cache, all keys so far; for cross-attention, the memory.
-        rope: the rotary angles of the input tokens (Rotary.rope), applied to q and k."""
+        rope: the rotary angles of the input tokens (Rotary.rope), applied to q and k.
+        With a cache, self-attention appends k, v to it and attends over every key so far
+        (never the slots before the cache's leftpad); decoding steps on the "triton"
+        backend do both in one kernels.flash_attn_with_kvcache call (_decodes_in_kernel)."""
         B, S, _ = x.shape
         q, k, v = self._project(x, memory, cache)
         if self.q_norm is not None:
@@ -175,14 +141,42 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None and not self.cross:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None and not self.cross:
-            k, v = cache.append(k, v)
         dropout_p = self.cfg.attn_dropout if self.training else 0.0
         causal = self.cfg.causal and not self.cross
+        slopes = None if self.cross else alibi_slopes
+        if cache is not None and not self.cross:
+            if self._decodes_in_kernel(q, cache, key_padding_mask, dropout_p):
+                out = self._decode(q, k, v, cache, causal, slopes)
+                return self.drop(self.proj(out.reshape(B, S, self.heads * self.head_dim)))
+            k, v = cache.append(k, v)
+            padding = cache.owner.key_mask(k.shape[1], q.device)
+            if padding is not None:
+                key_padding_mask = padding if key_padding_mask is None else key_padding_mask & padding
         backend = "eager" if self.keep_probs else self.backend
         out = attend(q, k, v, backend=backend, causal=causal, key_padding_mask=key_padding_mask,
-                     dropout_p=dropout_p, alibi_slopes=None if self.cross else alibi_slopes,
-                     return_probs=self.keep_probs)
+                     dropout_p=dropout_p, alibi_slopes=slopes, return_probs=self.keep_probs)
         if self.keep_probs:
             out, self.last_probs = out
         return self.drop(self.proj(out.reshape(B, S, self.heads * self.head_dim)))
+
+    def _decodes_in_kernel(self, q: Tensor, cache: LayerCache, key_padding_mask: Optional[Tensor],
+                           dropout_p: float) -> bool:
+        """Whether this cached self-attention step runs kernels.flash_attn_with_kvcache.
+
+        Decoding steps on the "triton" backend do, when the cache alone says which keys
+        count (left padding, no other mask) and nothing asks for dropout or probabilities.
+        The prefill (an empty cache) runs the flash-attention forward instead, which is
+        built for long query blocks.
+        """
+        return (self.backend == "triton" and not self.keep_probs and key_padding_mask is None and dropout_p == 0.0
+                and cache.owner.offset > 0)
+
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, causal: bool,
+                alibi_slopes: Optional[Tensor]) -> Tensor:
+        """Appends k, v to the cache buffers in place and attends over them, in one kernel call."""
+        owner = cache.owner
+        cache.reserve(k, v)
+        leftpad = owner.leftpad.to(q.device) if owner.leftpad is not None else None
+        return kernels.flash_attn_with_kvcache(
+            q, cache.k, cache.v, k, v, cache_seqlens=owner.seqlens(q.shape[0], q.device), cache_leftpad=leftpad,
+            causal=causal, alibi_slopes=alibi_slopes.float() if alibi_slopes is not None else None)

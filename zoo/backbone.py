@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, LayerCache
+from .attention import Attention
+from .cache import KVCache, LayerCache
 from .config import TransformerConfig
 from .layers import MLP, DropPath, LayerScale, Rotary, alibi_slopes, make_norm, sinusoidal_table
 
@@ -50,19 +51,6 @@ class Block(nn.Module):
             x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
                 h, memory=memory, key_padding_mask=memory_padding_mask, cache=cache), self.ls_cross)
         return self._residual(x, self.norm2, self.mlp, self.ls2)
-
-
-class KVCache:
-    """Per-layer key/value caches and the number of positions already decoded."""
-
-    def __init__(self, depth: int):
-        self.layers = [LayerCache() for _ in range(depth)]
-        self.offset = 0
-
-    def reorder(self, index: Tensor) -> None:
-        """Keeps batch rows `index` in every layer (beam search)."""
-        for layer in self.layers:
-            layer.reorder(index)
 
 
 class Transformer(nn.Module):
@@ -120,9 +108,13 @@ class Transformer(nn.Module):
             if isinstance(module, Attention):
                 module.backend = backend
 
-    def new_cache(self) -> KVCache:
-        """An empty cache for incremental decoding with forward(..., cache=cache)."""
-        return KVCache(self.cfg.depth)
+    def new_cache(self, capacity: int = 0, leftpad: Optional[Tensor] = None) -> KVCache:
+        """An empty cache for incremental decoding with forward(..., cache=cache).
+
+        capacity: key slots to allocate on the first step (prompt + new tokens avoids any
+        regrowth); leftpad (B,): where each left-padded row's real tokens start (see KVCache).
+        """
+        return KVCache(self.cfg.depth, capacity, leftpad)
 
     def forward(self, x: Tensor, *, key_padding_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, memory: Optional[Tensor] = None,
@@ -130,13 +122,16 @@ class Transformer(nn.Module):
         """x (B, S, dim) -> (B, S, dim).
 
         position_ids (B, S): positions of the input tokens (default: 0.., continuing from
-        the cache's offset). memory (B, Sm, dim) and memory_padding_mask (B, Sm): what
-        cross-attention attends to. Raises ValueError for positions past max_seq_len.
+        the cache's offset, counted from each row's leftpad when the cache has one).
+        memory (B, Sm, dim) and memory_padding_mask (B, Sm): what cross-attention attends to. Raises ValueError for positions past max_seq_len.
         """
         B, S, _ = x.shape
         last = None  # the largest position, when known without reading device memory
         shared = None  # positions every batch row has (S,), when made here
-        if position_ids is None:
+        if position_ids is None and cache is not None and cache.leftpad is not None:
+            position_ids = cache.positions(S, x.device)
+            last = cache.offset + S - 1 - cache.min_leftpad
+        elif position_ids is None:
             start = cache.offset if cache is not None else 0
             shared = torch.arange(start, start + S, device=x.device)
             position_ids = shared.unsqueeze(0).expand(B, S)

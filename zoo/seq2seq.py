@@ -234,7 +234,7 @@ class Seq2SeqTransformer(nn.Module):
     def _greedy(self, memory: Tensor, src_mask: Optional[Tensor], max_new_tokens: int, bos: int,
                 eos: int) -> Tensor:
         B = memory.shape[0]
-        cache = self.decoder.new_cache()
+        cache = self.decoder.new_cache(capacity=1 + max_new_tokens)
         seqs = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)
         finished = torch.zeros(B, dtype=torch.bool, device=memory.device)
         for _ in range(max_new_tokens):
@@ -268,7 +268,7 @@ class Seq2SeqTransformer(nn.Module):
         B, device = memory.shape[0], memory.device
         memory = memory.repeat_interleave(K, dim=0)
         src_mask = src_mask.repeat_interleave(K, dim=0) if src_mask is not None else None
-        cache = self.decoder.new_cache()
+        cache = self.decoder.new_cache(capacity=1 + max_new_tokens)
         seqs = torch.full((B * K, 1), bos, dtype=torch.long, device=device)
         # Only beam 0 is live at the start, so the first step does not pick K copies of one token.
         scores = torch.full((B, K), -math.inf, device=device)

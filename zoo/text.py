@@ -300,9 +300,10 @@ class GPT(nn.Module):
         """Switches the backbone's attention to "triton", "sdpa" or "eager"."""
         _with_backend(self, backend)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for forward(..., cache=cache)."""
-        return self.backbone.new_cache()
+    def new_cache(self, capacity: int = 0, leftpad: Optional[Tensor] = None) -> KVCache:
+        """An empty KV cache for forward(..., cache=cache): `capacity` key slots allocated on the
+        first step, `leftpad` (B,) where each left-padded row's tokens start (see zoo.KVCache)."""
+        return self.backbone.new_cache(capacity, leftpad)
 
     def forward_features(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                          position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
@@ -342,7 +343,8 @@ class GPT(nn.Module):
 
         input_ids (B, P): prompts, LEFT-padded when of different lengths, with attention_mask
         (B, P) marking the real tokens (each row's positions then start at 0). Prefills once,
-        then decodes one token per step with the KV cache: greedy, or sampling with
+        then decodes one token per step with the KV cache (on the "triton" backend, one
+        kernels.flash_attn_with_kvcache call per layer and step): greedy, or sampling with
         temperature / top_k / top_p drawn from `generator`. Rows that emit a token of
         eos_token_id (int or list) emit pad_token_id (default: cfg.pad_token_id, else the
         first stop token) afterwards; decoding stops once all rows have. Dropout stays as
@@ -356,29 +358,28 @@ class GPT(nn.Module):
         check_max_new_tokens(max_new_tokens)
         check_sampling(do_sample, temperature, top_k, top_p)
         mask = padding_mask(attention_mask, (B, P))
-        positions = None
+        leftpad = None
         longest = P
         if mask is not None:
-            if not bool(mask[:, -1].all()):
-                raise ValueError("generate needs LEFT-padded prompts: attention_mask[:, -1] must be 1 in every row")
-            positions = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
-            longest = int(mask.sum(dim=1).max())
+            lengths = mask.sum(dim=1)
+            leftpad = P - lengths
+            if not bool((mask == (torch.arange(P, device=mask.device) >= leftpad[:, None])).all()):
+                raise ValueError("generate needs LEFT-padded prompts: each row of attention_mask must be zeros "
+                                 "(padding) followed by ones (the prompt)")
+            if not bool((lengths > 0).all()):
+                raise ValueError("every row of attention_mask must mark at least one prompt token")
+            longest = int(lengths.max())
         limit = self.cfg.backbone.max_seq_len
         if self.cfg.backbone.positions in ("learned", "sinusoidal") and longest + max_new_tokens > limit:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) is past "
                              f"max_seq_len = {limit}")
-        cache = self.new_cache()
-        hidden = self.forward_features(ids, mask, positions, cache)
-        next_position = positions[:, -1:] + 1 if positions is not None else None
+        # The cache knows the padding: keys before leftpad are never attended, and positions
+        # count from it, so the steps need no mask (which the decoding kernel could not take).
+        cache = self.new_cache(capacity=P + max_new_tokens, leftpad=leftpad)
+        hidden = self.forward_features(ids, cache=cache)
 
         def step(tokens: Tensor) -> Tensor:
-            nonlocal mask, next_position
-            position = None
-            if mask is not None:  # the new key is real; positions continue per row
-                mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
-                position, next_position = next_position, next_position + 1
-            h = self.forward_features(tokens[:, None], mask, position, cache)
-            return self.logits(h[:, -1])
+            return self.logits(self.forward_features(tokens[:, None], cache=cache)[:, -1])
 
         pad = pad_token_id if pad_token_id is not None else self.cfg.pad_token_id
         new = decode(step, self.logits(hidden[:, -1]), max_new_tokens=max_new_tokens, do_sample=do_sample,
