@@ -6,6 +6,7 @@
     zoo demo                                    correctness check + a quick benchmark
     zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
     zoo bench decode [--quick] [--out DIR] [--device cuda|cpu]
+    zoo bench generate [--quick] [--out DIR] [--device cuda|cpu]
     zoo bench ops [--quick] [--out DIR] [--device cuda|cpu] [--ops OP ...]
     zoo compare NAME ... [--device cuda|cpu] [--runs DIR ...]   models beside their timm / HF references
 
@@ -29,46 +30,31 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return demo.main()
 
 
-def _bench_attention(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
+def _bench(module: str, what: str, *options: str):
+    """The handler of `zoo bench <target>`: picks the device, refuses full runs on a CPU, and
+    calls tasks.<module>.run with the standard options plus `options` (argument names)."""
+    def handler(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+        import importlib
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if device == "cpu" and not args.quick:
-        parser.error("the full attention benchmark needs a CUDA GPU; on CPU add --quick")
-    from tasks import bench_attention
+        import torch
 
-    bench_attention.run(device=device, quick=args.quick, out_dir=args.out, command=args.command_line)
-    return 0
-
-
-def _bench_ops(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if device == "cpu" and not args.quick:
-        parser.error("the full ops benchmark needs a CUDA GPU; on CPU add --quick")
-    from tasks import bench_ops
-
-    bench_ops.run(device=device, quick=args.quick, out_dir=args.out, ops=args.ops, command=args.command_line)
-    return 0
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        if device == "cpu" and not args.quick:
+            parser.error(f"the full {what} benchmark needs a CUDA GPU; on CPU add --quick (a smoke run)")
+        importlib.import_module(f"tasks.{module}").run(
+            device=device, quick=args.quick, out_dir=args.out, command=args.command_line,
+            **{name: getattr(args, name) for name in options})
+        return 0
+    return handler
 
 
-def _bench_decode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if device == "cpu" and not args.quick:
-        parser.error("the decoding benchmark needs a CUDA GPU; on CPU add --quick (a smoke run)")
-    from tasks import bench_decode
-
-    bench_decode.run(device=device, quick=args.quick, out_dir=args.out, command=args.command_line)
-    return 0
+def _standard_bench_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default: bench_out)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when available, else cpu")
 
 
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -97,33 +83,31 @@ def _add_bench(subcommands) -> None:
         description="Times tritonzoo's flash attention forward and backward beside torch SDPA "
                     "(flash, cuDNN, memory-efficient backends) and FlexAttention. Writes attention.json "
                     "and attention.png to --out.")
-    attention.add_argument("--quick", action="store_true",
-                           help="a few shapes only (the only mode on CPU, where it times the PyTorch path)")
-    attention.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default: bench_out)")
-    attention.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                           help="default: cuda when available, else cpu")
-    attention.set_defaults(handler=_bench_attention)
+    _standard_bench_arguments(attention, "a few shapes only (the only mode on CPU, where it times the PyTorch path)")
+    attention.set_defaults(handler=_bench("bench_attention", "attention"))
     ops = targets.add_parser(
         "ops", help="norms, RoPE, activations, cross-entropy vs torch eager and torch.compile",
         description="Times tritonzoo's training ops (forward and forward+backward, peak memory on CUDA) beside "
                     "the same PyTorch code run eager and under torch.compile. Writes ops.json and ops.png to --out.")
-    ops.add_argument("--quick", action="store_true",
-                     help="one size per op (the only mode on CPU, where it times the PyTorch path)")
-    ops.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default: bench_out)")
-    ops.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available, else cpu")
+    _standard_bench_arguments(ops, "one size per op (the only mode on CPU, where it times the PyTorch path)")
     ops.add_argument("--ops", nargs="+", default=None, metavar="OP",
                      help="only these ops (layer_norm rms_norm add_rms_norm rotary gelu_bias swiglu geglu "
                           "cross_entropy fused_linear_cross_entropy)")
-    ops.set_defaults(handler=_bench_ops)
+    ops.set_defaults(handler=_bench("bench_ops", "ops", "ops"))
     decode = targets.add_parser(
         "decode", help="flash_attn_with_kvcache vs torch SDPA over the same KV cache",
         description="Times one decode step (append + attention; GQA 64:8, D 128, bf16, cache 4k-64k, batch 1-16) "
                     "of tritonzoo's flash_attn_with_kvcache beside torch SDPA backends on the same cache. "
                     "Writes decode.json, decode.md and decode.png to --out.")
-    decode.add_argument("--quick", action="store_true", help="batch 1/16 x cache 4k/64k (on CPU: a smoke run)")
-    decode.add_argument("--out", default="bench_out", metavar="DIR", help="output folder (default: bench_out)")
-    decode.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    decode.set_defaults(handler=_bench_decode)
+    _standard_bench_arguments(decode, "batch 1/16 x cache 4k/64k (on CPU: a smoke run)")
+    decode.set_defaults(handler=_bench("bench_decode", "decoding"))
+    generate = targets.add_parser(
+        "generate", help="GPT-2 generate(): zoo on the triton and sdpa backends vs Hugging Face",
+        description="Times greedy generation (left-padded prompts of 512 tokens, 256 new, batch 1-32, bf16) of "
+                    "zoo's gpt2 on the triton backend (flash_attn_with_kvcache) and the sdpa backend beside Hugging "
+                    "Face's generate with the same weights. Writes generate.json and generate.md to --out.")
+    _standard_bench_arguments(generate, "batch 1 and 32, 64 new tokens (on CPU: a smoke run of a tiny GPT-2)")
+    generate.set_defaults(handler=_bench("bench_generate", "generation"))
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
