@@ -86,7 +86,7 @@ class AudioClassification(ZooTask):
 class SpeechRecognition(ZooTask):
     """Trains a zoo SpeechCTC (a speech encoder with a per-frame head) with the CTC loss.
 
-    Batches are dicts (tasks.data.speech.TranscriptCollate): waveforms (B, T), lengths
+    Batches are dicts (tasks.data.speech_corpora.TranscriptCollate): waveforms (B, T), lengths
     (B,), targets (B, L) symbol ids, target_lengths (B,), texts. Validation and test
     decode greedily (best path) and log cer and wer (torchmetrics) against the texts,
     detokenized with the data module's tokenizer (or the checkpoint's).

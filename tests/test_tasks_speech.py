@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from tasks.data import speech as speech_data
-from tasks.data.speech import (LIBRISPEECH_ALPHABET, SAMPLE_RATE, KeywordDataModule, LibriSpeechDataModule,
-                               SpeechCommandsDataModule, TranscriptCollate, collate_waveforms, read_audio, read_wav,
-                               synthesize, voice_split)
+from tasks.data.speech import (SAMPLE_RATE, KeywordDataModule, collate_waveforms, read_audio, read_wav, synthesize,
+                               voice_split)
+from tasks.data.speech_corpora import (LIBRISPEECH_ALPHABET, LibriSpeechDataModule, SpeechCommandsDataModule,
+                                       TranscriptCollate)
 from tasks.data.tokenizers import CharTokenizer
 from tasks.speech import AudioClassification, SpeechRecognition
 
