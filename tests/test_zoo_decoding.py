@@ -163,6 +163,11 @@ def test_cache_growth_keeps_keys_and_errors_name_the_problem():
         KVCache(depth=1, capacity=-1)
     with pytest.raises(TypeError, match="leftpad must be a 1-D integer tensor"):
         KVCache(depth=1, leftpad=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="leftpad must be >= 0"):
+        KVCache(depth=1, leftpad=torch.tensor([0, -1]))
+    model = _gpt()
+    with pytest.raises(ValueError, match="leftpad covers 3 rows but the input has 2"):
+        model(torch.ones(2, 4, dtype=torch.long), cache=model.new_cache(leftpad=torch.zeros(3, dtype=torch.long)))
 
 
 def test_cache_reorder_carries_the_left_padding():

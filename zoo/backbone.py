@@ -123,9 +123,12 @@ class Transformer(nn.Module):
 
         position_ids (B, S): positions of the input tokens (default: 0.., continuing from
         the cache's offset, counted from each row's leftpad when the cache has one).
-        memory (B, Sm, dim) and memory_padding_mask (B, Sm): what cross-attention attends to. Raises ValueError for positions past max_seq_len.
+        memory (B, Sm, dim) and memory_padding_mask (B, Sm): what cross-attention attends to.
+        Raises ValueError for positions past max_seq_len, or a cache made for another batch size.
         """
         B, S, _ = x.shape
+        if cache is not None and cache.leftpad is not None and cache.leftpad.shape[0] != B:
+            raise ValueError(f"the cache's leftpad covers {cache.leftpad.shape[0]} rows but the input has {B}")
         last = None  # the largest position, when known without reading device memory
         shared = None  # positions every batch row has (S,), when made here
         if position_ids is None and cache is not None and cache.leftpad is not None:

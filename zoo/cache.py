@@ -87,6 +87,8 @@ class KVCache:
         # The smallest left padding, read once here (a host sync on CUDA), so that position
         # checks need no device reads while decoding.
         self.min_leftpad = int(leftpad.min()) if leftpad is not None and leftpad.numel() else 0
+        if self.min_leftpad < 0:
+            raise ValueError(f"leftpad must be >= 0 (slots of padding before each row), got {leftpad.tolist()}")
         self._seqlens: Optional[Tensor] = None
         self._seqlens_at = -1
 
