@@ -13,7 +13,8 @@ One model's weights, three ways to generate greedily from the same left-padded p
 Each generates exactly N new tokens per row (no stop token). Reported per (batch, prompt,
 N): wall-clock seconds per generate (median of repeats, CUDA synchronized), tokens/s =
 batch * N / time, the prefill alone (N = 1) and the decoding rate batch * (N - 1) /
-(time(N) - time(1)), and the peak memory on CUDA. Before timing, a teacher-forced check
+(time(N) - time(1)), and on CUDA the peak memory a call adds to what was allocated before it
+(every model's weights stay resident, so they are left out). Before timing, a teacher-forced check
 feeds the same tokens through the cached steps of both zoo backends and holds their logits
 to FlashAttention-2's rule against a float32 full pass: the error of zoo-triton is at most
 twice that of zoo-sdpa plus 1e-3. On the GPU: gpt2 (124M) in bf16; on a CPU, a smoke run
@@ -126,20 +127,22 @@ def generators(zoo_models: dict, hf) -> dict[str, Callable[[torch.Tensor, torch.
 
 def measure(generate: Callable, ids: torch.Tensor, mask: torch.Tensor, w: Workload, device: str,
             repeats: int) -> dict:
-    """Seconds for N and for 1 new token, tokens/s, the decoding rate and peak memory; {"error"} on failure."""
+    """Seconds for N and for 1 new token, tokens/s, the decoding rate and the peak memory the
+    calls add on CUDA (MiB above what was allocated before them); {"error"} on failure."""
     try:
         with torch.no_grad():
             if device != "cpu":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             total = median_step_ms(lambda: generate(ids, mask, w.new_tokens), device, repeats, warmup=1) / 1e3
-            peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
+            peak = (torch.cuda.max_memory_allocated() - resident) / 2**20 if device != "cpu" else None
             prefill = median_step_ms(lambda: generate(ids, mask, 1), device, repeats, warmup=1) / 1e3
     except Exception as exc:  # a peer that fails on a shape is recorded, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"[:600]}
     decode_s = total - prefill
     return {"seconds": total, "tokens_per_s": w.batch * w.new_tokens / total, "prefill_seconds": prefill,
             "decode_tokens_per_s": w.batch * (w.new_tokens - 1) / decode_s if decode_s > 0 else None,
-            "peak_mb": peak}
+            "extra_peak_mb": peak}
 
 
 def _cached_logits(model, ids: torch.Tensor, mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -229,13 +232,13 @@ def _fmt(x: Optional[float], digits: str = ",.0f") -> str:
 
 
 def format_table(report: dict) -> str:
-    """Markdown: per workload and implementation, tokens/s, the decoding rate, prefill ms, peak MiB,
+    """Markdown: per workload and implementation, tokens/s, the decoding rate, prefill ms, extra peak MiB,
     the speedup of zoo-triton's tokens/s over each peer, and token agreement."""
     meta = report["metadata"]
     lines = [f"### {meta['title']}", "",
              f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['dtype']}; {meta['date']}; "
              f"`{meta['command']}`", "", f"Model: {report['model']}. Timing: {meta['timing']}. HF: {meta['hf']}.", "",
-             "| B | prompt | new | implementation | tokens/s | decode tokens/s | prefill ms | peak MiB | "
+             "| B | prompt | new | implementation | tokens/s | decode tokens/s | prefill ms | extra peak MiB | "
              "zoo-triton speedup | token agreement |", "|" + "---|" * 10]
     failures = []
     for row in report["results"]:
@@ -250,7 +253,7 @@ def format_table(report: dict) -> str:
             prefill = t.get("prefill_seconds")
             lines.append(f"| {row['batch']} | {row['prompt_len']} | {row['new_tokens']} | {name} | {_fmt(speed)} | "
                          f"{_fmt(t.get('decode_tokens_per_s'))} | {_fmt(prefill * 1e3 if prefill else None)} | "
-                         f"{_fmt(t.get('peak_mb'))} | {speedup} | {agree} |")
+                         f"{_fmt(t.get('extra_peak_mb'))} | {speedup} | {agree} |")
     checks = "; ".join(f"B={r['batch']}: triton {r['check']['max_abs_logit_error']['zoo-triton']:.2g}, "
                        f"sdpa {r['check']['max_abs_logit_error']['zoo-sdpa']:.2g}" for r in report["results"])
     lines += ["", f"Check (max abs logit error of {CHECK_STEPS} teacher-forced cached steps vs a float32 eager "

@@ -42,7 +42,7 @@ def test_cli_smoke_run_on_cpu(tmp_path, capsys):
             t = row["timings"][name]
             assert "error" not in t, t
             assert math.isclose(t["tokens_per_s"], w.batch * w.new_tokens / t["seconds"])
-            assert 0 < t["prefill_seconds"] and t["peak_mb"] is None  # no CUDA memory on a CPU
+            assert 0 < t["prefill_seconds"] and t["extra_peak_mb"] is None  # no CUDA memory on a CPU
     assert (tmp_path / "generate.md").read_text() in printed
 
 
@@ -68,9 +68,9 @@ def test_a_wrong_decoding_step_stops_the_run(monkeypatch):
 
 def test_table_from_synthetic_report():
     timings = {"zoo-triton": {"seconds": 2.0, "tokens_per_s": 4096.0, "prefill_seconds": 0.05,
-                              "decode_tokens_per_s": 4180.0, "peak_mb": 900.0},
+                              "decode_tokens_per_s": 4180.0, "extra_peak_mb": 900.0},
                "zoo-sdpa": {"seconds": 3.0, "tokens_per_s": 2730.7, "prefill_seconds": 0.06,
-                            "decode_tokens_per_s": 2780.0, "peak_mb": 950.0},
+                            "decode_tokens_per_s": 2780.0, "extra_peak_mb": 950.0},
                "hf": {"error": "RuntimeError: out of memory"}}
     report = {"metadata": {"title": bench_generate.GPU_TITLE, "device": "NVIDIA H100 (synthetic)", "torch": "2.11",
                            "triton": "3.6", "dtype": "bfloat16", "date": "2026-11-23", "command": "zoo bench generate",
