@@ -7,7 +7,9 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
 from zoo import TransformerConfig
@@ -110,3 +112,48 @@ class ZooTask(L.LightningModule):
         warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
         scheduler = warmup_cosine(optimizer, total, warmup, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ClassificationTask(ZooTask):
+    """A ZooTask that classifies: cross-entropy with label smoothing, and top-1 (acc) and top-5
+    (acc_top5, or top-k for fewer classes) accuracy logged per stage.
+
+    Subclasses say how a batch becomes (logits (B, num_classes), labels (B,)) in
+    logits_and_labels. Args as ZooTask, plus num_classes (passed to the model) and
+    label_smoothing.
+    """
+
+    monitor = ("val/acc", "max")  # what the best checkpoint is chosen by
+
+    def __init__(self, model: str, num_classes: int, label_smoothing: float = 0.0,
+                 model_args: Optional[dict[str, Any]] = None, **kwargs):
+        super().__init__(model, {"num_classes": num_classes, **(model_args or {})}, **kwargs)
+        top = min(5, num_classes)
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+            for stage in ("train", "val", "test") for name, k in (("acc", 1), (f"acc_top{top}", top))})
+
+    def logits_and_labels(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, num_classes), labels (B,)) of a batch."""
+        raise NotImplementedError
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        logits, labels = self.logits_and_labels(batch)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
+                 batch_size=len(labels))
+        for name, metric in self.metrics.items():
+            if name.startswith(stage + "_"):
+                metric(logits, labels)
+                self.log(f"{stage}/{name[len(stage) + 1:]}", metric, prog_bar=name.endswith("_acc"),
+                         on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")

@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 import zoo
 
-from .base import ZooTask
+from .base import ClassificationTask, ZooTask
 from .seq2seq import tokenizer_for
 
 
@@ -28,7 +26,7 @@ def speech_figures(task: ZooTask, waveforms: torch.Tensor, lengths: Optional[tor
     return {"speech_attention": speech_attention(log_mel[0], probs[0], title=f"{title}, {name}")}
 
 
-class AudioClassification(ZooTask):
+class AudioClassification(ClassificationTask):
     """Trains a zoo SpeechClassifier (speech_tiny, whisper_*_encoder with num_classes) with cross-entropy.
 
     Batches are (waveforms (B, T) at 16 kHz, lengths (B,) samples, labels (B,)); logs
@@ -36,41 +34,17 @@ class AudioClassification(ZooTask):
     Args as ZooTask, plus num_classes and label_smoothing.
     """
 
-    monitor = ("val/acc", "max")  # what the best checkpoint is chosen by
-
     def __init__(self, model: str = "speech_tiny", num_classes: int = 12, label_smoothing: float = 0.0,
                  model_args: Optional[dict[str, Any]] = None, **kwargs):
-        super().__init__(model, {"num_classes": num_classes, **(model_args or {})}, **kwargs)
-        top = min(5, num_classes)
-        self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
-            for stage in ("train", "val", "test") for name, k in (("acc", 1), (f"acc_top{top}", top))})
+        super().__init__(model, num_classes, label_smoothing, model_args, **kwargs)
 
     def forward(self, waveforms, lengths=None):
         """Class logits (B, num_classes)."""
         return self.model(waveforms, lengths)
 
-    def _step(self, batch, stage: str):
+    def logits_and_labels(self, batch):
         waveforms, lengths, labels = batch
-        logits = self.model(waveforms, lengths)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
-                 batch_size=len(labels))
-        for name, metric in self.metrics.items():
-            if name.startswith(stage + "_"):
-                metric(logits, labels)
-                self.log(f"{stage}/{name[len(stage) + 1:]}", metric, prog_bar=name.endswith("_acc"),
-                         on_step=False, on_epoch=True, batch_size=len(labels))
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
+        return self.model(waveforms, lengths), labels
 
     def predict_step(self, batch, batch_idx):
         waveforms, lengths = batch[0], batch[1]
