@@ -46,10 +46,12 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = []
+        self.rotary = []  # per call: whether the kernel applied the rotary itself
         real = kernels.flash_attn_with_kvcache
 
         def spy(q, k_cache, v_cache, k=None, v=None, **kw):
             self.calls.append((tuple(q.shape), k_cache.data_ptr(), kw.get("cache_leftpad")))
+            self.rotary.append(kw.get("rotary_cos") is not None)
             return real(q, k_cache, v_cache, k, v, **kw)
 
         monkeypatch.setattr(kernels, "flash_attn_with_kvcache", spy)
@@ -78,6 +80,8 @@ def test_cached_steps_through_the_kernel_equal_the_eager_full_pass(variant, monk
             got.append(model(new[:, t:t + 1], cache=cache))
     got = torch.cat(got, dim=1)
     assert len(spy.calls) == model.cfg.backbone.depth * new.shape[1]
+    # rotary models: the kernel turns q and the new keys (FA2's rotary_cos/sin), not the model
+    assert set(spy.rotary) == {model.cfg.backbone.positions == "rotary"}
     real = full_mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=2e-5)
     assert cache.offset == P + 4
@@ -112,6 +116,25 @@ def test_generate_through_the_interpreted_decoding_kernel():
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=3)
     model.set_attn_backend("triton")
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3), expected)
+
+
+@pytest.mark.usefixtures("reference_attention")
+def test_explicit_positions_are_rotated_by_the_model_not_the_kernel(monkeypatch):
+    # The kernel counts positions from the cache; explicit ones may differ (here: a gap of 5).
+    model = _gpt(**VARIANTS["rotary_gqa_qknorm"])
+    ids = torch.randint(1, 61, (2, 6))
+    positions = torch.arange(7).expand(2, 7) + torch.tensor([0, 0, 0, 5, 5, 5, 5])
+    model.set_attn_backend("eager")
+    with torch.no_grad():
+        expected = model(torch.cat([ids, ids[:, :1]], 1), position_ids=positions)[:, -1]
+    model.set_attn_backend("triton")
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids, position_ids=positions[:, :6], cache=cache)
+        got = model(ids[:, :1], position_ids=positions[:, 6:], cache=cache)[:, -1]
+    assert spy.rotary == [False, False]  # one step, two layers: the model rotated
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
 @pytest.mark.usefixtures("reference_attention")

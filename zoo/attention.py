@@ -139,15 +139,17 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             # Cached cross-attention keys are stored raw, so this normalizes them every step.
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None and not self.cross:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         dropout_p = self.cfg.attn_dropout if self.training else 0.0
         causal = self.cfg.causal and not self.cross
         slopes = None if self.cross else alibi_slopes
+        in_kernel = cache is not None and not self.cross and self._decodes_in_kernel(cache, key_padding_mask,
+                                                                                      dropout_p)
+        if rope is not None and not self.cross and not (in_kernel and cache.owner.fused_rotary is not None):
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if in_kernel:
+            out = self._decode(q, k, v, cache, causal, slopes)
+            return self.drop(self.proj(out.reshape(B, S, self.heads * self.head_dim)))
         if cache is not None and not self.cross:
-            if self._decodes_in_kernel(q, cache, key_padding_mask, dropout_p):
-                out = self._decode(q, k, v, cache, causal, slopes)
-                return self.drop(self.proj(out.reshape(B, S, self.heads * self.head_dim)))
             k, v = cache.append(k, v)
             padding = cache.owner.key_mask(k.shape[1], q.device)
             if padding is not None:
@@ -159,8 +161,7 @@ class Attention(nn.Module):
             out, self.last_probs = out
         return self.drop(self.proj(out.reshape(B, S, self.heads * self.head_dim)))
 
-    def _decodes_in_kernel(self, q: Tensor, cache: LayerCache, key_padding_mask: Optional[Tensor],
-                           dropout_p: float) -> bool:
+    def _decodes_in_kernel(self, cache: LayerCache, key_padding_mask: Optional[Tensor], dropout_p: float) -> bool:
         """Whether this cached self-attention step runs kernels.flash_attn_with_kvcache.
 
         Decoding steps on the "triton" backend do, when the cache alone says which keys
@@ -173,10 +174,13 @@ class Attention(nn.Module):
 
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, causal: bool,
                 alibi_slopes: Optional[Tensor]) -> Tensor:
-        """Appends k, v to the cache buffers in place and attends over them, in one kernel call."""
+        """Appends k, v to the cache buffers in place and attends over them, in one kernel call;
+        with the cache's fused_rotary tables the kernel also turns q and k (rotate-half layout)."""
         owner = cache.owner
         cache.reserve(k, v)
         leftpad = owner.leftpad.to(q.device) if owner.leftpad is not None else None
+        cos, sin = owner.fused_rotary if owner.fused_rotary is not None else (None, None)
         return kernels.flash_attn_with_kvcache(
-            q, cache.k, cache.v, k, v, cache_seqlens=owner.seqlens(q.shape[0], q.device), cache_leftpad=leftpad,
-            causal=causal, alibi_slopes=alibi_slopes.float() if alibi_slopes is not None else None)
+            q, cache.k, cache.v, k, v, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False,
+            cache_seqlens=owner.seqlens(q.shape[0], q.device), cache_leftpad=leftpad, causal=causal,
+            alibi_slopes=alibi_slopes.float() if alibi_slopes is not None else None)

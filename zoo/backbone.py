@@ -127,6 +127,10 @@ class Transformer(nn.Module):
         Raises ValueError for positions past max_seq_len, or a cache made for another batch size.
         """
         B, S, _ = x.shape
+        if cache is not None:
+            # Positions the cache makes itself are the ones the decoding kernel can rotate by.
+            cache.fused_rotary = (cache.rotary_tables(self.rotary, S, x.device)
+                                  if self.rotary is not None and position_ids is None else None)
         if cache is not None and cache.leftpad is not None and cache.leftpad.shape[0] != B:
             raise ValueError(f"the cache's leftpad covers {cache.leftpad.shape[0]} rows but the input has {B}")
         last = None  # the largest position, when known without reading device memory

@@ -91,6 +91,11 @@ class KVCache:
             raise ValueError(f"leftpad must be >= 0 (slots of padding before each row), got {leftpad.tolist()}")
         self._seqlens: Optional[Tensor] = None
         self._seqlens_at = -1
+        #: (cos, sin) rotary tables of positions 0.. when this call's positions are the cache's
+        #: own (Transformer.forward sets it per call): the decoding kernel then rotates q and the
+        #: new keys itself. None: attention applies the rotary before it.
+        self.fused_rotary: Optional[tuple[Tensor, Tensor]] = None
+        self._rotary_tables: Optional[tuple[Tensor, Tensor]] = None
 
     def seqlens(self, batch: int, device) -> Tensor:
         """(batch,) int32 on `device`: the slots each row holds (cache_seqlens of the kernel)."""
@@ -99,6 +104,14 @@ class KVCache:
             t = torch.full((batch,), self.offset, dtype=torch.int32, device=device)
             self._seqlens, self._seqlens_at = t, self.offset
         return t
+
+    def rotary_tables(self, rotary, length: int, device) -> tuple[Tensor, Tensor]:
+        """rotary.tables covering the next `length` tokens' positions (made once per capacity)."""
+        needed = self.offset + length
+        tables = self._rotary_tables
+        if tables is None or tables[0].shape[0] < needed or tables[0].device != torch.device(device):
+            tables = self._rotary_tables = rotary.tables(max(needed, self.capacity), device)
+        return tables
 
     def key_mask(self, length: int, device) -> Optional[Tensor]:
         """(B, length) bool, True from each row's leftpad on; None without left padding."""

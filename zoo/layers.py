@@ -204,6 +204,12 @@ class Rotary(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
         return angles.cos(), angles.sin()
 
+    def tables(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """cos, sin (n, rotary_dim / 2) float32 of positions 0..n-1: FlashAttention-2's rotary_cos /
+        rotary_sin, the form kernels.flash_attn_with_kvcache rotates with (as rope's angles)."""
+        angles = torch.arange(n, device=device).float()[:, None] * self.inv_freq.to(device)
+        return angles.cos(), angles.sin()
+
     def rope(self, positions: Tensor) -> tuple:
         """The angles of integer positions, in the form apply_rotary(x, *rope) takes.
 
