@@ -329,12 +329,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
     metrics = ("ms", "tflops") if device == "cpu" else ("tflops",)
     for metric in metrics:
         print(format_table(report, metric))
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(report, out / "attention.json")
-        plot(report, out / "attention.png")
-        print(f"wrote {out / 'attention.json'} and {out / 'attention.png'}")
+    write_outputs(report, out_dir, "attention", plot=plot)
     return report
 
 
@@ -404,6 +399,25 @@ def format_table(report: dict, metric: str = "tflops") -> str:
 def write_json(report: dict, path) -> None:
     """Writes the report as JSON (strict: no NaN or Infinity)."""
     Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def write_outputs(report: dict, out_dir: Optional[str], name: str, table: Optional[str] = None,
+                  plot: Optional[Callable[[dict, Path], None]] = None) -> None:
+    """Writes <name>.json, and <name>.md (the table) and <name>.png (plot(report, path)) when
+    given, to out_dir (created if needed); says what it wrote. out_dir None writes nothing."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{name}.json"]
+    write_json(report, written[0])
+    if table is not None:
+        written.append(out / f"{name}.md")
+        written[-1].write_text(table)
+    if plot is not None:
+        written.append(out / f"{name}.png")
+        plot(report, written[-1])
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 def plot(report: dict, path) -> None:

@@ -27,7 +27,6 @@ import shlex
 import sys
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,7 +35,7 @@ import triton
 from kernels import reference_only
 from kernels.decoding_interface import flash_attn_with_kvcache
 from kernels.sdpa import torch_sdpa  # torch's own SDPA, even if someone patched F's
-from tasks.bench_attention import _timed, run_metadata, write_json
+from tasks.bench_attention import _timed, run_metadata, write_outputs
 
 OURS = "tritonzoo"
 GPU_CACHE_LENS = (4096, 8192, 16384, 32768, 65536)
@@ -224,13 +223,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
             del step
     table = format_table(report)
     print(table)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(report, out / "decode.json")
-        (out / "decode.md").write_text(table)
-        plot(report, out / "decode.png")
-        print(f"wrote {out / 'decode.json'}, {out / 'decode.md'} and {out / 'decode.png'}")
+    write_outputs(report, out_dir, "decode", table, plot)
     return report
 
 

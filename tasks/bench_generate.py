@@ -27,14 +27,13 @@ import contextlib
 import copy
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 import zoo
 from kernels import reference_only
-from tasks.bench_attention import run_metadata, write_json
+from tasks.bench_attention import run_metadata, write_outputs
 from tasks.compare_measure import median_step_ms
 
 GPU_TITLE = "Greedy generation: zoo GPT-2 (triton / sdpa backends) vs Hugging Face generate, same weights"
@@ -218,12 +217,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
             print(f"  measured B={w.batch} P={w.prompt_len} N={w.new_tokens}", file=sys.stderr)
     table = format_table(report)
     print(table)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(report, out / "generate.json")
-        (out / "generate.md").write_text(table)
-        print(f"wrote {out / 'generate.json'} and {out / 'generate.md'}")
+    write_outputs(report, out_dir, "generate", table)
     return report
 
 

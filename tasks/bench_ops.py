@@ -34,7 +34,7 @@ from kernels.activations import geglu, gelu, swiglu
 from kernels.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from kernels.norms import add_rms_norm, layer_norm, rms_norm
 from kernels.rotary import apply_rotary_emb
-from tasks.bench_attention import AccuracyError, run_metadata, time_ms, write_json
+from tasks.bench_attention import AccuracyError, run_metadata, time_ms, write_json, write_outputs
 from tasks.ops_resources import hopper_resources
 
 OURS, EAGER, COMPILE = "tritonzoo", "eager", "compile"
@@ -302,12 +302,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
             print(f"  measured {case.label}", file=sys.stderr)
             del leaves, consts, grads
     print(format_table(report))
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(report, out / "ops.json")
-        plot(report, out / "ops.png")
-        print(f"wrote {out / 'ops.json'} and {out / 'ops.png'}")
+    write_outputs(report, out_dir, "ops", plot=plot)
     return report
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from tasks import bench_decode
+from tasks.bench_attention import write_json
 from tasks.bench_decode import Shape
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -122,7 +123,7 @@ def test_table_from_synthetic_report(tmp_path):
     assert rows[3][7] == "n/a" and rows[3][11] == "2.50 (sdpa-flash)"
     assert "- sdpa-cudnn, B=16 L=65536 graph: RuntimeError: No available kernel." in lines
 
-    bench_decode.write_json(report, tmp_path / "decode.json")
+    write_json(report, tmp_path / "decode.json")
     assert json.loads((tmp_path / "decode.json").read_text()) == report
     bench_decode.plot(report, tmp_path / "decode.png")
     assert (tmp_path / "decode.png").read_bytes()[:8] == PNG_MAGIC
