@@ -42,7 +42,11 @@ INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 LOG2E = tl.constexpr(1.4426950408889634)
 
-_BLOCK_M, _BLOCK_N = (8, 512) if INTERPRET else (16, 256)
+#: The GPU's tile (rows x columns, warps): 16 elements per thread per tensor, so GeGLU's
+#: backward stays under 128 registers. The interpreter runs its own, wider-row tile;
+#: tests/test_gpu_tiles_interpreter.py runs the GPU's through it too.
+GPU_TILE = dict(BLOCK_M=16, BLOCK_N=256, num_warps=8)
+_TILE = dict(BLOCK_M=8, BLOCK_N=512, num_warps=4) if INTERPRET else GPU_TILE
 
 
 @triton.jit
@@ -142,11 +146,7 @@ def _launch(kernel):
 
 
 def _grid(M, N):
-    return (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, _BLOCK_N))
-
-
-# 16 elements per thread per tensor on the GPU (GeGLU's backward stays under 128 registers).
-_TILE = dict(BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=4 if INTERPRET else 8)
+    return (triton.cdiv(M, _TILE["BLOCK_M"]), triton.cdiv(N, _TILE["BLOCK_N"]))
 
 
 # --------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def gelu_triton_bwd(dy, x, bias, act):
     """(dx, float32 dbias or empty) of gelu(x + bias)."""
     M, N = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    tiles = triton.cdiv(M, _BLOCK_M)
+    tiles = triton.cdiv(M, _TILE["BLOCK_M"])
     db_part = x.new_zeros((tiles, N), dtype=torch.float32) if bias is not None else x.new_empty(0)
     if dx.numel():
         _launch(_gelu_bwd_kernel)[_grid(M, N)](dy, x, bias if bias is not None else x, dx,

@@ -39,7 +39,10 @@ from .runtime import INTERPRET, reference_only, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-_MAX_BLOCK_V = 256 if INTERPRET else 8192
+#: Vocabulary chunk of one program's loop on the GPU; the interpreter uses a small one so
+#: that small vocabularies still cross chunks.
+GPU_MAX_BLOCK_V = 8192
+_MAX_BLOCK_V = 256 if INTERPRET else GPU_MAX_BLOCK_V
 
 
 @triton.jit

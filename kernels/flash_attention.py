@@ -636,6 +636,10 @@ def _dropout_mask_kernel(Mask, Seed, nheads, seqlen_q, seqlen_k, dropout_thresh,
 _INTERPRET_FWD = dict(BLOCK_M=32, BLOCK_N=16)
 _INTERPRET_DKDV = dict(BLOCK_M=16, BLOCK_N=32)
 _INTERPRET_DQ = dict(BLOCK_M=32, BLOCK_N=16)
+# The dropout-mask kernel's tile (the mask does not depend on it: each element's draw is
+# keyed by its own coordinates).
+GPU_DROPOUT_MASK_BLOCK = (64, 64)
+_DROPOUT_MASK_BLOCK = (32, 16) if INTERPRET else GPU_DROPOUT_MASK_BLOCK
 
 # GPU candidates, chosen so ptxas (sm_90a, bf16) reports no or few register spills for
 # them; the autotuner picks among them per key: head-dim block, masks, dtype, GQA group
@@ -860,7 +864,7 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p, device):
     mask = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.bool, device=device)
     if mask.numel() == 0:
         return mask
-    block_m, block_n = (32, 16) if INTERPRET else (64, 64)
+    block_m, block_n = _DROPOUT_MASK_BLOCK
     _launcher(_dropout_mask_kernel)[(triton.cdiv(seqlen_q, block_m), nheads, batch)](
         mask, seed, nheads, seqlen_q, seqlen_k, dropout_threshold(dropout_p),
         mask.stride(0), mask.stride(1), mask.stride(2), BLOCK_M=block_m, BLOCK_N=block_n)

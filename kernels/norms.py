@@ -41,7 +41,8 @@ MAX_HIDDEN = 1 << 20
 #: Rows up to this many (power-of-two padded) elements are held whole in registers; on
 #: an H100 8192 fp32 values over 16 warps is 16 per thread per live tensor, no spills.
 #: The interpreter uses a small limit so that the tests reach the looped kernels.
-MAX_FUSED_BLOCK = 1024 if INTERPRET else 8192
+GPU_MAX_FUSED_BLOCK = 8192
+MAX_FUSED_BLOCK = 1024 if INTERPRET else GPU_MAX_FUSED_BLOCK
 #: Tile size of the short-row kernels: several rows per program when rows are short.
 _TILE_ELEMENTS = 4096
 

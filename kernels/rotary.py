@@ -38,7 +38,11 @@ from .runtime import INTERPRET, reference_only, use_triton
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
 #: Heads per program: cos/sin are loaded once per (positions, heads) tile.
-_HEADS_PER_PROGRAM = 4 if INTERPRET else 8
+GPU_HEADS_PER_PROGRAM = 8
+_HEADS_PER_PROGRAM = 4 if INTERPRET else GPU_HEADS_PER_PROGRAM
+#: Most positions per tile (fewer for wide heads: about 1024 rotated pairs per tile).
+GPU_MAX_BLOCK_S = 64
+_MAX_BLOCK_S = 16 if INTERPRET else GPU_MAX_BLOCK_S
 
 
 @triton.jit
@@ -117,7 +121,7 @@ def rotary_triton(x, out, cos, sin, seqlen_offsets, offset, position_ids, interl
         return
     block_half = max(triton.next_power_of_2(half), 2)
     # About 1024 rotated pairs per tile: 8 per thread over 4 warps, no register spills.
-    block_s = max(1, min(16 if INTERPRET else 64, 1024 // block_half))
+    block_s = max(1, min(_MAX_BLOCK_S, 1024 // block_half))
     copy_tail = not inplace and 2 * half < D
     dummy = cos
     grid = (triton.cdiv(S, block_s), triton.cdiv(H, _HEADS_PER_PROGRAM), B)
