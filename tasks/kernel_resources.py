@@ -7,6 +7,7 @@ kernels/flash_attention.py were chosen.
 
     python -m tasks.kernel_resources                 # the autotune candidates
     python -m tasks.kernel_resources --sweep         # every block shape (slow: ~1 s a compile)
+    python -m tasks.kernel_resources --features      # each feature flag on, then all of them
 """
 
 from __future__ import annotations
@@ -31,6 +32,29 @@ KERNELS = {"fwd": (fa._attn_fwd, fa._FWD_CANDIDATES), "dkdv": (fa._attn_bwd_dkdv
            "dq": (fa._attn_bwd_dq, fa._DQ_CANDIDATES)}
 FLAGS = dict(FP32=False, IS_VARLEN=False, BOTTOM_RIGHT=True, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False,
              HAS_ALIBI=False, HAS_BIAS=False, BIAS_IS_BOOL=False, HAS_DROPOUT=False)
+#: Feature variants over FLAGS (causal): the interpreter runs every branch, but only the
+#: compiler checks types strictly, and features add registers and shared memory.
+FEATURES = {
+    "causal": {}, "non-causal": dict(HAS_RIGHT=False, BOTTOM_RIGHT=False),
+    "varlen": dict(IS_VARLEN=True), "window": dict(HAS_LEFT=True), "softcap": dict(HAS_SOFTCAP=True),
+    "alibi": dict(HAS_ALIBI=True), "bias": dict(HAS_BIAS=True), "bool bias": dict(HAS_BIAS=True, BIAS_IS_BOOL=True),
+    "dropout": dict(HAS_DROPOUT=True),
+    "all": dict(IS_VARLEN=True, HAS_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_BIAS=True, HAS_DROPOUT=True),
+}
+#: Largest shared memory one block may use on an H100 (227 KiB).
+H100_MAX_SHARED = 232448
+
+
+def feature_variant(kernel: str, dtype: str, head_dim: int, feature: str) -> tuple:
+    """(fn, dtype, constexprs, num_warps, num_stages) of a kernel at its first autotune
+    candidate for (dtype, head_dim), with a FEATURES variant on."""
+    fn, candidates = KERNELS[kernel]
+    key = "fp32" if dtype == "fp32" else 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    bm, bn, w, s = candidates[key][0]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    flags = dict(FLAGS, **FEATURES[feature], FP32=dtype == "fp32", HEAD_DIM=head_dim, BLOCK_D=block_d,
+                 BLOCK_M=bm, BLOCK_N=bn)
+    return fn, dtype, flags, w, s
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -74,13 +98,25 @@ def resources(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="every block shape, not just the candidates")
+    parser.add_argument("--features", action="store_true",
+                        help="each feature flag on (at the first candidate), instead of the block shapes")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
     args = parser.parse_args(argv)
+    if args.features:
+        print("| kernel | D | dtype | feature | block_m x block_n | warps | registers | spill bytes | dot | smem |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, d, dtype, feature in itertools.product(KERNELS, args.head_dims, args.dtypes, FEATURES):
+            fn, dt, flags, w, s = feature_variant(name, dtype, d, feature)
+            r = resources(fn, dt, flags, w, s)
+            print(f"| {name} | {d} | {dtype} | {feature} | {flags['BLOCK_M']}x{flags['BLOCK_N']} | {w} | "
+                  f"{r['registers']} | {r['spill_stores']} | {r['dot']} | {r['shared']} |", flush=True)
+        return 0
     print("| kernel | D | dtype | block_m x block_n | warps | stages | registers | spill bytes | dot | smem |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (fn, candidates) in KERNELS.items():
         for d in args.head_dims:
-            for dtype in ("bf16", "fp32"):
+            for dtype in args.dtypes:
                 key = "fp32" if dtype == "fp32" else 64 if d <= 64 else 128 if d <= 128 else 256
                 if args.sweep:
                     shapes = [(bm, bn, w, 2) for bm, bn, w in itertools.product((16, 32, 64, 128), (16, 32, 64, 128),

@@ -216,3 +216,41 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu():
     assert report["dot"] == "wgmma"
     assert report["spill_stores"] == 0
     assert 0 < report["registers"] <= 255
+
+
+_COMPILE_EVERY_FEATURE = """
+import json
+from kernels import flash_attention as fa
+from tasks.kernel_resources import KERNELS, feature_variant, resources
+report = {}
+for name in KERNELS:
+    for dtype, d in (("bf16", 128), ("fp32", 64)):
+        report[f"{name} {dtype} D={d}"] = resources(*feature_variant(name, dtype, d, "all"))
+report["bwd preprocess bf16"] = resources(fa._attn_bwd_preprocess, "bf16", dict(
+    HEAD_DIM=128, BLOCK_D=128, IS_VARLEN=True, HAS_DLSE=True, BLOCK_M=64), 4, 1)
+block_m, block_n = fa.GPU_DROPOUT_MASK_BLOCK
+report["dropout mask"] = resources(fa._dropout_mask_kernel, "i1", dict(BLOCK_M=block_m, BLOCK_N=block_n), 4, 1)
+print(json.dumps(report))
+"""
+
+
+def test_every_attention_feature_compiles_for_hopper():
+    """Each attention kernel with every feature on at once (packed batch, window, softcap,
+    ALiBi, bias, dropout) compiles for sm_90a in bf16 and fp32, and fits in an H100's
+    shared memory; so do the backward's preprocess and the dropout-mask kernel. The
+    interpreter runs every branch but does not check types the way the compiler does."""
+    import json
+    import subprocess
+    import sys
+
+    from tasks.kernel_resources import H100_MAX_SHARED
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_EVERY_FEATURE], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report) == 8
+    for name, r in report.items():
+        assert 0 < r["registers"] <= 255 and r["shared"] <= H100_MAX_SHARED, (name, r)
+        if "bf16" in name and "preprocess" not in name:
+            assert r["dot"] == "wgmma", (name, r)
