@@ -540,16 +540,22 @@ base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, FP32=False, PAGED=False, HAS_
             HAS_NEW=True, HAS_ROTARY=False, INTERLEAVED=True, ROTARY_Q_PER_TOKEN=False, HAS_SOFTCAP=False,
             HAS_ALIBI=False, HAS_LEFT=False, HAS_RIGHT=False, SPLIT=True, BLOCK_N=64)
 every = dict(base, PAGED=True, HAS_ROTARY=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_LEFT=True, HAS_RIGHT=True)
+# the flags "every" leaves off: cache rows, left padding, rotate-half with a rotation per query
+# token, one split; then fp32 inputs (FMA dots) without new keys
+rest = dict(base, HAS_BATCH_IDX=True, HAS_LEFTPAD=True, HAS_ROTARY=True, INTERLEAVED=False,
+            ROTARY_Q_PER_TOKEN=True, SPLIT=False)
+fp32_no_new = dict(base, FP32=True, HAS_NEW=False, BLOCK_N=32)
 ints = {"SeqLens", "BatchIdx", "LeftPad", "BlockTable"}
 fp32 = {"Alibi", "Lse", "OutPart", "LsePart"}
 report = {}
-for name, flags in (("every", every),):
+for name, flags in (("every", every), ("rest", rest), ("fp32, no new keys", fp32_no_new)):
+    dtype = "fp32" if flags["FP32"] else "bf16"
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in flags:
             sig[arg] = "constexpr"
         elif arg[0].isupper():
-            sig[arg] = "*i32" if arg in ints else "*fp32" if arg in fp32 else "*bf16"
+            sig[arg] = "*i32" if arg in ints else "*fp32" if arg in fp32 else f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in ("sm_scale", "qk_scale", "softcap"):
             sig[arg] = "fp32"
@@ -570,7 +576,7 @@ for name, flags in (("every", every),):
     report[name] = {"registers": int(re.search(r"Used (\\d+) registers", out).group(1)),
                     "spill": int(spill.group(1)) if spill else 0, "shared": compiled.metadata.shared,
                     "cp_async_16": len(re.findall(r"cp\\.async\\.cg\\.shared\\.global[^;]*0x10", ptx)),
-                    "mma": "mma.sync" in ptx or "wgmma" in ptx}
+                    "mma": "mma.sync" in ptx or "wgmma" in ptx, "fp32": flags["FP32"]}
 print(json.dumps(report))
 """
 
@@ -579,7 +585,8 @@ def test_kernel_compiles_for_hopper_without_spills():
     """The split kernel, every feature on (paged, rotary, softcap, ALiBi, window), compiles for
     sm_90a (what the interpreter cannot check): no register spills, the K/V tiles move by
     16-byte cp.async (pipelined), the dots on tensor cores, shared memory leaves room for
-    two programs per SM."""
+    two programs per SM. So do the flags it leaves off (cache rows, left padding, rotate-half
+    per query token, one split), and the fp32 kernel compiles and fits."""
     import json
     import os
     import subprocess
@@ -589,7 +596,9 @@ def test_kernel_compiles_for_hopper_without_spills():
     out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], capture_output=True, text=True, check=True,
                          env=env)
     report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report) == 3
     for name, r in report.items():
-        assert r["spill"] == 0 and r["registers"] <= 255, (name, r)
-        assert r["mma"] and r["cp_async_16"] > 0, (name, r)
-        assert r["shared"] <= 228 * 1024 // 2, (name, r)
+        assert r["registers"] <= 255 and r["shared"] <= 228 * 1024 // 2, (name, r)
+        if not r["fp32"]:  # fp32 is the correctness path: FMA dots, no speed target
+            assert r["spill"] == 0, (name, r)
+            assert r["mma"] and r["cp_async_16"] > 0, (name, r)
