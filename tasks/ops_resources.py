@@ -39,14 +39,15 @@ def kernel_variants() -> list[tuple]:
     for interleaved in (False, True):
         variants.append((f"rotary {'gptj' if interleaved else 'neox'} D=128 rotary 64", rotary._rotary_kernel,
                          types, dict(INTERLEAVED=interleaved, CONJ=False, HAS_OFFSETS=True, HAS_POS=False,
-                                     COPY_TAIL=True, BLOCK_S=32, BLOCK_HALF=32, BLOCK_TAIL=64, HEADS=8), 4))
-    tile = dict(BLOCK_M=activations._BLOCK_M, BLOCK_N=activations._BLOCK_N)
+                                     COPY_TAIL=True, BLOCK_S=32, BLOCK_HALF=32, BLOCK_TAIL=64,
+                                     HEADS=rotary.GPU_HEADS_PER_PROGRAM), 4))
+    tile = dict(BLOCK_M=activations.GPU_TILE["BLOCK_M"], BLOCK_N=activations.GPU_TILE["BLOCK_N"])
+    warps = activations.GPU_TILE["num_warps"]
     variants.append(("gelu bwd tanh + bias", activations._gelu_bwd_kernel, types,
-                     dict(tile, ACT=activations.GELU_TANH, HAS_B=True), activations._TILE["num_warps"]))
-    variants.append(("geglu bwd erf", activations._glu_bwd_kernel, types, dict(tile, ACT=activations.GELU_ERF),
-                     activations._TILE["num_warps"]))
+                     dict(tile, ACT=activations.GELU_TANH, HAS_B=True), warps))
+    variants.append(("geglu bwd erf", activations._glu_bwd_kernel, types, dict(tile, ACT=activations.GELU_ERF), warps))
     variants.append(("cross_entropy, vocab a multiple of 16, smoothing", ce._ce_kernel, types,
-                     dict(HAS_GRAD=True, MEAN=True, SMOOTH=True, HAS_ROW_SCALE=False, BLOCK_V=ce._MAX_BLOCK_V), 16))
+                     dict(HAS_GRAD=True, MEAN=True, SMOOTH=True, HAS_ROW_SCALE=False, BLOCK_V=ce.GPU_MAX_BLOCK_V), 16))
     return variants
 
 
@@ -90,3 +91,76 @@ def hopper_resources(variants: Optional[list] = None) -> list[dict]:
     return rows
 
 
+
+
+def flag_variants() -> list[tuple]:
+    """Every combination of each op kernel's feature flags, at its launcher's GPU tile, in bf16
+    (and all flags on in fp32): (name, jit function, types, constexprs, num_warps).
+
+    The interpreter runs each branch, but only the compiler checks types strictly; a
+    combination no test launches on a GPU would otherwise fail there first.
+    """
+    import importlib
+    import itertools
+
+    from kernels import activations, norms, rotary
+
+    ce = importlib.import_module("kernels.cross_entropy")
+    base_types = dict(kernel_variants()[0][2])
+
+    def combos(names):
+        return [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
+
+    variants = []
+    for dtype in ("bf16", "fp32"):
+        types = dict(base_types, **({"X": "*fp32", "R": "*fp32", "Y": "*fp32", "S": "*fp32", "DY": "*fp32",
+                                     "DS": "*fp32", "DX": "*fp32", "W": "*fp32", "B": "*fp32"} if dtype == "fp32"
+                                    else {}))
+
+        def pick(flag_sets):
+            return flag_sets if dtype == "bf16" else flag_sets[-1:]  # fp32: every flag on
+
+        for hidden in (4096, 16384):
+            fused, bm, bn, warps = norms._plan(hidden)
+            tile = dict(BLOCK_N=bn, **({"BLOCK_M": bm} if fused else {}))
+            fwd, bwd = (norms._fwd_fused, norms._bwd_fused) if fused else (norms._fwd_looped, norms._bwd_looped)
+            for flags in pick(combos(("IS_RMS", "HAS_RES", "HAS_W", "HAS_B"))):
+                variants.append((f"norm fwd N={hidden} {dtype} {flags}", fwd, types, dict(flags, **tile), warps))
+            for flags in pick(combos(("IS_RMS", "HAS_W", "HAS_B", "HAS_DS"))):
+                variants.append((f"norm bwd N={hidden} {dtype} {flags}", bwd, types, dict(flags, **tile),
+                                 min(16, 2 * warps)))
+        rot_types = dict(types, X=f"*{dtype}", Out=f"*{dtype}")
+        for flags in pick(combos(("INTERLEAVED", "CONJ", "HAS_OFFSETS", "HAS_POS", "COPY_TAIL"))):
+            variants.append((f"rotary {dtype} {flags}", rotary._rotary_kernel, rot_types,
+                             dict(flags, BLOCK_S=32, BLOCK_HALF=32, BLOCK_TAIL=64, HEADS=rotary.GPU_HEADS_PER_PROGRAM),
+                             4))
+        act_types = {k: f"*{dtype}" for k in ("X", "B", "Y", "DY", "DX", "DB", "Yg", "Out", "DO", "DYg")}
+        tile = {k: activations.GPU_TILE[k] for k in ("BLOCK_M", "BLOCK_N")}
+        warps = activations.GPU_TILE["num_warps"]
+        gelus = [dict(ACT=act, HAS_B=has_b) for act in (activations.GELU_ERF, activations.GELU_TANH)
+                 for has_b in (False, True)]
+        glus = [dict(ACT=act) for act in (activations.SILU, activations.GELU_ERF, activations.GELU_TANH)]
+        for kernel, flag_sets in ((activations._gelu_fwd_kernel, gelus), (activations._gelu_bwd_kernel, gelus),
+                                  (activations._glu_fwd_kernel, glus), (activations._glu_bwd_kernel, glus)):
+            for flags in pick(flag_sets):
+                variants.append((f"{kernel.__name__} {dtype} {flags}", kernel, act_types, dict(flags, **tile), warps))
+        ce_types = dict(types, Logits=f"*{dtype}", Grad=f"*{dtype}")
+        for flags in pick(combos(("HAS_GRAD", "MEAN", "SMOOTH", "HAS_ROW_SCALE"))):
+            variants.append((f"cross_entropy {dtype} {flags}", ce._ce_kernel, ce_types,
+                             dict(flags, BLOCK_V=ce.GPU_MAX_BLOCK_V), 16))
+    return variants
+
+
+def compile_for_hopper(variants: list[tuple]) -> list[dict]:
+    """Compiles each variant for sm_90a (Triton's ptxas included; no GPU needed): name and shared memory."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rows = []
+    for name, fn, types, constexprs, warps in variants:
+        sig = {a: "constexpr" if a in constexprs else
+               types.get(a, "*bf16" if a[0].isupper() and a not in ("M", "N", "V") else "i32") for a in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        rows.append({"kernel": name, "shared": compiled.metadata.shared})
+    return rows

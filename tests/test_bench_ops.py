@@ -141,6 +141,22 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
         assert k["spill_bytes"] == 0 and 0 < k["registers"] <= 255 and k["loads_16B"] > 0, k
 
 
+def test_every_flag_combination_compiles_for_hopper():
+    """Every combination of each op kernel's feature flags compiles for sm_90a at its GPU tile
+    in bf16 (all flags on in fp32) and fits in an H100's shared memory: the interpreter
+    runs each branch, but only the compiler checks types strictly (a fresh process: this
+    one has the interpreter on)."""
+    code = ("import json; from tasks.ops_resources import flag_variants, compile_for_hopper; "
+            "print(json.dumps(compile_for_hopper(flag_variants())))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    # norms 2 x (16 + 16), rotary 32, GELU 2 x 4, GLU 2 x 3, cross-entropy 16; fp32: all flags on, one each (10)
+    assert len(rows) == 64 + 32 + 8 + 6 + 16 + 10
+    assert all(r["shared"] <= 232448 for r in rows), [r for r in rows if r["shared"] > 232448]
+
+
 # --------------------------------------------------------------------------------------
 # GPU: the quick sweep, and the issue's targets on an H100
 # --------------------------------------------------------------------------------------
