@@ -84,6 +84,23 @@ def test_wrong_data_path_names_the_path(tmp_path):
               "--trainer.fast_dev_run=true"], tmp_path)
 
 
+def test_data_module_loaders():
+    """Every data module's loaders (tasks/data/loaders.py): asking before setup() names the
+    module; training shuffles unless shuffle=False; val, test and predict keep their order."""
+    dm = DigitsDataModule(batch_size=32)
+    with pytest.raises(RuntimeError, match=r"DigitsDataModule: call setup\(\)"):
+        dm.train_dataloader()
+    dm.setup()
+    first = [next(iter(dm.train_dataloader()))[1] for _ in range(2)]
+    assert not torch.equal(*first)  # two epochs' first batches: reshuffled
+    for loader in (dm.val_dataloader, dm.test_dataloader, dm.predict_dataloader):
+        assert torch.equal(next(iter(loader()))[1], next(iter(loader()))[1])
+    assert torch.equal(next(iter(dm.predict_dataloader()))[1], next(iter(dm.test_dataloader()))[1])
+    fixed = DigitsDataModule(batch_size=32, shuffle=False)
+    fixed.setup()
+    assert torch.equal(next(iter(fixed.train_dataloader()))[1], next(iter(fixed.train_dataloader()))[1])
+
+
 def test_digits_converges(tmp_path, capsys):
     """A short run of the README's main job: far above chance (10%) on held-out digits."""
     with kernels.reference_only():

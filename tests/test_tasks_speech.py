@@ -225,9 +225,9 @@ def test_speech_commands_follows_the_official_lists(tmp_path):
     dm = SpeechCommandsDataModule(root=str(tmp_path), words=["yes", "no"], batch_size=4, num_workers=0)
     dm.setup("fit")
     assert dm.classes == ["yes", "no", "_unknown_"] and dm.num_classes == 3
-    assert sorted(label for _, label in dm.sets["val"].items) == [0, 2]
-    assert [label for _, label in dm.sets["test"].items] == [1]
-    assert len(dm.sets["train"]) == 9 - 3
+    assert sorted(label for _, label in dm.val_set.items) == [0, 2]
+    assert [label for _, label in dm.test_set.items] == [1]
+    assert len(dm.train_set) == 9 - 3
     waveforms, lengths, labels = next(iter(dm.val_dataloader()))
     assert waveforms.shape == (2, SAMPLE_RATE // 2) and lengths.tolist() == [SAMPLE_RATE // 2] * 2
     everything = SpeechCommandsDataModule(root=str(tmp_path), num_workers=0)

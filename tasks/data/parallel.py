@@ -13,12 +13,11 @@ import os
 import random
 from typing import Optional, Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from zoo.seq2seq import shift_tokens_right
 
+from .loaders import SplitDataModule
 from .tokenizers import make_tokenizer, tokenizer_from_state
 
 
@@ -51,7 +50,7 @@ class Seq2SeqCollate:
                 "labels": labels, "source_text": [s for s, _ in pairs], "target_text": [t for _, t in pairs]}
 
 
-class PairsDataModule(L.LightningDataModule):
+class PairsDataModule(SplitDataModule):
     """Base of the parallel-text data modules: loaders with Seq2SeqCollate, the tokenizer's state.
 
     Subclasses set self.tokenizer and self.train_set / val_set / test_set (datasets of
@@ -60,31 +59,12 @@ class PairsDataModule(L.LightningDataModule):
     """
 
     def __init__(self, batch_size: int, num_workers: int, max_length: int):
-        super().__init__()
-        self.batch_size, self.num_workers, self.max_length = batch_size, num_workers, max_length
+        super().__init__(batch_size, num_workers)
+        self.max_length = max_length
         self.tokenizer = None
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
 
-    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
-        if dataset is None or self.tokenizer is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=Seq2SeqCollate(self.tokenizer, self.max_length),
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self):
-        return self._loader(self.test_set, shuffle=False)
+    def collate_fn(self, train: bool):
+        return Seq2SeqCollate(self.tokenizer, self.max_length)
 
     def state_dict(self) -> dict:
         return {"tokenizer": self.tokenizer.state()} if self.tokenizer is not None else {}

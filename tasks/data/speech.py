@@ -20,11 +20,12 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Union
 
-import lightning as L
 import torch
 import torchaudio
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from .loaders import SplitDataModule
 
 
 SAMPLE_RATE = 16000
@@ -88,37 +89,11 @@ def collate_waveforms(items: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.
     return waveforms, lengths, torch.tensor([label for _, label in items], dtype=torch.long)
 
 
-class _Loaders(L.LightningDataModule):
-    """Loaders over self.sets["train" | "val" | "test"] with self.collate."""
+class WaveformDataModule(SplitDataModule):
+    """Loaders of (waveform, label) items, batched by collate_waveforms."""
 
-    def __init__(self, batch_size: int, num_workers: int):
-        super().__init__()
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.sets: Optional[dict[str, Dataset]] = None
-
-    def collate_fn(self):
-        """The loaders' collate function: a plain picklable callable."""
+    def collate_fn(self, train: bool):
         return collate_waveforms
-
-    def _loader(self, split: str) -> DataLoader:
-        if self.sets is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
-        return DataLoader(self.sets[split], batch_size=self.batch_size, shuffle=split == "train",
-                          num_workers=self.num_workers, collate_fn=self.collate_fn(),
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train")
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
-
-    def predict_dataloader(self):
-        return self._loader("test")
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +196,7 @@ class KeywordClips(Dataset):
         return out + noise_std * torch.randn(window, generator=g), int(self.labels[i])
 
 
-class KeywordDataModule(_Loaders):
+class KeywordDataModule(WaveformDataModule):
     """Spoken keywords synthesized offline with espeak-ng; val/test voices are never heard in training.
 
     A voice is an English espeak-ng language (accent) with a speaker variant; variants are
@@ -332,7 +307,7 @@ class KeywordDataModule(_Loaders):
         except Exception as e:
             raise RuntimeError(f"cannot read the keyword cache {path!r} ({e}); delete it to synthesize "
                                f"the set again") from e
-        self.sets = {split: self.dataset(split) for split in ("train", "val", "test")}
+        self.train_set, self.val_set, self.test_set = (self.dataset(split) for split in ("train", "val", "test"))
 
     def dataset(self, split: str) -> KeywordClips:
         """The augmented items of "train", "val" or "test" (after setup)."""

@@ -15,7 +15,7 @@ import torch
 import torchaudio
 from torch.utils.data import Dataset
 
-from .speech import SAMPLE_RATE, _Loaders, collate_waveforms, read_audio, read_wav
+from .speech import SAMPLE_RATE, WaveformDataModule, collate_waveforms, read_audio, read_wav
 from .tokenizers import CharTokenizer, tokenizer_from_state
 from .vision import require_dir
 
@@ -51,7 +51,7 @@ class _SpeechCommandsItems(Dataset):
         return samples, label
 
 
-class SpeechCommandsDataModule(_Loaders):
+class SpeechCommandsDataModule(WaveformDataModule):
     """Google Speech Commands v2 from a local copy: root/SpeechCommands/speech_commands_v0.02/<word>/*.wav.
 
     torchaudio's SPEECHCOMMANDS (download=False) with the official validation_list.txt and
@@ -78,7 +78,7 @@ class SpeechCommandsDataModule(_Loaders):
         return len(self.classes)
 
     def setup(self, stage: Optional[str] = None):
-        if self.sets is not None:
+        if self.train_set is not None:
             return
         folder = require_dir(os.path.join(self.root, "SpeechCommands", "speech_commands_v0.02"),
                              "Speech Commands v2 (torchaudio's layout, root/SpeechCommands/speech_commands_v0.02)")
@@ -91,10 +91,9 @@ class SpeechCommandsDataModule(_Loaders):
         index = {w: i for i, w in enumerate(words)}
         unknown = len(words) if self.words and self.unknown else None
         archive = os.path.join(self.root, "SpeechCommands")
-        self.sets = {split: _SpeechCommandsItems(
+        self.train_set, self.val_set, self.test_set = (_SpeechCommandsItems(
             torchaudio.datasets.SPEECHCOMMANDS(self.root, download=False, subset=subset), archive, index, unknown,
-            self.shift if split == "train" else 0.0)
-            for split, subset in (("train", "training"), ("val", "validation"), ("test", "testing"))}
+            self.shift if subset == "training" else 0.0) for subset in ("training", "validation", "testing"))
 
 
 # Upper-case letters, apostrophe and space: every character of LibriSpeech's transcripts.
@@ -138,7 +137,7 @@ class _LibriSpeechItems(Dataset):
         return samples, transcript
 
 
-class LibriSpeechDataModule(_Loaders):
+class LibriSpeechDataModule(WaveformDataModule):
     """LibriSpeech from a local copy (root/LibriSpeech/<subset>/...flac), for CTC with characters.
 
     torchaudio's LIBRISPEECH (download=False). The tokenizer is a CharTokenizer over
@@ -156,11 +155,11 @@ class LibriSpeechDataModule(_Loaders):
         self.val_subset, self.test_subset = val_subset, test_subset
         self.tokenizer = CharTokenizer(LIBRISPEECH_ALPHABET)
 
-    def collate_fn(self):
+    def collate_fn(self, train: bool):
         return TranscriptCollate(self.tokenizer)  # the tokenizer of the moment: load_state_dict may replace it
 
     def setup(self, stage: Optional[str] = None):
-        if self.sets is not None:
+        if self.train_set is not None:
             return
         archive = os.path.join(self.root, "LibriSpeech")
 
@@ -171,8 +170,8 @@ class LibriSpeechDataModule(_Loaders):
             return _LibriSpeechItems([torchaudio.datasets.LIBRISPEECH(self.root, url=n, download=False)
                                       for n in names], archive)
 
-        self.sets = {"train": subsets(self.train_subsets), "val": subsets([self.val_subset]),
-                     "test": subsets([self.test_subset])}
+        self.train_set = subsets(self.train_subsets)
+        self.val_set, self.test_set = subsets([self.val_subset]), subsets([self.test_subset])
 
     def state_dict(self) -> dict:
         return {"tokenizer": self.tokenizer.state()}

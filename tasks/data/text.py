@@ -27,10 +27,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from .loaders import SplitDataModule
 from .tokenizers import make_tokenizer, tokenizer_from_state
-from .vision import _Loaders
 
 Document = tuple[str, str]  # (name, text)
 CORPORA = ("pydoc_topics", "stdlib")
@@ -151,7 +151,7 @@ def unigram_cross_entropy(train_ids: Tensor, eval_ids: Tensor, vocab_size: int) 
     return float(-log_p[eval_ids].mean())
 
 
-class _TextDataModule(_Loaders):
+class _TextDataModule(SplitDataModule):
     """Shared by the text data modules: documents, split, tokenizer (fitted on train) and its state."""
 
     def __init__(self, corpora: Sequence[str], paths: Union[str, Sequence[str], None], suffixes: Sequence[str],
@@ -364,8 +364,6 @@ class MaskedLMDataModule(_TextDataModule):
             setattr(self, f"{split}_set", _Sequences(sequences))
         self.unigram_baseline = unigram_cross_entropy(content["train"], content["val"], self.tokenizer.vocab_size)
 
-    def _loader(self, dataset, shuffle: bool):
-        seed = None if shuffle else self.mask_seed
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
-                          collate_fn=MaskingCollator(self.tokenizer, self.mask_prob, seed))
+    def collate_fn(self, train: bool):
+        # Training draws new masks every epoch; evaluation masks are fixed by mask_seed.
+        return MaskingCollator(self.tokenizer, self.mask_prob, None if train else self.mask_seed)

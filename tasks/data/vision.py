@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torch.utils.data import Dataset, TensorDataset, random_split
+
+from .loaders import SplitDataModule
 
 
 def require_dir(path: str, what: str) -> str:
@@ -15,33 +16,6 @@ def require_dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}: no directory at {os.path.abspath(path)!r}")
     return path
-
-
-class _Loaders(L.LightningDataModule):
-    """train/val/test/predict loaders over self.train_set, val_set, test_set."""
-
-    def __init__(self, batch_size: int, num_workers: int, shuffle: bool = True):
-        super().__init__()
-        self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
-
-    def _loader(self, dataset, shuffle: bool):
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, shuffle=self.shuffle)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self):
-        return self._loader(self.test_set, shuffle=False)
 
 
 class _Shift(Dataset):
@@ -70,7 +44,7 @@ class _Shift(Dataset):
         return image, label
 
 
-class DigitsDataModule(_Loaders):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn's handwritten digits: 1,797 real 8x8 grey images of 0-9, shipped with the package.
 
     A fixed split (seed `split_seed`): 1,257 train / 270 val / 270 test images. Pixels
@@ -107,7 +81,7 @@ class DigitsDataModule(_Loaders):
         self.val_set, self.test_set = subset(val), subset(test)
 
 
-class ImageFolderDataModule(_Loaders):
+class ImageFolderDataModule(SplitDataModule):
     """Images in class folders (root/train/<class>/*.png, root/val/<class>/*), torchvision's ImageFolder.
 
     Training: random resized crop and flip; evaluation: resize and center crop; ImageNet
@@ -135,7 +109,7 @@ class ImageFolderDataModule(_Loaders):
         self.num_classes = len(self.train_set.classes)
 
 
-class CIFAR10DataModule(_Loaders):
+class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 from a local copy (torchvision's layout, download=False): 45k/5k train/val split + the test set.
 
     Raises FileNotFoundError naming the folder when the files are not there.

@@ -1,0 +1,48 @@
+"""The loaders every data module shares: setup() fills train_set, val_set and test_set."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+
+class SplitDataModule(L.LightningDataModule):
+    """train/val/test/predict loaders over the datasets setup() puts in self.train_set,
+    val_set and test_set (predict reads the test split).
+
+    The training loader shuffles unless shuffle=False (exact comparisons); the others keep
+    their order. A module with its own batching overrides collate_fn.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, shuffle: bool = True):
+        super().__init__()
+        self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def collate_fn(self, train: bool) -> Optional[Callable]:
+        """The collate function of the training (train=True) or an evaluation loader; None is
+        torch's default. It must pickle, for loader workers."""
+        return None
+
+    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train and self.shuffle,
+                          num_workers=self.num_workers, collate_fn=self.collate_fn(train),
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
