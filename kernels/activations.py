@@ -20,7 +20,6 @@ torch.library ops: tritonzoo::gelu_fwd/gelu_bwd, tritonzoo::glu_fwd/glu_bwd; the
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import torch
@@ -214,15 +213,11 @@ def _act_reference(x: Tensor, act: int) -> Tensor:
     return F.gelu(x, approximate="tanh" if act == GELU_TANH else "none")
 
 
-def _act_grad_reference(x: Tensor, act: int) -> Tensor:
+def _act_backward_reference(grad: Tensor, x: Tensor, act: int) -> Tensor:
+    """grad * act'(x), by torch's fused backward of the activation."""
     if act == SILU:
-        sig = torch.sigmoid(x)
-        return sig * (1 + x * (1 - sig))
-    if act == GELU_ERF:
-        return 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2)))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-    k = math.sqrt(2 / math.pi)
-    t = torch.tanh(k * (x + 0.044715 * x.pow(3)))
-    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
+        return torch.ops.aten.silu_backward(grad, x)
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if act == GELU_TANH else "none")
 
 
 def gelu_reference_fwd(x, bias, act):
@@ -234,7 +229,7 @@ def gelu_reference_fwd(x, bias, act):
 def gelu_reference_bwd(dy, x, bias, act):
     """The PyTorch backward: (dx, float32 dbias or empty)."""
     xf = x.float() + bias.float() if bias is not None else x.float()
-    dx = dy.float() * _act_grad_reference(xf, act)
+    dx = _act_backward_reference(dy.float(), xf, act)
     db = dx.sum(0) if bias is not None else x.new_empty(0, dtype=torch.float32)
     return dx.to(x.dtype), db
 
@@ -256,7 +251,7 @@ def glu_reference_bwd(dout, x, y, act):
     """The PyTorch backward, laid out as glu_triton_bwd's."""
     a, b = _halves(x, y)
     af, do = a.float(), dout.float()
-    da = (do * b.float() * _act_grad_reference(af, act)).to(x.dtype)
+    da = _act_backward_reference(do * b.float(), af, act).to(x.dtype)
     db = (do * _act_reference(af, act)).to(b.dtype)
     if y is not None:
         return da, db

@@ -69,6 +69,9 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (max_q, max_k, dropout_p, scale, softcap, wl, wr, br)
     # The backward takes the forward's path, wherever and on whichever thread it runs.
     ctx.reference = not use_triton(q)
+    # An output that received no gradient (lse, usually) arrives as None, not zeros: the
+    # PyTorch path then skips the log-sum-exp's term (and can use torch's fused backward).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):

@@ -1,9 +1,11 @@
 """The PyTorch path of flash attention: the same semantics as the Triton kernels.
 
 CPU tensors run here when the Triton interpreter is off, so models train on a CPU.
-It is memory-efficient (queries in chunks: never a full S x S score tensor unless the
-chunk covers it), computes in float32, and draws dropout from the same Philox stream
-as the kernels, so for one seed both paths drop the same elements.
+It computes in float32. Plain attention (no mask but causal; no dropout, ALiBi, softcap
+or bias) runs torch's fused CPU flash attention; everything else runs the chunked path
+below: memory-efficient (queries in chunks: never a full S x S score tensor unless the
+chunk covers it), drawing dropout from the same Philox stream as the kernels, so for
+one seed both paths drop the same elements.
 
 Layout: padded q (B, Sq, H, D), k/v (B, Sk, Hk, D); packed (varlen) batches are
 padded to max_seqlen by index arithmetic (no host sync), run, and packed back.
@@ -247,10 +249,60 @@ class Packing:
         return out[: self.total]
 
 
+# --------------------------------------------------------------------------------------
+# Plain attention (no mask but causal, no dropout, ALiBi, softcap or bias): torch's own
+# fused CPU flash attention, run in float32, which returns the log-sum-exp too.
+# --------------------------------------------------------------------------------------
+
+
+def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
+                        bottom_right) -> Optional[bool]:
+    """is_causal for torch's CPU flash attention when it computes exactly this call, else None.
+
+    It covers no mask and causal with the diagonal at the keys' start (torch's is_causal),
+    which is also FlashAttention-2's bottom-right diagonal when Sq == Sk; every row then has
+    a key.
+    """
+    if (q.device.type != "cpu" or bias is not None or alibi_slopes is not None or dropout_p > 0 or softcap > 0
+            or window_left >= 0 or window_right > 0 or q.shape[1] == 0 or k.shape[1] == 0):
+        return None
+    causal = window_right == 0
+    if causal and bottom_right and q.shape[1] != k.shape[1]:
+        return None
+    return causal
+
+
+def _bhsd32(x: Tensor, groups: int = 1) -> Tensor:
+    """(B, S, Hk, D) -> (B, Hk * groups, S, D) float32: each key head repeated for its query heads."""
+    x = x.float()
+    return (x.repeat_interleave(groups, dim=2) if groups > 1 else x).transpose(1, 2)
+
+
+def _torch_flash_forward(q, k, v, softmax_scale, causal):
+    groups = q.shape[2] // k.shape[2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _bhsd32(q), _bhsd32(k, groups), _bhsd32(v, groups), 0.0, causal, scale=softmax_scale)
+    return out.transpose(1, 2).contiguous().to(q.dtype), lse.float().contiguous()
+
+
+def _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal):
+    B, Sk, Hk, D = k.shape
+    groups = q.shape[2] // Hk
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _bhsd32(dout), _bhsd32(q), _bhsd32(k, groups), _bhsd32(v, groups), _bhsd32(out), lse, 0.0, causal,
+        scale=softmax_scale)
+    dk, dv = (x.transpose(1, 2).reshape(B, Sk, Hk, groups, D).sum(3) for x in (dk, dv))
+    return dq.transpose(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes, seed,
             dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.forward."""
     if cu_seqlens_q is None:
+        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
+                                     bottom_right)
+        if causal is not None:
+            return _torch_flash_forward(q, k, v, softmax_scale, causal)
         return forward_padded(q, k, v, None, None, bias, alibi_slopes, seed, dropout_p, softmax_scale,
                               softcap, window_left, window_right, bottom_right)
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
@@ -266,6 +318,10 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
              alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.backward."""
     if cu_seqlens_q is None:
+        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
+                                     bottom_right)
+        if causal is not None and dlse is None:
+            return _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal)
         return backward_padded(dout, dlse, q, k, v, out, lse, None, None, bias, alibi_slopes, seed, dropout_p,
                                softmax_scale, softcap, window_left, window_right, bottom_right)
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])

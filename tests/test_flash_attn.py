@@ -330,6 +330,41 @@ def test_bfloat16_reference_path():
         _check(lambda *a: flash_attn_func(*a, causal=True), q, k, v, causal=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["causal", "cross", "gqa", "causal, Sq != Sk"])
+def test_reference_path_plain_attention_runs_torchs_flash(monkeypatch, dtype, case):
+    """On the PyTorch path, plain attention runs torch's fused CPU flash attention (in float32):
+    the same outputs, log-sum-exp and gradients as the chunked path, and the oracle's by
+    FA2's rule. Causal with Sq != Sk (FA2's bottom-right diagonal, not torch's is_causal)
+    stays on the chunked path."""
+    from kernels import attention_reference as ref
+
+    Sq, Sk, H, Hk = {"causal": (33, 33, 2, 2), "cross": (17, 40, 2, 2), "gqa": (29, 29, 4, 1),
+                     "causal, Sq != Sk": (20, 30, 2, 1)}[case]
+    causal = case != "cross"
+    q, k, v = _inputs(2, Sq, Sk, H, Hk, 32, dtype, "cpu")
+    calls = []
+    fast_fwd, fast_bwd = ref._torch_flash_forward, ref._torch_flash_backward
+    monkeypatch.setattr(ref, "_torch_flash_forward", lambda *a: calls.append("fwd") or fast_fwd(*a))
+    monkeypatch.setattr(ref, "_torch_flash_backward", lambda *a: calls.append("bwd") or fast_bwd(*a))
+
+    def run():
+        with reference_only():
+            out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+            return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    dout = torch.randn(2, Sq, H, 32, dtype=dtype)
+    fast = run()
+    assert calls == ([] if case == "causal, Sq != Sk" else ["fwd", "bwd"])
+    monkeypatch.setattr(ref, "_torch_flash_causal", lambda *a: None)
+    chunked = run()
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), fast, chunked):
+        tol = 1e-5 if dtype == torch.float32 or name == "lse" else 1e-2  # bf16: one rounding apart at most
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    with reference_only():
+        _check(lambda *a: flash_attn_func(*a, causal=causal), q, k, v, causal=causal)
+
+
 def test_autocast_casts_like_sdpa():
     q, k, v = _inputs(1, 16, 16, 2, 2, 16, torch.float32, "cpu")
     with reference_only(), torch.autocast("cpu", dtype=torch.bfloat16):

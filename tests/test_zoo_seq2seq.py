@@ -160,7 +160,9 @@ def test_learns_to_copy_variable_length_sequences():
         return src, mask, labels
 
     start = time.time()
-    for _ in range(400):
+    # 400 steps sat at the edge of convergence (seeds 0-3 reached 0.88-1.0 depending on float
+    # rounding); 700 reach 0.99-1.0 on seeds 0-3 on both attention paths.
+    for _ in range(700):
         src, mask, labels = batch(32)
         _, loss = model(src, shift_tokens_right(labels, BOS, PAD), src_mask=mask, labels=labels)
         opt.zero_grad()
