@@ -1,9 +1,9 @@
 """The PyTorch path of flash attention: the same semantics as the Triton kernels.
 
 CPU tensors run here when the Triton interpreter is off, so models train on a CPU.
-It computes in float32. Plain attention (no mask but causal; no dropout, ALiBi, softcap
-or bias) runs torch's fused CPU flash attention; everything else runs the chunked path
-below: memory-efficient (queries in chunks: never a full S x S score tensor unless the
+It computes in float32. Plain attention (no mask but causal, or packed sequences that
+all have a key; no dropout, ALiBi, softcap or bias) runs torch's fused CPU flash attention;
+everything else runs the chunked path below: memory-efficient (queries in chunks: never a full S x S score tensor unless the
 chunk covers it), drawing dropout from the same Philox stream as the kernels, so for
 one seed both paths drop the same elements.
 
@@ -34,13 +34,14 @@ _PHILOX_KEY_B = 0xBB67AE85
 
 
 def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32 bits of a * b for a constant a and int64 b in [0, 2^32)."""
-    # Split b in 16-bit halves so every product fits in int64.
-    lo_part = a * (b & 0xFFFF)
-    mid = a * (b >> 16) + (lo_part >> 16)
-    hi = mid >> 16
-    lo = ((mid & 0xFFFF) << 16) | (lo_part & 0xFFFF)
-    return hi, lo
+    """High and low 32 bits of a * b for a constant a and int64 b in [0, 2^32).
+
+    The product needs up to 64 unsigned bits: int64 multiplication wraps it to the same
+    bit pattern, so its low and high words are read off with masks (an arithmetic shift
+    sign-extends the high word; the mask drops that).
+    """
+    product = a * b
+    return (product >> 32) & _M32, product & _M32
 
 
 def philox_uint32(seed: Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> Tensor:
@@ -255,21 +256,35 @@ class Packing:
 # --------------------------------------------------------------------------------------
 
 
-def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
-                        bottom_right) -> Optional[bool]:
+def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right, bottom_right,
+                        packing: Optional[tuple["Packing", "Packing"]] = None) -> Optional[bool]:
     """is_causal for torch's CPU flash attention when it computes exactly this call, else None.
 
     It covers no mask and causal with the diagonal at the keys' start (torch's is_causal),
-    which is also FlashAttention-2's bottom-right diagonal when Sq == Sk; every row then has
-    a key.
+    which is also FlashAttention-2's bottom-right diagonal where a sequence has as many
+    queries as keys. Packed batches (packing = their Packing of q and k) run padded, with
+    an additive mask over the padded keys; every sequence must have a key, so that every
+    row does.
     """
     if (q.device.type != "cpu" or bias is not None or alibi_slopes is not None or dropout_p > 0 or softcap > 0
-            or window_left >= 0 or window_right > 0 or q.shape[1] == 0 or k.shape[1] == 0):
+            or window_left >= 0 or window_right > 0 or q.shape[0] == 0):
         return None
     causal = window_right == 0
-    if causal and bottom_right and q.shape[1] != k.shape[1]:
+    if packing is None:
+        if k.shape[1] == 0 or q.shape[1] == 0 or (causal and bottom_right and q.shape[1] != k.shape[1]):
+            return None
+        return causal
+    pq, pk = packing
+    if pq.valid.numel() == 0 or pk.valid.shape[1] == 0 or int(pk.lengths.min()) == 0:
+        return None
+    if causal and bottom_right and not torch.equal(pq.lengths, pk.lengths):
         return None
     return causal
+
+
+def _key_padding_mask(pk: "Packing") -> Tensor:
+    """(B, 1, 1, max_k) float32: 0 for a sequence's keys, -inf for the padding after them."""
+    return torch.zeros(pk.valid.shape, device=pk.valid.device).masked_fill(~pk.valid, -math.inf)[:, None, None]
 
 
 def _bhsd32(x: Tensor, groups: int = 1) -> Tensor:
@@ -278,19 +293,19 @@ def _bhsd32(x: Tensor, groups: int = 1) -> Tensor:
     return (x.repeat_interleave(groups, dim=2) if groups > 1 else x).transpose(1, 2)
 
 
-def _torch_flash_forward(q, k, v, softmax_scale, causal):
+def _torch_flash_forward(q, k, v, softmax_scale, causal, mask=None):
     groups = q.shape[2] // k.shape[2]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        _bhsd32(q), _bhsd32(k, groups), _bhsd32(v, groups), 0.0, causal, scale=softmax_scale)
+        _bhsd32(q), _bhsd32(k, groups), _bhsd32(v, groups), 0.0, causal, attn_mask=mask, scale=softmax_scale)
     return out.transpose(1, 2).contiguous().to(q.dtype), lse.float().contiguous()
 
 
-def _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal):
+def _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal, mask=None):
     B, Sk, Hk, D = k.shape
     groups = q.shape[2] // Hk
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         _bhsd32(dout), _bhsd32(q), _bhsd32(k, groups), _bhsd32(v, groups), _bhsd32(out), lse, 0.0, causal,
-        scale=softmax_scale)
+        attn_mask=mask, scale=softmax_scale)
     dk, dv = (x.transpose(1, 2).reshape(B, Sk, Hk, groups, D).sum(3) for x in (dk, dv))
     return dq.transpose(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -307,8 +322,13 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
                               softcap, window_left, window_right, bottom_right)
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
     pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
-    out, lse = forward_padded(pq.pad(q), pk.pad(k), pk.pad(v), pq.lengths, pk.lengths, bias, alibi_slopes, seed,
-                              dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right)
+    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
+                                 bottom_right, (pq, pk))
+    if causal is not None:  # rows past a sequence's queries compute garbage that packing drops
+        out, lse = _torch_flash_forward(pq.pad(q), pk.pad(k), pk.pad(v), softmax_scale, causal, _key_padding_mask(pk))
+    else:
+        out, lse = forward_padded(pq.pad(q), pk.pad(k), pk.pad(v), pq.lengths, pk.lengths, bias, alibi_slopes,
+                                  seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right)
     lse_packed = pq.pack(lse.transpose(1, 2))  # (total_q, H); rows of no sequence are 0
     lse_packed = torch.where(_covered(pq).view(-1, 1), lse_packed, math.inf)
     return pq.pack(out), lse_packed.transpose(0, 1).contiguous()
@@ -327,6 +347,16 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
     pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
     lse_pad = pq.pad(lse.transpose(0, 1)).transpose(1, 2)  # (B, H, max_q)
+    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
+                                 bottom_right, (pq, pk))
+    if causal is not None and dlse is None:
+        # Padding rows read packed row 0: a zero output gradient and an lse of +inf (no
+        # probability mass) make them add nothing to dk and dv.
+        dout_pad = pq.pad(dout) * pq.valid[:, :, None, None]
+        lse_pad = lse_pad.masked_fill(~pq.valid[:, None, :], math.inf)
+        dq, dk, dv = _torch_flash_backward(dout_pad, pq.pad(q), pk.pad(k), pk.pad(v), pq.pad(out), lse_pad,
+                                           softmax_scale, causal, _key_padding_mask(pk))
+        return pq.pack(dq), pk.pack(dk), pk.pack(dv)
     dlse_pad = pq.pad(dlse.transpose(0, 1)).transpose(1, 2) if dlse is not None else None
     dq, dk, dv = backward_padded(pq.pad(dout), dlse_pad, pq.pad(q), pk.pad(k), pk.pad(v), pq.pad(out), lse_pad,
                                  pq.lengths, pk.lengths, bias, alibi_slopes, seed, dropout_p, softmax_scale,

@@ -427,3 +427,45 @@ def test_key_padding_mask_errors():
         attention(q, q, q, key_padding_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seqlen_k\) = \(2, 5\)"):
         attention(q, q, q, key_padding_mask=torch.ones(2, 1, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("case", ["non-causal", "causal", "causal, lengths differ", "a sequence without keys"])
+def test_reference_path_packed_plain_attention_runs_torchs_flash(monkeypatch, case):
+    """Packed batches take torch's CPU flash attention too, padded with an additive mask over
+    the padded keys, when every sequence has a key (and, causal, as many queries as keys):
+    the chunked path's outputs, lse and gradients; rows of no sequence stay 0 / +inf."""
+    from kernels import attention_reference as ref
+
+    lens_q, lens_k = {"non-causal": ([5, 33, 1, 17], [9, 4, 33, 1]), "causal": ([5, 33, 1, 17], [5, 33, 1, 17]),
+                      "causal, lengths differ": ([5, 33, 1], [9, 33, 1]),
+                      "a sequence without keys": ([5, 3], [9, 0])}[case]
+    causal = case.startswith("causal")
+    fast = case in ("non-causal", "causal")
+    cu_q = torch.tensor([0] + lens_q).cumsum(0).int()
+    cu_k = torch.tensor([0] + lens_k).cumsum(0).int()
+    extra = 3  # rows past the last sequence: zero output and gradient, lse +inf
+    q = torch.randn(sum(lens_q) + extra, 4, 16, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), 2, 16, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+    calls = []
+    fast_fwd, fast_bwd = ref._torch_flash_forward, ref._torch_flash_backward
+    monkeypatch.setattr(ref, "_torch_flash_forward", lambda *a: calls.append("fwd") or fast_fwd(*a))
+    monkeypatch.setattr(ref, "_torch_flash_backward", lambda *a: calls.append("bwd") or fast_bwd(*a))
+
+    def run():
+        with reference_only():
+            out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                                 return_attn_probs=True)
+            return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    got = run()
+    assert calls == (["fwd", "bwd"] if fast else [])
+    monkeypatch.setattr(ref, "_torch_flash_causal", lambda *a: None)
+    chunked = run()
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    out, lse, dq = got[:3]
+    assert (out[-extra:] == 0).all() and torch.isposinf(lse[:, -extra:]).all() and (dq[-extra:] == 0).all()
+    cpu = [x.detach().double().requires_grad_() for x in (q[:-extra], k, v)]
+    oracle_out, _ = oracle.attention_varlen(*cpu, cu_q, cu_k, causal=causal)
+    torch.testing.assert_close(out[:-extra].double(), oracle_out, rtol=0, atol=1e-5)
