@@ -330,6 +330,17 @@ def test_bfloat16_reference_path():
         _check(lambda *a: flash_attn_func(*a, causal=True), q, k, v, causal=True)
 
 
+def _spy_on_torchs_flash(monkeypatch) -> list:
+    """The calls the PyTorch path makes to torch's flash attention: "fwd" and "bwd", in order."""
+    from kernels import attention_reference as ref
+
+    calls = []
+    fast_fwd, fast_bwd = ref._torch_flash_forward, ref._torch_flash_backward
+    monkeypatch.setattr(ref, "_torch_flash_forward", lambda *a: calls.append("fwd") or fast_fwd(*a))
+    monkeypatch.setattr(ref, "_torch_flash_backward", lambda *a: calls.append("bwd") or fast_bwd(*a))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["causal", "cross", "gqa", "causal, Sq != Sk"])
 def test_reference_path_plain_attention_runs_torchs_flash(monkeypatch, dtype, case):
@@ -343,10 +354,7 @@ def test_reference_path_plain_attention_runs_torchs_flash(monkeypatch, dtype, ca
                      "causal, Sq != Sk": (20, 30, 2, 1)}[case]
     causal = case != "cross"
     q, k, v = _inputs(2, Sq, Sk, H, Hk, 32, dtype, "cpu")
-    calls = []
-    fast_fwd, fast_bwd = ref._torch_flash_forward, ref._torch_flash_backward
-    monkeypatch.setattr(ref, "_torch_flash_forward", lambda *a: calls.append("fwd") or fast_fwd(*a))
-    monkeypatch.setattr(ref, "_torch_flash_backward", lambda *a: calls.append("bwd") or fast_bwd(*a))
+    calls = _spy_on_torchs_flash(monkeypatch)
 
     def run():
         with reference_only():
@@ -447,10 +455,7 @@ def test_reference_path_packed_plain_attention_runs_torchs_flash(monkeypatch, ca
     q = torch.randn(sum(lens_q) + extra, 4, 16, requires_grad=True)
     k, v = (torch.randn(sum(lens_k), 2, 16, requires_grad=True) for _ in range(2))
     dout = torch.randn_like(q)
-    calls = []
-    fast_fwd, fast_bwd = ref._torch_flash_forward, ref._torch_flash_backward
-    monkeypatch.setattr(ref, "_torch_flash_forward", lambda *a: calls.append("fwd") or fast_fwd(*a))
-    monkeypatch.setattr(ref, "_torch_flash_backward", lambda *a: calls.append("bwd") or fast_bwd(*a))
+    calls = _spy_on_torchs_flash(monkeypatch)
 
     def run():
         with reference_only():
