@@ -34,14 +34,20 @@ _PHILOX_KEY_B = 0xBB67AE85
 
 
 def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32 bits of a * b for a constant a and int64 b in [0, 2^32).
+    """High and low 32-bit words of a * b, for a constant a and b's bits read as unsigned.
 
-    The product needs up to 64 unsigned bits: int64 multiplication wraps it to the same
-    bit pattern, so its low and high words are read off with masks (an arithmetic shift
-    sign-extends the high word; the mask drops that).
+    b holds 32-bit words as int32. Read as uint32 and widened to int64, it multiplies into
+    a product of up to 64 unsigned bits, which int64 multiplication wraps to the same bit
+    pattern; viewed as a pair of int32 (little-endian: low word first) each product gives
+    both words without a shift or a mask.
     """
-    product = a * b
-    return (product >> 32) & _M32, product & _M32
+    words = (b.view(torch.uint32).to(torch.int64) * a).unsqueeze(-1).view(torch.int32)
+    return words[..., 1], words[..., 0]
+
+
+def _as_int32(word: Tensor) -> Tensor:
+    """An int64 tensor holding a 32-bit word, as the int32 of the same bits."""
+    return word.to(torch.uint32).view(torch.int32)
 
 
 def philox_uint32(seed: Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> Tensor:
@@ -50,26 +56,35 @@ def philox_uint32(seed: Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) 
     seed: int64 tensor of one element (key = its low and high 32-bit words); the
     counters are int64 tensors holding values in [0, 2^32), broadcast together.
     Returns int64 values in [0, 2^32).
+
+    The words are carried as int32 (xor does not care about sign), and each operation runs
+    on the broadcast shape of its operands: the first rounds, whose words depend on only
+    some of the counters, cost little.
     """
     seed = seed.reshape(()).to(torch.int64)
     k0 = seed & _M32
     k1 = (seed >> 32) & _M32
-    for _ in range(10):
+    c0, c1, c2, c3 = (c.to(torch.uint32).view(torch.int32) for c in (c0, c1, c2, c3))
+    for _ in range(9):
         hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        c0, c1, c2, c3 = hi_b ^ c1 ^ _as_int32(k0), lo_b, hi_a ^ c3 ^ _as_int32(k1), lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
-    return c0
+    # Tenth round: only its first word is returned, which needs only the product with c2.
+    hi_b, _ = _mulhilo32(_PHILOX_ROUND_B, c2)
+    return (hi_b ^ c1 ^ _as_int32(k0)).view(torch.uint32).to(torch.int64)
 
 
 def dropout_keep_mask(seed: Tensor, rng_rows: Tensor, rows: Tensor, cols: Tensor, dropout_p: float) -> Tensor:
     """Keep-mask drawn as the kernels draw it: Philox(seed; key j, query i, b*H+h, 0).
 
-    rng_rows, rows, cols: int64 tensors that broadcast to the mask's shape.
+    rng_rows, rows, cols: int64 tensors that broadcast to the mask's shape. An element is
+    kept when the draw's top 24 bits reach the threshold, that is when the draw reaches
+    the threshold shifted up by the 8 bits dropped.
     """
     r = philox_uint32(seed, cols, rows, rng_rows, torch.zeros_like(cols))
-    return (r >> 8) >= dropout_threshold(dropout_p)
+    return r >= dropout_threshold(dropout_p) << 8
 
 
 class _Problem:
