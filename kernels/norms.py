@@ -16,7 +16,8 @@ fixed range of rows, reduced afterwards (no atomics: deterministic).
 
 The launchers check nothing (the public functions at the bottom do); the torch.library
 ops are tritonzoo::norm_fwd / norm_bwd; norm_reference_* is the PyTorch path of the
-same semantics (CPU without the interpreter, and the tests' torch-side reference).
+same semantics (CPU without the interpreter): in float32, torch's fused LayerNorm (forward
+and backward) and RMSNorm (forward); otherwise elementwise ops with float32 statistics.
 """
 
 from __future__ import annotations
@@ -235,10 +236,29 @@ def norm_triton_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
 # --------------------------------------------------------------------------------------
 
 
+def _torch_fused_applies(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """Whether torch's fused norm computes exactly this op: float32 throughout.
+
+    torch's fused LayerNorm keeps its statistics in the input's dtype for half inputs,
+    where this op keeps them in float32, so only float32 takes it.
+    """
+    return x.dtype == torch.float32 and all(p is None or p.dtype == torch.float32 for p in params)
+
+
 def norm_reference_fwd(x, residual, weight, bias, eps, is_rms):
     """The PyTorch forward, same outputs as norm_triton_fwd."""
     s = (x.float() + residual.float()).to(x.dtype) if residual is not None else _empty(x)
-    xf = (s if residual is not None else x).float()
+    src = s if residual is not None else x
+    if _torch_fused_applies(src, weight, bias):
+        # torch's own fused kernels: one op where the generic path below runs several.
+        if is_rms:
+            y, rstd = torch.ops.aten._fused_rms_norm(src, [src.shape[-1]], weight, eps)
+            if bias is not None:
+                y = y + bias
+            return y, s, _empty(x), rstd.view(-1)
+        y, mean, rstd = torch.ops.aten.native_layer_norm(src, [src.shape[-1]], weight, bias, eps)
+        return y, s, mean.view(-1), rstd.view(-1)
+    xf = src.float()
     if is_rms:
         mean, xc = _empty(x), xf
     else:
@@ -255,9 +275,17 @@ def norm_reference_fwd(x, residual, weight, bias, eps, is_rms):
 
 def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
     """The PyTorch backward, same outputs as norm_triton_bwd."""
+    dyf = dy.float()
+    db = dyf.sum(0) if has_bias else _empty(src)
+    if not is_rms and _torch_fused_applies(src, dy, weight):
+        # torch's fused LayerNorm backward (its RMSNorm backward has no CPU kernel).
+        dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+            dy, src, [src.shape[-1]], mean[:, None], rstd[:, None], weight, None, [True, weight is not None, False])
+        if ds is not None:
+            dx = dx + ds
+        return dx, dw if weight is not None else _empty(src), db
     xf = src.float()
     xhat = (xf if is_rms else xf - mean[:, None]) * rstd[:, None]
-    dyf = dy.float()
     wdy = dyf * weight.float() if weight is not None else dyf
     dx = wdy - xhat * (xhat * wdy).mean(-1, keepdim=True)
     if not is_rms:
@@ -266,7 +294,6 @@ def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
     if ds is not None:
         dx = dx + ds.float()
     dw = (dyf * xhat).sum(0) if weight is not None else _empty(src)
-    db = dyf.sum(0) if has_bias else _empty(src)
     return dx.to(src.dtype), dw, db
 
 
