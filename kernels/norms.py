@@ -245,19 +245,29 @@ def _torch_fused_applies(x: Tensor, *params: Optional[Tensor]) -> bool:
     return x.dtype == torch.float32 and all(p is None or p.dtype == torch.float32 for p in params)
 
 
+def _torch_fused_fwd(src, weight, bias, eps, is_rms):
+    """(y, mean or empty, rstd) from torch's fused forward; float32 inputs."""
+    if is_rms:
+        y, rstd = torch.ops.aten._fused_rms_norm(src, [src.shape[-1]], weight, eps)
+        return (y + bias if bias is not None else y), _empty(src), rstd.view(-1)
+    y, mean, rstd = torch.ops.aten.native_layer_norm(src, [src.shape[-1]], weight, bias, eps)
+    return y, mean.view(-1), rstd.view(-1)
+
+
+def _torch_fused_layer_norm_bwd(dy, src, weight, mean, rstd):
+    """(dx, dweight or empty) from torch's fused LayerNorm backward; float32 inputs."""
+    dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+        dy, src, [src.shape[-1]], mean[:, None], rstd[:, None], weight, None, [True, weight is not None, False])
+    return dx, dw if weight is not None else _empty(src)
+
+
 def norm_reference_fwd(x, residual, weight, bias, eps, is_rms):
     """The PyTorch forward, same outputs as norm_triton_fwd."""
     s = (x.float() + residual.float()).to(x.dtype) if residual is not None else _empty(x)
     src = s if residual is not None else x
     if _torch_fused_applies(src, weight, bias):
-        # torch's own fused kernels: one op where the generic path below runs several.
-        if is_rms:
-            y, rstd = torch.ops.aten._fused_rms_norm(src, [src.shape[-1]], weight, eps)
-            if bias is not None:
-                y = y + bias
-            return y, s, _empty(x), rstd.view(-1)
-        y, mean, rstd = torch.ops.aten.native_layer_norm(src, [src.shape[-1]], weight, bias, eps)
-        return y, s, mean.view(-1), rstd.view(-1)
+        y, mean, rstd = _torch_fused_fwd(src, weight, bias, eps, is_rms)
+        return y, s, mean, rstd
     xf = src.float()
     if is_rms:
         mean, xc = _empty(x), xf
@@ -277,13 +287,9 @@ def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
     """The PyTorch backward, same outputs as norm_triton_bwd."""
     dyf = dy.float()
     db = dyf.sum(0) if has_bias else _empty(src)
-    if not is_rms and _torch_fused_applies(src, dy, weight):
-        # torch's fused LayerNorm backward (its RMSNorm backward has no CPU kernel).
-        dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            dy, src, [src.shape[-1]], mean[:, None], rstd[:, None], weight, None, [True, weight is not None, False])
-        if ds is not None:
-            dx = dx + ds
-        return dx, dw if weight is not None else _empty(src), db
+    if not is_rms and _torch_fused_applies(src, dy, weight):  # (RMSNorm's fused backward has no CPU kernel)
+        dx, dw = _torch_fused_layer_norm_bwd(dy, src, weight, mean, rstd)
+        return (dx + ds if ds is not None else dx), dw, db
     xf = src.float()
     xhat = (xf if is_rms else xf - mean[:, None]) * rstd[:, None]
     wdy = dyf * weight.float() if weight is not None else dyf

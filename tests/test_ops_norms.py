@@ -130,6 +130,33 @@ def test_looped_kernels_match_fused(monkeypatch, device):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_reference_path_float32_takes_torchs_fused_norm(monkeypatch, rms):
+    """In float32 the PyTorch path runs torch's fused LayerNorm (forward and backward) and
+    RMSNorm (forward: its backward has no CPU kernel), with the same outputs and gradients
+    as the elementwise path that half precision takes (held to the oracle above)."""
+    calls = []
+    fused_fwd, fused_bwd = norms._torch_fused_fwd, norms._torch_fused_layer_norm_bwd
+    monkeypatch.setattr(norms, "_torch_fused_fwd", lambda *a: calls.append("fwd") or fused_fwd(*a))
+    monkeypatch.setattr(norms, "_torch_fused_layer_norm_bwd", lambda *a: calls.append("bwd") or fused_bwd(*a))
+    x, r = torch.randn(13, 70) * 2 + 0.5, torch.randn(13, 70)
+    w, b = torch.rand(70) + 0.5, torch.randn(70)
+
+    def run():
+        xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, r, w, b))
+        with reference_only():
+            y, s = (add_rms_norm if rms else add_layer_norm)(xs, rs, ws, bs)
+        return (y, s, *torch.autograd.grad((y * torch.cos(y.detach())).sum() + s.sum(), (xs, rs, ws, bs)))
+
+    fused = run()
+    assert calls == (["fwd"] if rms else ["fwd", "bwd"])
+    monkeypatch.setattr(norms, "_torch_fused_applies", lambda *a: False)
+    elementwise = run()
+    assert calls == (["fwd"] if rms else ["fwd", "bwd"])
+    for name, a, c in zip(("y", "s", "dx", "dresidual", "dweight", "dbias"), fused, elementwise):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_eps_is_used(backend):
     device, ctx = backend
     x = torch.full((2, 8), 3.0, device=device)
