@@ -19,7 +19,6 @@ torch.library ops: tritonzoo::gelu_fwd/gelu_bwd, tritonzoo::glu_fwd/glu_bwd; the
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -29,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .runtime import INTERPRET, reference_only, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Activation codes of the kernels (constexpr ACT).
@@ -263,28 +262,30 @@ def glu_reference_bwd(dout, x, y, act):
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("tritonzoo::gelu_fwd", mutates_args=())
-def gelu_fwd(x: Tensor, bias: Optional[Tensor], act: int) -> Tensor:
+def _gelu_fwd(x: Tensor, bias: Optional[Tensor], act: int) -> Tensor:
     """gelu(x + bias) of x (M, N); act is GELU_ERF or GELU_TANH."""
     return (gelu_triton_fwd if use_triton(x) else gelu_reference_fwd)(x, bias, act)
 
 
-@torch.library.triton_op("tritonzoo::gelu_bwd", mutates_args=())
-def gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: int) -> tuple[Tensor, Tensor]:
+def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: int) -> tuple[Tensor, Tensor]:
     """(dx, float32 dbias or empty)."""
     return (gelu_triton_bwd if use_triton(x) else gelu_reference_bwd)(dy, x, bias, act)
 
 
-@torch.library.triton_op("tritonzoo::glu_fwd", mutates_args=())
-def glu_fwd(x: Tensor, y: Optional[Tensor], act: int) -> Tensor:
+def _glu_fwd(x: Tensor, y: Optional[Tensor], act: int) -> Tensor:
     """act(x) * y of (M, N) tensors, or of the two halves of x (M, 2N) when y is None."""
     return (glu_triton_fwd if use_triton(x) else glu_reference_fwd)(x, y, act)
 
 
-@torch.library.triton_op("tritonzoo::glu_bwd", mutates_args=())
-def glu_bwd(dout: Tensor, x: Tensor, y: Optional[Tensor], act: int) -> tuple[Tensor, Tensor]:
+def _glu_bwd(dout: Tensor, x: Tensor, y: Optional[Tensor], act: int) -> tuple[Tensor, Tensor]:
     """(dx, dy); when y is None, dx (M, 2N) holds both halves and dy is empty."""
     return (glu_triton_bwd if use_triton(x) else glu_reference_bwd)(dout, x, y, act)
+
+
+gelu_fwd = torch.library.triton_op("tritonzoo::gelu_fwd", _gelu_fwd, mutates_args=())
+gelu_bwd = torch.library.triton_op("tritonzoo::gelu_bwd", _gelu_bwd, mutates_args=())
+glu_fwd = torch.library.triton_op("tritonzoo::glu_fwd", _glu_fwd, mutates_args=())
+glu_bwd = torch.library.triton_op("tritonzoo::glu_bwd", _glu_bwd, mutates_args=())
 
 
 def _gelu_setup(ctx, inputs, output):
@@ -297,8 +298,7 @@ def _gelu_setup(ctx, inputs, output):
 def _gelu_backward(ctx, dy):
     x, bias = ctx.saved_tensors
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    with reference_only() if ctx.reference else contextlib.nullcontext():
-        dx, db = gelu_bwd(dy, x, bias, ctx.act)
+    dx, db = run_backward(ctx, gelu_bwd, _gelu_bwd, dy, x, bias, ctx.act)
     return dx, db.to(bias.dtype) if bias is not None else None, None
 
 
@@ -312,13 +312,12 @@ def _glu_setup(ctx, inputs, output):
 def _glu_backward(ctx, dout):
     x, y = ctx.saved_tensors
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    with reference_only() if ctx.reference else contextlib.nullcontext():
-        dx, dy = glu_bwd(dout, x, y, ctx.act)
+    dx, dy = run_backward(ctx, glu_bwd, _glu_bwd, dout, x, y, ctx.act)
     return dx, dy if y is not None else None, None
 
 
-gelu_fwd.register_autograd(_gelu_backward, setup_context=_gelu_setup)
-glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
+_call_gelu_fwd = eager_op(gelu_fwd, _gelu_fwd, _gelu_setup, _gelu_backward)
+_call_glu_fwd = eager_op(glu_fwd, _glu_fwd, _glu_setup, _glu_backward)
 
 
 # --------------------------------------------------------------------------------------
@@ -365,7 +364,7 @@ def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") ->
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
         bias = bias.contiguous()
-    return torch.ops.tritonzoo.gelu_fwd(_rows(x), bias, act).view(x.shape)
+    return _call_gelu_fwd(_rows(x), bias, act).view(x.shape)
 
 
 def _glu(x, y, act, what):
@@ -375,7 +374,7 @@ def _glu(x, y, act, what):
             raise ValueError(f"{what} with y=None splits x's last dim in two halves; it must be even, "
                              f"got shape {tuple(x.shape)}")
         out_shape = (*x.shape[:-1], x.shape[-1] // 2)
-        return torch.ops.tritonzoo.glu_fwd(_rows(x), None, act).view(out_shape)
+        return _call_glu_fwd(_rows(x), None, act).view(out_shape)
     _check_x(y, "y")
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
@@ -383,7 +382,7 @@ def _glu(x, y, act, what):
         raise TypeError(f"y has dtype {y.dtype} but x has {x.dtype}; they must match")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
-    return torch.ops.tritonzoo.glu_fwd(_rows(x), _rows(y), act).view(x.shape)
+    return _call_glu_fwd(_rows(x), _rows(y), act).view(x.shape)
 
 
 def swiglu(x: Tensor, y: Optional[Tensor] = None) -> Tensor:

@@ -19,19 +19,16 @@ normalised by flash_attn_interface.py / sdpa.py:
 
 from __future__ import annotations
 
-import contextlib
-
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import attention_reference, flash_attention
-from .runtime import reference_only, use_triton
+from .runtime import eager_op, run_backward, use_triton
 
 
-@torch.library.triton_op("tritonzoo::attention_fwd", mutates_args=())
-def attention_fwd(
+def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int,
@@ -45,8 +42,7 @@ def attention_fwd(
                         seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right)
 
 
-@torch.library.triton_op("tritonzoo::attention_bwd", mutates_args=())
-def attention_bwd(
+def _attention_bwd(
     dout: Tensor, dlse: Optional[Tensor],
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -60,6 +56,10 @@ def attention_bwd(
     return impl.backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          bias, alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right,
                          bottom_right)
+
+
+attention_fwd = torch.library.triton_op("tritonzoo::attention_fwd", _attention_fwd, mutates_args=())
+attention_bwd = torch.library.triton_op("tritonzoo::attention_bwd", _attention_bwd, mutates_args=())
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,10 +79,10 @@ def _backward(ctx, dout, dlse):
     max_q, max_k, dropout_p, scale, softcap, wl, wr, br = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
-    with reference_only() if ctx.reference else contextlib.nullcontext():
-        dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, bias, alibi, seed,
-                                   dropout_p, scale, softcap, wl, wr, br)
+    dq, dk, dv = run_backward(ctx, attention_bwd, _attention_bwd, dout, dlse, q, k, v, out, lse, cu_q, cu_k,
+                              max_q, max_k, bias, alibi, seed, dropout_p, scale, softcap, wl, wr, br)
     return (dq, dk, dv) + (None,) * 13
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+#: How callers run the forward: the op, or its body directly (kernels.runtime.eager_op).
+call_attention_fwd = eager_op(attention_fwd, _attention_fwd, _setup_context, _backward)

@@ -26,7 +26,6 @@ grad_weight accumulates in weight's dtype (as Liger-Kernel), one rounding per ch
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .runtime import INTERPRET, reference_only, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -126,25 +125,33 @@ def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoot
 
 
 def ce_rows_reference(logits, grad, target, n_valid, row_scale, ignore_index, smoothing, mean):
-    """The PyTorch path of ce_rows_triton (float32 arithmetic)."""
+    """The PyTorch path of ce_rows_triton (float32 arithmetic).
+
+    One log-softmax, then the gradient in place over its result: softmax * scale, the
+    target's -(1 - smoothing) * scale added at one column, the smoothing term subtracted.
+    """
     x = logits.float()
     V = x.shape[1]
-    lse = torch.logsumexp(x, dim=1)
     ignored = target == ignore_index
-    safe_t = torch.where(ignored, 0, target).long()
-    loss = lse - x.gather(1, safe_t[:, None])[:, 0]
+    safe_t = torch.where(ignored, 0, target).long()[:, None]
+    # The log-probabilities go straight into the gradient buffer when it is float32 and not
+    # the logits themselves (fused linear CE passes grad=logits, to overwrite them).
+    own = grad is not None and grad.dtype == torch.float32 and grad is not logits
+    logp = torch.log_softmax(x, 1, out=grad) if own else torch.log_softmax(x, 1)
+    loss = -logp.gather(1, safe_t)[:, 0]
     if smoothing > 0:
-        loss = (1 - smoothing) * loss + smoothing * (lse - x.mean(1))
+        loss = (1 - smoothing) * loss - smoothing * logp.mean(1)
     loss = torch.where(ignored, 0.0, loss)
     if grad is not None:
-        g = torch.exp(x - lse[:, None])
-        g = g - (1 - smoothing) * torch.nn.functional.one_hot(safe_t, V).to(g.dtype)
-        if smoothing > 0:
-            g = g - smoothing / V
         scale = torch.where(ignored, 0.0, 1.0 / n_valid if mean else 1.0)
         if row_scale is not None:
             scale = scale * row_scale.float()
-        grad.copy_(g * scale[:, None])
+        g = logp.exp_().mul_(scale[:, None])
+        g.scatter_add_(1, safe_t, (-(1 - smoothing) * scale)[:, None])
+        if smoothing > 0:
+            g.sub_((smoothing / V) * scale[:, None])
+        if not own:
+            grad.copy_(g)
     return loss
 
 
@@ -160,8 +167,7 @@ def _reduce(loss_rows: Tensor, n_valid: Tensor, reduction: int) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("tritonzoo::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, reduction: int,
+def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, reduction: int,
                       compute_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss: float32, () or (N,) by reduction; dlogits for grad_output 1, or empty)."""
     triton_path = use_triton(logits)
@@ -176,14 +182,22 @@ def cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_s
     return _reduce(loss_rows, n_valid, reduction), grad
 
 
+cross_entropy_fwd = torch.library.triton_op("tritonzoo::cross_entropy_fwd", _cross_entropy_fwd, mutates_args=())
+
+
 def _ce_setup(ctx, inputs, output):
     _, _, _, _, reduction, compute_grad = inputs
     ctx.save_for_backward(output[1])
     ctx.per_row = reduction == REDUCTIONS["none"]
     ctx.compute_grad = compute_grad
+    # The gradient outputs are internal (the public functions drop them): no (N, V) zeros
+    # are made for their incoming gradients, which the backward ignores.
+    ctx.set_materialize_grads(False)
 
 
 def _ce_backward(ctx, grad_loss, _grad_dlogits):
+    if grad_loss is None:
+        return None, None, None, None, None, None
     (dlogits,) = ctx.saved_tensors
     if not ctx.compute_grad:
         raise RuntimeError("cross_entropy ran without computing its gradient (no input required grad then); "
@@ -192,7 +206,7 @@ def _ce_backward(ctx, grad_loss, _grad_dlogits):
     return dlogits * scale.to(dlogits.dtype), None, None, None, None, None
 
 
-cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+_call_cross_entropy_fwd = eager_op(cross_entropy_fwd, _cross_entropy_fwd, _ce_setup, _ce_backward)
 
 
 # --------------------------------------------------------------------------------------
@@ -255,8 +269,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
 
-@torch.library.triton_op("tritonzoo::fused_linear_cross_entropy_fwd", mutates_args=())
-def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+def _fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                    ignore_index: int, label_smoothing: float, reduction: int, chunk_size: int,
                                    grad_hidden_needed: bool, grad_weight_needed: bool
                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -274,8 +287,7 @@ def fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optiona
             _or_empty(gb, hidden))
 
 
-@torch.library.triton_op("tritonzoo::fused_linear_cross_entropy_bwd", mutates_args=())
-def fused_linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+def _fused_linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    target: Tensor, ignore_index: int, label_smoothing: float, chunk_size: int,
                                    grad_hidden_needed: bool, grad_weight_needed: bool
                                    ) -> tuple[Tensor, Tensor, Tensor]:
@@ -284,6 +296,12 @@ def fused_linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Te
     flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, False, grad_loss.float(), gh, gw, gb,
                 chunk_size)
     return _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, hidden)
+
+
+fused_linear_cross_entropy_fwd = torch.library.triton_op(
+    "tritonzoo::fused_linear_cross_entropy_fwd", _fused_linear_cross_entropy_fwd, mutates_args=())
+fused_linear_cross_entropy_bwd = torch.library.triton_op(
+    "tritonzoo::fused_linear_cross_entropy_bwd", _fused_linear_cross_entropy_bwd, mutates_args=())
 
 
 def _flce_setup(ctx, inputs, output):
@@ -297,15 +315,18 @@ def _flce_setup(ctx, inputs, output):
     ctx.params = (ignore_index, smoothing, chunk, need_h, need_w, bias is not None,
                   bias.dtype if bias is not None else None)
     ctx.reference = not use_triton(hidden)
+    ctx.set_materialize_grads(False)  # as in _ce_setup
 
 
 def _flce_backward(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 10
     ignore_index, smoothing, chunk, need_h, need_w, has_bias, bias_dtype = ctx.params
     if ctx.per_row:
         hidden, weight, bias, target = ctx.saved_tensors
-        with reference_only() if ctx.reference else contextlib.nullcontext():
-            gh, gw, gb = fused_linear_cross_entropy_bwd(grad_loss.contiguous(), hidden, weight, bias, target,
-                                                        ignore_index, smoothing, chunk, need_h, need_w)
+        gh, gw, gb = run_backward(ctx, fused_linear_cross_entropy_bwd, _fused_linear_cross_entropy_bwd,
+                                  grad_loss.contiguous(), hidden, weight, bias, target, ignore_index, smoothing,
+                                  chunk, need_h, need_w)
     else:
         if not (need_h or need_w):
             raise RuntimeError("fused_linear_cross_entropy ran without computing its gradients (no input "
@@ -316,7 +337,8 @@ def _flce_backward(ctx, grad_loss, *_):
             gb.to(bias_dtype) if has_bias and need_w else None, None, None, None, None, None, None, None)
 
 
-fused_linear_cross_entropy_fwd.register_autograd(_flce_backward, setup_context=_flce_setup)
+_call_flce_fwd = eager_op(fused_linear_cross_entropy_fwd, _fused_linear_cross_entropy_fwd, _flce_setup,
+                          _flce_backward)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,8 +404,8 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
     red = _check_options(ignore_index, label_smoothing, reduction)
     _check_target(target, logits.shape[0], logits.shape[1], ignore_index, logits.device, "tokens")
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    loss, _ = torch.ops.tritonzoo.cross_entropy_fwd(logits, target.contiguous(), ignore_index, float(label_smoothing),
-                                                    red, _requires_grad(logits))
+    loss, _ = _call_cross_entropy_fwd(logits, target.contiguous(), ignore_index, float(label_smoothing), red,
+                                      _requires_grad(logits))
     return loss
 
 
@@ -430,7 +452,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     need_h = _requires_grad(hidden)
     need_w = _requires_grad(weight, bias)
-    loss, _, _, _ = torch.ops.tritonzoo.fused_linear_cross_entropy_fwd(
+    loss, _, _, _ = _call_flce_fwd(
         hidden.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
         target.contiguous(), ignore_index, float(label_smoothing), red, chunk_size, need_h, need_w)
     return loss

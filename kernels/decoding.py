@@ -33,7 +33,7 @@ from torch.library import wrap_triton
 
 from . import decoding_reference
 from .flash_attention import LN2, LOG2E, _dot, _tanh
-from .runtime import INTERPRET, use_triton
+from .runtime import INTERPRET, eager_op, use_triton
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -455,8 +455,7 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("tritonzoo::kvcache_attention", mutates_args=("k_cache", "v_cache"))
-def kvcache_attention(
+def _kvcache_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
     rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], cache_seqlens: Tensor,
     cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor], block_table: Optional[Tensor],
@@ -474,3 +473,9 @@ def kvcache_attention(
     return impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                 block_table, alibi_slopes, softmax_scale, softcap, window_left, window_right, rotary_interleaved,
                 rotary_per_token, num_splits)
+
+
+kvcache_attention = torch.library.triton_op("tritonzoo::kvcache_attention", _kvcache_attention,
+                                            mutates_args=("k_cache", "v_cache"))
+#: How callers run the op: the op, or its body directly (kernels.runtime.eager_op).
+call_kvcache_attention = eager_op(kvcache_attention, _kvcache_attention)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .decoding import _capacity  # importing .decoding registers torch.ops.tritonzoo.kvcache_attention
+from . import decoding
+from .decoding import _capacity
 from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, check_options
 
 
@@ -168,7 +169,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                   capacity, per_token)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    out, lse = torch.ops.tritonzoo.kvcache_attention(
+    out, lse = decoding.call_kvcache_attention(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, alibi_slopes, float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
         float(softcap), left, right, bool(rotary_interleaved), per_token, num_splits)

@@ -15,8 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import attention_op  # noqa: F401  (registers torch.ops.tritonzoo.*)
-from . import attention_reference, flash_attention
+from . import attention_op, attention_reference, flash_attention
 from .runtime import use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -146,7 +145,7 @@ def run_attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seql
     if dropout_p > 0:
         # Drawn from torch's generator for the device: reproducible under torch.manual_seed.
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    out, lse = torch.ops.tritonzoo.attention_fwd(
+    out, lse = attention_op.call_attention_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes, seed,
         float(dropout_p), float(softmax_scale), float(softcap), window_left, window_right, bottom_right)
     return out, lse, seed

@@ -22,7 +22,6 @@ and backward) and RMSNorm (forward); otherwise elementwise ops with float32 stat
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Optional
@@ -34,7 +33,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .norms_looped import _bwd_looped, _fwd_looped
-from .runtime import INTERPRET, reference_only, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size accepted (the looped kernels have no limit of their own).
@@ -308,20 +307,22 @@ def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("tritonzoo::norm_fwd", mutates_args=())
-def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
              is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, residual sum or empty, mean or empty, rstd) of x (M, N); see the module docstring."""
     impl = norm_triton_fwd if use_triton(x) else norm_reference_fwd
     return impl(x, residual, weight, bias, eps, is_rms)
 
 
-@torch.library.triton_op("tritonzoo::norm_bwd", mutates_args=())
-def norm_bwd(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
+def _norm_bwd(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
              rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight or empty, dbias or empty), the last two float32; ds: the gradient into the sum output."""
     impl = norm_triton_bwd if use_triton(src) else norm_reference_bwd
     return impl(dy, ds, src, weight, has_bias, mean, rstd, is_rms)
+
+
+norm_fwd = torch.library.triton_op("tritonzoo::norm_fwd", _norm_fwd, mutates_args=())
+norm_bwd = torch.library.triton_op("tritonzoo::norm_bwd", _norm_bwd, mutates_args=())
 
 
 def _setup_context(ctx, inputs, output):
@@ -342,14 +343,14 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
         dy = dy.contiguous()
     if ds is not None and ds.stride(-1) != 1:
         ds = ds.contiguous()
-    with reference_only() if ctx.reference else contextlib.nullcontext():
-        dx, dw, db = norm_bwd(dy, ds if has_res else None, src, weight, has_bias, mean, rstd, is_rms)
+    dx, dw, db = run_backward(ctx, norm_bwd, _norm_bwd, dy, ds if has_res else None, src, weight, has_bias, mean,
+                              rstd, is_rms)
     w_dtype, b_dtype = ctx.dtypes
     return (dx, dx if has_res else None, dw.to(w_dtype) if weight is not None else None,
             db.to(b_dtype) if has_bias else None, None, None)
 
 
-norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_call_norm_fwd = eager_op(norm_fwd, _norm_fwd, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def _run(x, residual, weight, bias, eps, is_rms):
         r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    y, s, _, _ = torch.ops.tritonzoo.norm_fwd(x2, r2, weight, bias, float(eps), is_rms)
+    y, s, _, _ = _call_norm_fwd(x2, r2, weight, bias, float(eps), is_rms)
     if residual is None:
         return y.view(shape)
     return y.view(shape), s.view(shape)

@@ -24,7 +24,6 @@ own: apply_rotary_emb wraps it in an autograd.Function that marks x dirty).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Union
 
 import torch
@@ -33,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .runtime import INTERPRET, reference_only, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
@@ -165,8 +164,7 @@ def rotary_reference(x, cos, sin, seqlen_offsets, offset, position_ids, interlea
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("tritonzoo::rotary", mutates_args=())
-def rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
            position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> Tensor:
     """The rotated x (B, S, H, D), a new tensor; conjugate rotates by -theta."""
     if not use_triton(x):
@@ -176,14 +174,18 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor]
     return out
 
 
-@torch.library.triton_op("tritonzoo::rotary_", mutates_args=("x",))
-def rotary_(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
+def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
             position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> None:
     """Rotates the first rotary_dim features of x (B, S, H, D) in place."""
     if not use_triton(x):
         x.copy_(rotary_reference(x, cos, sin, seqlen_offsets, offset, position_ids, interleaved, conjugate))
         return
     rotary_triton(x, x, cos, sin, seqlen_offsets, offset, position_ids, interleaved, conjugate, True)
+
+
+rotary = torch.library.triton_op("tritonzoo::rotary", _rotary, mutates_args=())
+rotary_ = torch.library.triton_op("tritonzoo::rotary_", _rotary_, mutates_args=("x",))
+_call_rotary_ = eager_op(rotary_, _rotary_)
 
 
 def _setup_context(ctx, inputs, output):
@@ -198,12 +200,12 @@ def _backward(ctx, dout):
     offset, interleaved, conjugate = ctx.params
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    with reference_only() if ctx.reference else contextlib.nullcontext():
-        dx = rotary(dout, cos, sin, seqlen_offsets, offset, position_ids, interleaved, not conjugate)
+    dx = run_backward(ctx, rotary, _rotary, dout, cos, sin, seqlen_offsets, offset, position_ids, interleaved,
+                      not conjugate)
     return dx, None, None, None, None, None, None, None
 
 
-rotary.register_autograd(_backward, setup_context=_setup_context)
+_call_rotary = eager_op(rotary, _rotary, _setup_context, _backward)
 
 
 class _RotaryInplace(torch.autograd.Function):
@@ -211,7 +213,7 @@ class _RotaryInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, seqlen_offsets, offset, position_ids, interleaved):
-        torch.ops.tritonzoo.rotary_(x, cos, sin, seqlen_offsets, offset, position_ids, interleaved, False)
+        _call_rotary_(x, cos, sin, seqlen_offsets, offset, position_ids, interleaved, False)
         ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin, seqlen_offsets, position_ids)
         ctx.params = (offset, interleaved)
@@ -330,7 +332,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             raise ValueError("inplace=True needs x with unit stride in its last dim (headdim)")
         return _RotaryInplace.apply(x, cos, sin, offsets, offset, position_ids, interleaved)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return torch.ops.tritonzoo.rotary(x, cos, sin, offsets, offset, position_ids, interleaved, False)
+    return _call_rotary(x, cos, sin, offsets, offset, position_ids, interleaved, False)
 
 
 def apply_rotary_emb_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,

@@ -1,0 +1,174 @@
+"""kernels.runtime's eager shortcut: on the PyTorch path, eager calls run each op's body
+under an autograd.Function instead of going through torch.library's dispatch.
+
+The oracle is the op itself: every public op is run both ways on the same inputs (the
+shortcut switched off by patching ``runtime.eager_path``), and outputs, in-place cache
+writes and gradients must be bit-identical. A dispatch mode shows which way each call
+went, and a dynamo graph shows that torch.compile still sees the ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+from kernels import runtime
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the names of the ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def tritonzoo(self):
+        return sorted({n for n in self.names if n.startswith("tritonzoo.")})
+
+
+def _leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+def _norms():
+    x, r, w, b = _leaf(3, 5, 33), _leaf(3, 5, 33), _leaf(33), _leaf(33)
+    return (x, r, w, b), lambda: (kernels.layer_norm(x, w, b), *kernels.add_rms_norm(x, r, w, b))
+
+
+def _norms_half():
+    x, w = _leaf(4, 40, dtype=torch.bfloat16), _leaf(40)
+    return (x, w), lambda: kernels.add_layer_norm(x, x.detach() * 0.5, w)
+
+
+def _activations():
+    x, b, y, z = _leaf(6, 17), _leaf(17), _leaf(6, 17), _leaf(5, 12)
+    return (x, b, y, z), lambda: (kernels.gelu(x, b, approximate="tanh"), kernels.swiglu(x, y), kernels.geglu(z))
+
+
+def _rotary():
+    x, cos, sin = _leaf(2, 7, 3, 16), torch.randn(9, 6), torch.randn(9, 6)
+
+    def run():
+        ref = x * 1.0  # a non-leaf, so that the in-place variant may write into it
+        return (kernels.apply_rotary_emb(x, cos, sin, seqlen_offsets=2),
+                kernels.apply_rotary_emb(ref, cos, sin, interleaved=True, inplace=True))
+    return (x,), run
+
+
+def _cross_entropy():
+    logits, h, w, b = _leaf(11, 29), _leaf(11, 8), _leaf(29, 8), _leaf(29)
+    t = torch.randint(0, 29, (11,))
+    t[3] = -100
+    return (logits, h, w, b), lambda: (
+        kernels.cross_entropy(logits, t, label_smoothing=0.1),
+        kernels.fused_linear_cross_entropy(h, w, t, b, chunk_size=4),
+        kernels.fused_linear_cross_entropy(h, w, t, reduction="none", chunk_size=4))
+
+
+def _attention():
+    q, k, v = _leaf(2, 9, 4, 16), _leaf(2, 12, 2, 16), _leaf(2, 12, 2, 16)
+    qp, kp, vp = _leaf(13, 2, 8), _leaf(13, 2, 8), _leaf(13, 2, 8)
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32)
+
+    def run():
+        torch.manual_seed(7)  # the same dropout key both ways
+        return (kernels.flash_attn_func(q, k, v, dropout_p=0.2, causal=True, softcap=5.0),
+                kernels.flash_attn_varlen_func(qp, kp, vp, cu, cu, 8, 8, window_size=(3, 0)))
+    return (q, k, v, qp, kp, vp), run
+
+
+CASES = {"norms": _norms, "norms_bf16": _norms_half, "activations": _activations, "rotary": _rotary,
+         "cross_entropy": _cross_entropy, "attention": _attention}
+
+
+def _run(case, eager: bool, monkeypatch):
+    torch.manual_seed(0)
+    leaves, fn = CASES[case]()
+    with monkeypatch.context() as m:
+        if not eager:
+            m.setattr(runtime, "eager_path", lambda t: False)
+        log = _OpLog()
+        with kernels.reference_only(), log:
+            outs = [o for o in fn() if o.is_floating_point()]
+            loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+            grads = torch.autograd.grad(loss, leaves)
+    return outs, grads, log.tritonzoo()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_shortcut_matches_the_op_bit_for_bit(case, monkeypatch):
+    outs, grads, ops = _run(case, True, monkeypatch)
+    outs_op, grads_op, ops_op = _run(case, False, monkeypatch)
+    # The two runs did take different routes: only the second one dispatched our ops.
+    assert ops == [] and ops_op, (ops, ops_op)
+    for a, b in zip(outs + list(grads), outs_op + list(grads_op)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def test_kvcache_decoding_without_grad_skips_dispatch(monkeypatch):
+    def decode(eager):
+        torch.manual_seed(0)
+        k_cache, v_cache = torch.randn(3, 16, 2, 8), torch.randn(3, 16, 2, 8)
+        q, k, v = torch.randn(3, 1, 4, 8), torch.randn(3, 1, 2, 8), torch.randn(3, 1, 2, 8)
+        lens = torch.tensor([0, 5, 15], dtype=torch.int32)
+        cos, sin = torch.randn(16, 2), torch.randn(16, 2)
+        with monkeypatch.context() as m:
+            if not eager:
+                m.setattr(runtime, "eager_path", lambda t: False)
+            log = _OpLog()
+            with kernels.reference_only(), torch.no_grad(), log:
+                out, lse = kernels.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens=lens,
+                                                           causal=True, return_softmax_lse=True)
+        return (out, lse, k_cache, v_cache), log.tritonzoo()
+
+    got, ops = decode(True)
+    want, ops_op = decode(False)
+    assert ops == [] and ops_op == ["tritonzoo.kvcache_attention.default"]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_no_shortcut_under_torch_compile():
+    """Dynamo sees torch.compiler.is_compiling() and keeps the ops in the graph."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, w = torch.randn(2, 6, 4, 16), torch.randn(16)
+    cos, sin = torch.randn(6, 4), torch.randn(6, 4)
+
+    def f(x):
+        y = kernels.rms_norm(x, w)
+        y = kernels.apply_rotary_emb(y, cos, sin)
+        return kernels.gelu(kernels.flash_attn_func(y, y, y, causal=True))
+
+    with kernels.reference_only():
+        compiled = torch.compile(f, backend=backend, fullgraph=True)(x)
+        eager = f(x)
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"tritonzoo.norm_fwd.default", "tritonzoo.rotary.default", "tritonzoo.attention_fwd.default",
+            "tritonzoo.gelu_fwd.default"} <= targets, targets
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_shortcut_only_on_the_pytorch_path():
+    x = torch.randn(3, 4)
+    with kernels.reference_only():
+        assert runtime.eager_path(x) and runtime.eager_path(torch.nn.Parameter(x))
+    # A tensor subclass (here a fake tensor) always takes the op, which knows how to handle it.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    with kernels.reference_only():
+        assert not runtime.eager_path(fake)
+    assert runtime.eager_path(x) == (not kernels.INTERPRET)
