@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-
 from typing import Callable, Optional
 
 import torch
