@@ -168,7 +168,7 @@ def _reduce(loss_rows: Tensor, n_valid: Tensor, reduction: int) -> Tensor:
 
 
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, reduction: int,
-                      compute_grad: bool) -> tuple[Tensor, Tensor]:
+                       compute_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss: float32, () or (N,) by reduction; dlogits for grad_output 1, or empty)."""
     triton_path = use_triton(logits)
     rows = ce_rows_triton if triton_path else ce_rows_reference
@@ -270,9 +270,9 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def _fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                                   ignore_index: int, label_smoothing: float, reduction: int, chunk_size: int,
-                                   grad_hidden_needed: bool, grad_weight_needed: bool
-                                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                    ignore_index: int, label_smoothing: float, reduction: int, chunk_size: int,
+                                    grad_hidden_needed: bool, grad_weight_needed: bool
+                                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias) for grad_output 1; gradients empty when not needed.
 
     With reduction "none" no gradient is computed here (see the module docstring).
@@ -288,9 +288,9 @@ def _fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Option
 
 
 def _fused_linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                   target: Tensor, ignore_index: int, label_smoothing: float, chunk_size: int,
-                                   grad_hidden_needed: bool, grad_weight_needed: bool
-                                   ) -> tuple[Tensor, Tensor, Tensor]:
+                                    target: Tensor, ignore_index: int, label_smoothing: float, chunk_size: int,
+                                    grad_hidden_needed: bool, grad_weight_needed: bool
+                                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Reduction "none": (grad_hidden, grad_weight, float32 grad_bias) for per-row grad_loss (N,)."""
     gh, gw, gb = _grad_buffers(hidden, weight, bias, grad_hidden_needed, grad_weight_needed)
     flce_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, False, grad_loss.float(), gh, gw, gb,

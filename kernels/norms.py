@@ -308,14 +308,14 @@ def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
 
 
 def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-             is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, residual sum or empty, mean or empty, rstd) of x (M, N); see the module docstring."""
     impl = norm_triton_fwd if use_triton(x) else norm_reference_fwd
     return impl(x, residual, weight, bias, eps, is_rms)
 
 
 def _norm_bwd(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
-             rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+              rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight or empty, dbias or empty), the last two float32; ds: the gradient into the sum output."""
     impl = norm_triton_bwd if use_triton(src) else norm_reference_bwd
     return impl(dy, ds, src, weight, has_bias, mean, rstd, is_rms)

@@ -165,7 +165,7 @@ def rotary_reference(x, cos, sin, seqlen_offsets, offset, position_ids, interlea
 
 
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
-           position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> Tensor:
+            position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> Tensor:
     """The rotated x (B, S, H, D), a new tensor; conjugate rotates by -theta."""
     if not use_triton(x):
         return rotary_reference(x, cos, sin, seqlen_offsets, offset, position_ids, interleaved, conjugate)
@@ -175,7 +175,7 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor
 
 
 def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
-            position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> None:
+             position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> None:
     """Rotates the first rotary_dim features of x (B, S, H, D) in place."""
     if not use_triton(x):
         x.copy_(rotary_reference(x, cos, sin, seqlen_offsets, offset, position_ids, interleaved, conjugate))
