@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import decoding_reference
+from . import autotune, decoding_reference
 from .flash_attention import LN2, LOG2E, _dot, _tanh
 from .runtime import INTERPRET, eager_op, use_triton
 
@@ -337,13 +337,11 @@ def _configs():
 def _prune(configs, named_args, **kwargs):
     block_d = kwargs["BLOCK_D"]
     key = "fp32" if kwargs["FP32"] else 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    wanted = set(_CANDIDATES[key])
-    kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-    return kept or configs[:1]
+    return autotune.pick(configs, _CANDIDATES[key], lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
 
 
-_kvcache_attn_tuned = _kvcache_attn_kernel if INTERPRET else triton.autotune(
-    configs=_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_kvcache_attn_kernel)
+_kvcache_attn_tuned = _kvcache_attn_kernel if INTERPRET else autotune.autotune(
+    _configs(), _AUTOTUNE_KEY, _prune)(_kvcache_attn_kernel)
 
 
 def _launch(kernel):

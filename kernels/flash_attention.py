@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from . import autotune
 from .runtime import INTERPRET
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -643,7 +644,8 @@ _DROPOUT_MASK_BLOCK = (32, 16) if INTERPRET else GPU_DROPOUT_MASK_BLOCK
 
 # GPU candidates, chosen so ptxas (sm_90a, bf16) reports no or few register spills for
 # them; the autotuner picks among them per key: head-dim block, masks, dtype, GQA group
-# and a length bucket. fp32 (FMA dots, no tensor cores) needs small tiles.
+# and a length bucket (kernels/autotune.py: how, and TRITONZOO_AUTOTUNE=first, which takes
+# each list's first entry). fp32 (FMA dots, no tensor cores) needs small tiles.
 # (block_m, block_n, num_warps, num_stages); the sweep is in docs/kernel-notes.md.
 _FWD_CANDIDATES = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
@@ -682,18 +684,15 @@ def _pruner(candidates):
     def prune(configs, named_args, **kwargs):
         block_d = kwargs["BLOCK_D"]
         key = "fp32" if kwargs["FP32"] else 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-        wanted = set(candidates[key])
-        kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        return kept or configs[:1]
+        return autotune.pick(configs, candidates[key],
+                             lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
     return prune
 
 
 def _tuned(kernel, candidates):
     if INTERPRET:
         return kernel
-    return triton.autotune(configs=_all_configs(candidates), key=_AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(candidates)})(kernel)
+    return autotune.autotune(_all_configs(candidates), _AUTOTUNE_KEY, _pruner(candidates))(kernel)
 
 
 _attn_fwd_tuned = _tuned(_attn_fwd, _FWD_CANDIDATES)

@@ -324,7 +324,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
             for name, attend in impls.items():
                 row["timings"][name] = measure(attend, inputs, shape, device, warmup, rep)
             report["results"].append(row)
-            print(f"  measured D={shape.head_dim} S={shape.seqlen} causal={shape.causal}", file=sys.stderr)
+            progress(report, out_dir, "attention", f"D={shape.head_dim} S={shape.seqlen} causal={shape.causal}")
             del inputs
     metrics = ("ms", "tflops") if device == "cpu" else ("tflops",)
     for metric in metrics:
@@ -399,6 +399,26 @@ def format_table(report: dict, metric: str = "tflops") -> str:
 def write_json(report: dict, path) -> None:
     """Writes the report as JSON (strict: no NaN or Infinity)."""
     Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def _brief(entry) -> str:
+    """One implementation's times in a few characters: its ``*ms`` and ``seconds`` figures, or "error"."""
+    if "error" in entry:
+        return "error"
+    parts = [f"{key} {value:.3g}" for key, value in entry.items()
+             if key.endswith(("ms", "seconds")) and isinstance(value, (int, float))]
+    parts += [f"{key}: {_brief(value)}" for key, value in entry.items() if isinstance(value, dict)]
+    return ", ".join(parts)
+
+
+def progress(report: dict, out_dir: Optional[str], name: str, label: str) -> None:
+    """After each measured case: prints its times to stderr and writes <name>.json with the
+    results so far, so a run stopped midway (a device call's time limit) keeps what it measured."""
+    figures = "; ".join(f"{impl} {_brief(entry)}" for impl, entry in report["results"][-1]["timings"].items())
+    print(f"  measured {label}: {figures}", file=sys.stderr, flush=True)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_json(report, Path(out_dir) / f"{name}.json")
 
 
 def write_outputs(report: dict, out_dir: Optional[str], name: str, table: Optional[str] = None,

@@ -35,7 +35,7 @@ import triton
 from kernels import reference_only
 from kernels.decoding_interface import flash_attn_with_kvcache
 from kernels.sdpa import torch_sdpa  # torch's own SDPA, even if someone patched F's
-from tasks.bench_attention import _timed, run_metadata, write_outputs
+from tasks.bench_attention import _timed, progress, run_metadata, write_outputs
 
 OURS = "tritonzoo"
 GPU_CACHE_LENS = (4096, 8192, 16384, 32768, 65536)
@@ -219,7 +219,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
                    "timings": {name: measure(decode, step, shape, device, warmup, rep)
                                for name, decode in impls.items()}}
             report["results"].append(row)
-            print(f"  measured B={shape.batch} L={shape.cache_len}", file=sys.stderr)
+            progress(report, out_dir, "decode", f"B={shape.batch} L={shape.cache_len}")
             del step
     table = format_table(report)
     print(table)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -33,7 +32,7 @@ import torch
 
 import zoo
 from kernels import reference_only
-from tasks.bench_attention import run_metadata, write_outputs
+from tasks.bench_attention import progress, run_metadata, write_outputs
 from tasks.compare_measure import median_step_ms
 
 GPU_TITLE = "Greedy generation: zoo GPT-2 (triton / sdpa backends) vs Hugging Face generate, same weights"
@@ -214,7 +213,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
             row["token_agreement"] = agreement(outputs, w.prompt_len)
             row["timings"] = {name: measure(fn, ids, mask, w, device, repeats) for name, fn in fns.items()}
             report["results"].append(row)
-            print(f"  measured B={w.batch} P={w.prompt_len} N={w.new_tokens}", file=sys.stderr)
+            progress(report, out_dir, "generate", f"B={w.batch} P={w.prompt_len} N={w.new_tokens}")
     table = format_table(report)
     print(table)
     write_outputs(report, out_dir, "generate", table)

@@ -34,7 +34,7 @@ from kernels.activations import geglu, gelu, swiglu
 from kernels.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from kernels.norms import add_rms_norm, layer_norm, rms_norm
 from kernels.rotary import apply_rotary_emb
-from tasks.bench_attention import AccuracyError, run_metadata, time_ms, write_json, write_outputs
+from tasks.bench_attention import AccuracyError, progress, run_metadata, time_ms, write_json, write_outputs
 from tasks.ops_resources import hopper_resources
 
 OURS, EAGER, COMPILE = "tritonzoo", "eager", "compile"
@@ -299,7 +299,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
             for name, fn in implementations(case, device).items():
                 row["timings"][name] = measure(fn, leaves, consts, grads, device, warmup, rep)
             report["results"].append(row)
-            print(f"  measured {case.label}", file=sys.stderr)
+            progress(report, out_dir, "ops", case.label)
             del leaves, consts, grads
     print(format_table(report))
     write_outputs(report, out_dir, "ops", plot=plot)

@@ -254,3 +254,18 @@ def test_every_attention_feature_compiles_for_hopper():
         assert 0 < r["registers"] <= 255 and r["shared"] <= H100_MAX_SHARED, (name, r)
         if "bf16" in name and "preprocess" not in name:
             assert r["dot"] == "wgmma", (name, r)
+
+
+def test_progress_keeps_the_rows_measured_so_far(tmp_path, capsys):
+    """A run stopped midway (a device call's time limit) still leaves its rows on disk."""
+    import json
+
+    from tasks.bench_attention import progress
+
+    report = {"metadata": {}, "implementations": ["tritonzoo", "flash"], "results": [
+        {"seqlen": 1024, "timings": {"tritonzoo": {"fwd_ms": 0.5, "fwd_tflops": 300.0, "bwd_ms": 1.25},
+                                     "flash": {"error": "RuntimeError: no kernel"}}}]}
+    progress(report, str(tmp_path / "out"), "attention", "D=64 S=1024 causal=True")
+    assert json.loads((tmp_path / "out" / "attention.json").read_text()) == report
+    line = capsys.readouterr().err
+    assert "measured D=64 S=1024 causal=True: tritonzoo fwd_ms 0.5, bwd_ms 1.25; flash error" in line

@@ -1,7 +1,10 @@
 """The Triton kernels on a CUDA GPU at real sizes (run with `pytest -m gpu` on the device).
 
 bf16 is checked here: the Triton interpreter's bf16 dot is broken, so the CPU suite
-covers fp32/fp16 only.
+covers fp32/fp16 only. Each launch configuration is a compile of about 2 seconds, so
+the cases are chosen to cover features and shapes without compiling the same thing
+twice: .ci/gpu-report runs these with TRITONZOO_AUTOTUNE=first (one candidate per key),
+and test_every_autotune_candidate runs each candidate once.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 import attention_oracle as oracle
-from kernels import flash_attn_func, flash_attn_varlen_func, patch_sdpa, sdpa_stats
+from kernels import autotune, flash_attn_func, flash_attn_varlen_func, patch_sdpa, sdpa_stats
+from kernels import flash_attention as fa
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -33,8 +37,10 @@ def _check_against_oracle(q, k, v, out, grads, dout, **kwargs):
         oracle.assert_fa2_close(g, r, p, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 256, 80])
+# bf16 at every head-dim block (and 80, padded to 128); fp16 differs only in the dots'
+# input type, so at the two common head dims.
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, d) for d in (64, 128, 256, 80)]
+                         + [(torch.float16, d) for d in (64, 128)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seqlens", [(1024, 1024), (1000, 2047), (2047, 1000)])
 def test_real_sizes(dtype, head_dim, causal, seqlens):
@@ -43,6 +49,46 @@ def test_real_sizes(dtype, head_dim, causal, seqlens):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     _check_against_oracle(q, k, v, out, grads, dout, causal=causal)
+
+
+_TUNED = {"fwd": (fa._FWD_CANDIDATES, "_attn_fwd_tuned"), "dkdv": (fa._DKDV_CANDIDATES, "_attn_bwd_dkdv_tuned"),
+          "dq": (fa._DQ_CANDIDATES, "_attn_bwd_dq_tuned")}
+
+
+@pytest.mark.parametrize("kernel,head_dim,config", [(name, d, c) for name, (table, _) in _TUNED.items()
+                                                    for d in (64, 128, 256) for c in table[d]], ids=str)
+def test_every_autotune_candidate(monkeypatch, request, kernel, head_dim, config):
+    """Each bf16 candidate of each kernel, forced, on unaligned lengths with GQA, causal:
+    whatever the autotuner picks on any shape was run here once."""
+    table, name = _TUNED[kernel]
+    tuner = getattr(fa, name)
+    monkeypatch.setenv(autotune.AUTOTUNE_VARIABLE, "first")
+    monkeypatch.setitem(table, head_dim, [config])
+    tuner.cache.clear()  # the choices made for earlier keys
+    request.addfinalizer(tuner.cache.clear)  # and this forced one, for later tests
+    q, k, v = _inputs(2, 777, 1500, 8, 2, head_dim, torch.bfloat16)
+    out = flash_attn_func(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    best = tuner.best_config
+    assert (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages) == config
+    _check_against_oracle(q, k, v, out, grads, dout, causal=True)
+
+
+def test_parallel_compile_of_a_new_key(monkeypatch):
+    """The default autotuning: a key no other test uses (head dim 96, GQA group 3, softcap)
+    compiles the forward's candidates on threads, times each (all finite: every one compiled
+    and ran) and keeps one; the output matches the oracle."""
+    monkeypatch.setenv(autotune.AUTOTUNE_VARIABLE, "full")
+    monkeypatch.delenv(autotune.THREADS_VARIABLE, raising=False)
+    q, k, v = _inputs(2, 600, 600, 6, 2, 96, torch.bfloat16)
+    out = flash_attn_func(q, k, v, softcap=20.0)
+    timings = fa._attn_fwd_tuned.configs_timings
+    assert len(timings) == len(fa._FWD_CANDIDATES[128])
+    assert all(t[0] < float("inf") for t in timings.values()), timings
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _check_against_oracle(q, k, v, out, grads, dout, softcap=20.0)
 
 
 @pytest.mark.parametrize("feature", ["window", "alibi", "softcap", "fp32"])

@@ -1,0 +1,158 @@
+"""kernels/autotune.py: which candidates the autotuner times (TRITONZOO_AUTOTUNE), and the
+parallel compile of a new key's candidates before timing (TRITONZOO_COMPILE_THREADS).
+
+The second runs the real launch path of the attention forward without a GPU: a fresh
+process without the interpreter, a stand-in CUDA driver that reports an H100 target, times
+every candidate alike and refuses to load a binary, and Triton's real compiler for sm_90a.
+What it checks is what the parallel compile must get right: the candidates compile on the
+pool's threads, under the very cache keys the timing loop and the final launch look up
+(nothing compiles again on the main thread), and the launch is reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+
+from kernels import autotune
+
+_SHAPES = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _SHAPES]
+
+
+def _describe(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def test_pick_keeps_the_wanted_candidates_in_their_order(monkeypatch):
+    monkeypatch.delenv(autotune.AUTOTUNE_VARIABLE, raising=False)
+    wanted = [(64, 64, 4, 3), (128, 64, 4, 3), (32, 32, 4, 2)]  # the last is not among the configs
+    assert [_describe(c) for c in autotune.pick(_CONFIGS, wanted, _describe)] == wanted[:2]
+    assert autotune.pick(_CONFIGS, [(1, 1, 1, 1)], _describe) == _CONFIGS[:1]
+
+
+def test_first_mode_takes_the_first_wanted_candidate(monkeypatch):
+    monkeypatch.setenv(autotune.AUTOTUNE_VARIABLE, "first")
+    picked = autotune.pick(_CONFIGS, [(128, 128, 8, 3), (128, 64, 4, 3)], _describe)
+    assert [_describe(c) for c in picked] == [(128, 128, 8, 3)]
+
+
+@pytest.mark.parametrize("value", ["fastest", "0", "all"])
+def test_unknown_mode_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv(autotune.AUTOTUNE_VARIABLE, value)
+    with pytest.raises(ValueError, match=rf"TRITONZOO_AUTOTUNE='{value}': expected one of \('full', 'first'\)"):
+        autotune.pick(_CONFIGS, [_SHAPES[0]], _describe)
+
+
+def test_compile_threads(monkeypatch):
+    monkeypatch.delenv(autotune.THREADS_VARIABLE, raising=False)
+    assert autotune.compile_threads(5) == min(5, os.cpu_count())
+    assert autotune.compile_threads(1) == 1
+    monkeypatch.setenv(autotune.THREADS_VARIABLE, "3")
+    assert autotune.compile_threads(5) == 3 and autotune.compile_threads(2) == 2
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv(autotune.THREADS_VARIABLE, bad)
+        with pytest.raises(ValueError, match="TRITONZOO_COMPILE_THREADS"):
+            autotune.compile_threads(4)
+
+
+_LAUNCH_WITHOUT_A_GPU = r"""
+import json, threading
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from torch._library.triton import set_wrap_triton_enabled
+from triton.runtime.driver import driver
+from kernels import flash_attention as fa
+
+
+class LaunchReached(Exception):
+    pass
+
+
+class StandInDriver:
+    # What the JIT and the autotuner ask of a CUDA driver, for an H100 without one.
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_benchmarker(self):
+        def bench(kernel_call, quantiles):
+            try:  # compiles the candidate if it is not compiled yet, then stops at the launch
+                kernel_call()
+            except LaunchReached:
+                pass
+            return [1.0, 1.0, 1.0]
+        return bench
+
+    def launcher_cls(self, src, metadata):
+        raise LaunchReached(src.fn.__name__)
+
+
+driver.set_active(StandInDriver())
+tuner = fa._attn_fwd_tuned
+compiles = []
+real_compile = triton.compile
+
+
+def counting_compile(*args, **kwargs):
+    compiles.append(threading.current_thread().name)
+    return real_compile(*args, **kwargs)
+
+
+tuner.fn.device_caches[0]  # creates the binder, which holds the compile function it calls
+tuner.fn.compile = counting_compile
+report = {}
+for call in ("first", "again"):
+    q, k, v = (torch.randn(2, 80, 4, 64, dtype=torch.bfloat16) for _ in range(3))
+    before = len(compiles)
+    try:  # as the triton_op runs its body in eager mode: kernels launch directly, not through the HOP
+        with set_wrap_triton_enabled(False):
+            fa.forward(q, k, v, None, None, 80, 80, None, None, None, 0.0, 0.125, 0.0, -1, 0, True)
+        report[call] = "returned"
+    except LaunchReached:
+        report[call] = "launch reached"
+    report[call + " compiles"] = compiles[before:]
+report["kernels cached"] = len(tuner.fn.device_caches[0][0])
+report["keys tuned"] = len(tuner.cache)
+print(json.dumps(report))
+"""
+
+
+def _launch_without_a_gpu(**env_vars) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", autotune.AUTOTUNE_VARIABLE,
+                                                           autotune.THREADS_VARIABLE)}
+    env.update(env_vars)
+    out = subprocess.run([sys.executable, "-c", _LAUNCH_WITHOUT_A_GPU], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_candidates_compile_on_threads_under_the_keys_the_launch_uses(tmp_path):
+    from kernels.flash_attention import _FWD_CANDIDATES
+
+    report = _launch_without_a_gpu(TRITONZOO_COMPILE_THREADS="2", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    n = len(_FWD_CANDIDATES[64])
+    assert report["first"] == "launch reached"
+    first = report["first compiles"]
+    assert len(first) == n and all(name.startswith("tritonzoo-compile") for name in first), first
+    assert report["again"] == "launch reached" and report["again compiles"] == []
+    assert report["kernels cached"] == n and report["keys tuned"] == 1
+
+
+@pytest.mark.slow
+def test_first_mode_compiles_one_candidate(tmp_path):
+    report = _launch_without_a_gpu(TRITONZOO_AUTOTUNE="first", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    assert report["first"] == "launch reached"
+    assert report["first compiles"] == ["MainThread"] and report["again compiles"] == []
+    assert report["kernels cached"] == 1
