@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import triton
 from triton.runtime.autotuner import Autotuner
@@ -53,7 +54,7 @@ def compile_threads(candidates: int) -> int:
     return min(candidates, int(value))
 
 
-def pick(configs: list, wanted: list, describe) -> list:
+def pick(configs: list, wanted: list, describe: Callable) -> list:
     """The configurations to time: those of ``configs`` whose ``describe(config)`` tuple is
     in ``wanted``, in ``wanted``'s order; only the first of them when the mode is ``first``.
     Falls back to ``configs[:1]`` when none matches (the autotuner needs one)."""
@@ -92,7 +93,7 @@ class ParallelAutotuner(Autotuner):
                           RuntimeWarning, stacklevel=2)
 
 
-def autotune(configs: list, key: list, prune) -> callable:
+def autotune(configs: list, key: list, prune: Callable) -> Callable:
     """``triton.autotune(configs, key, prune_configs_by={"early_config_prune": prune})``,
     compiling each new key's candidates on threads (``ParallelAutotuner``)."""
     def decorator(fn):
