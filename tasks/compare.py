@@ -181,12 +181,12 @@ def compare_model(target: Target, device: str, batch: Optional[int], seq_len: Op
         if peak and "samples_per_s" in train:
             train["mfu"] = train_flops * train["samples_per_s"] / (peak * 1e12)
         entry["results"][impl] = {"train": train, "infer": infer}
+        print(f"  {target.label}: {impl}: train {_ms(train)}, inference {_ms(infer)}", file=sys.stderr, flush=True)
 
     for backend in backends:
         model.set_attn_backend(backend)
         record(f"ours-{backend}", m.measure_training(model, lambda mod: m.ours_loss(mod, w), device, steps, warmup),
                m.measure_inference(model, lambda mod: m.ours_forward(mod, w), device, steps, warmup))
-        print(f"  {target.label}: ours-{backend} done", file=sys.stderr)
     try:
         ref = reference_for(model, w) if reference else None
     except NoReference as why:
@@ -205,10 +205,13 @@ def compare_model(target: Target, device: str, batch: Optional[int], seq_len: Op
         else:
             record("reference", m.measure_training(ref_model, lambda mod: ref.loss(mod, w), device, steps, warmup),
                    m.measure_inference(ref_model, lambda mod: ref.forward(mod, w), device, steps, warmup))
-            print(f"  {target.label}: {ref.name} done", file=sys.stderr)
         del ref_model
         m.free_memory(device)
     return entry
+
+
+def _ms(entry: dict) -> str:
+    return f"{entry['step_ms']:.1f} ms a step" if "step_ms" in entry else entry.get("error", "no time")
 
 
 def metadata(device: str, command: Optional[str], steps: int, warmup: int, peak: Optional[float],
@@ -282,6 +285,8 @@ def run(names: Sequence[str] = (), batch_size: Optional[int] = None, seq_len: Op
         for target in targets:
             report["models"].append(compare_model(target, device, batch_size, seq_len, steps, warmup, backends,
                                                   reference, peak))
+            if out_dir is not None:  # a run stopped midway keeps the models measured so far
+                compare_report.write_partial(report, out_dir)
     report["runs"] = [compare_runs.read_run(f) for f in run_files]
     print(compare_report.markdown(report))
     if out_dir is not None:

@@ -205,18 +205,25 @@ def plot_throughput(report: dict, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_partial(report: dict, out_dir) -> None:
+    """compare.json and compare.md with what is measured so far; ``write`` replaces them at the end."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(markdown(report))
+    (out / "compare.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
 def write(report: dict, out_dir) -> list[Path]:
     """Writes compare.md, compare.csv, compare.json, compare_throughput.png and, with runs,
     compare_quality.png to out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "compare.md", out / "compare.csv", out / "compare.json", out / "compare_throughput.png"]
-    paths[0].write_text(markdown(report))
+    write_partial(report, out)
     with paths[1].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(csv_rows(report))
-    paths[2].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     plot_throughput(report, paths[3])
     if report.get("runs"):
         paths.append(out / "compare_quality.png")

@@ -335,6 +335,27 @@ def test_cpu_run_writes_every_output(tmp_path):
     assert saved["runs"][0]["metric"] == "val/acc" and not math.isnan(saved["runs"][0]["values"][0])
 
 
+def test_a_run_stopped_midway_keeps_the_models_measured(tmp_path, monkeypatch, capsys):
+    """A device call's time limit can stop a long GPU comparison: what was measured before
+    is on disk (compare.json and compare.md), and each figure was printed as it came."""
+    real = compare.compare_model
+
+    def second_one_stops(target, *args, **kwargs):
+        if target.label == "gpt_nano":
+            raise KeyboardInterrupt("the call's time is up")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "compare_model", second_one_stops)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compare.run(["vit_digits", "gpt_nano"], batch_size=2, device="cpu", steps=1, warmup=0,
+                    backends=["triton"], reference=False, out_dir=str(out))
+    saved = json.loads((out / "compare.json").read_text())
+    assert [m["model"] for m in saved["models"]] == ["vit_digits"]
+    assert "ours (triton)" in (out / "compare.md").read_text()
+    assert "vit_digits: ours-triton: train" in capsys.readouterr().err
+
+
 def test_mfu_peak_is_read_from_the_device_name():
     from tasks.compare_measure import peak_tflops
 
