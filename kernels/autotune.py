@@ -54,6 +54,12 @@ def compile_threads(candidates: int) -> int:
     return min(candidates, int(value))
 
 
+def table_key(fp32: bool, head_dim: int):
+    """The row of a ``*_CANDIDATES`` table a launch takes: ``"fp32"`` (FMA dots need small
+    tiles), else the head-dim block 64, 128 or 256."""
+    return "fp32" if fp32 else 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
 def pick(configs: list, wanted: list, describe: Callable) -> list:
     """The configurations to time: those of ``configs`` whose ``describe(config)`` tuple is
     in ``wanted``, in ``wanted``'s order; only the first of them when the mode is ``first``.

@@ -335,9 +335,8 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    block_d = kwargs["BLOCK_D"]
-    key = "fp32" if kwargs["FP32"] else 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    return autotune.pick(configs, _CANDIDATES[key], lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+    return autotune.pick(configs, _CANDIDATES[autotune.table_key(kwargs["FP32"], kwargs["BLOCK_D"])],
+                         lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
 
 
 _kvcache_attn_tuned = _kvcache_attn_kernel if INTERPRET else autotune.autotune(

@@ -682,9 +682,7 @@ def _all_configs(candidates):
 
 def _pruner(candidates):
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs["BLOCK_D"]
-        key = "fp32" if kwargs["FP32"] else 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-        return autotune.pick(configs, candidates[key],
+        return autotune.pick(configs, candidates[autotune.table_key(kwargs["FP32"], kwargs["BLOCK_D"])],
                              lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
     return prune
 

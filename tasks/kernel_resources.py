@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import flash_attention as fa  # noqa: E402
+from kernels.autotune import table_key  # noqa: E402
 
 KERNELS = {"fwd": (fa._attn_fwd, fa._FWD_CANDIDATES), "dkdv": (fa._attn_bwd_dkdv, fa._DKDV_CANDIDATES),
            "dq": (fa._attn_bwd_dq, fa._DQ_CANDIDATES)}
@@ -49,7 +50,7 @@ def feature_variant(kernel: str, dtype: str, head_dim: int, feature: str) -> tup
     """(fn, dtype, constexprs, num_warps, num_stages) of a kernel at its first autotune
     candidate for (dtype, head_dim), with a FEATURES variant on."""
     fn, candidates = KERNELS[kernel]
-    key = "fp32" if dtype == "fp32" else 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    key = table_key(dtype == "fp32", head_dim)
     bm, bn, w, s = candidates[key][0]
     block_d = max(16, triton.next_power_of_2(head_dim))
     flags = dict(FLAGS, **FEATURES[feature], FP32=dtype == "fp32", HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     for name, (fn, candidates) in KERNELS.items():
         for d in args.head_dims:
             for dtype in args.dtypes:
-                key = "fp32" if dtype == "fp32" else 64 if d <= 64 else 128 if d <= 128 else 256
+                key = table_key(dtype == "fp32", d)
                 if args.sweep:
                     shapes = [(bm, bn, w, 2) for bm, bn, w in itertools.product((16, 32, 64, 128), (16, 32, 64, 128),
                                                                                 (4, 8)) if bm * bn <= 128 * 128]

@@ -49,6 +49,11 @@ def test_unknown_mode_names_the_variable(monkeypatch, value):
         autotune.pick(_CONFIGS, [_SHAPES[0]], _describe)
 
 
+def test_table_key():
+    assert [autotune.table_key(False, d) for d in (16, 64, 80, 128, 160, 256)] == [64, 64, 128, 128, 256, 256]
+    assert autotune.table_key(True, 128) == "fp32"
+
+
 def test_compile_threads(monkeypatch):
     monkeypatch.delenv(autotune.THREADS_VARIABLE, raising=False)
     assert autotune.compile_threads(5) == min(5, os.cpu_count())
