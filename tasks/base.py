@@ -137,6 +137,31 @@ class ClassificationTask(ZooTask):
         """(logits (B, num_classes), labels (B,)) of a batch."""
         raise NotImplementedError
 
+    def predict_logits(self, batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(logits (B, num_classes), labels (B,) or None) of a predict batch, which may have no labels."""
+        raise NotImplementedError
+
+    def predict_step(self, batch, batch_idx) -> list[dict]:
+        """One record per sample (`zoo predict` writes them, tasks.callbacks.PredictionWriter):
+        prediction (class index), probability, top (the top-5, or top-k for fewer classes, as
+        [index, probability] pairs), class (its name, when the data module has `classes`) and,
+        with labels, label and correct."""
+        logits, labels = self.predict_logits(batch)
+        probs = logits.float().softmax(dim=-1)
+        top_p, top_i = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "classes", None)
+        records = []
+        for row, (ps, ids) in enumerate(zip(top_p.tolist(), top_i.tolist())):
+            record = {"prediction": ids[0], "probability": ps[0], "top": [[i, p] for i, p in zip(ids, ps)]}
+            if names is not None:
+                record["class"] = names[ids[0]]
+            if labels is not None:
+                record["label"] = int(labels[row])
+                record["correct"] = ids[0] == record["label"]
+            records.append(record)
+        return records
+
     def _step(self, batch, stage: str) -> torch.Tensor:
         logits, labels = self.logits_and_labels(batch)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)

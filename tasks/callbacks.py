@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
@@ -64,3 +68,79 @@ class AttentionMapLogger(L.Callback):
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_figure(f"attention/{name}", figure, trainer.global_step, close=False)
             plt.close(figure)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what `trainer.predict` predicts, one JSON line per sample, as the batches come
+    (nothing waits in memory for the end), and prints where it went.
+
+    The task's predict_step returns a list of JSON-serializable dicts, one per sample
+    (each zoo task documents its fields). Two fields are summarized at the end: `correct`
+    (true/false per record: "k/N correct") and `loss` with `tokens` (the token-weighted
+    mean loss), in summary(). `zoo predict` adds this callback unless the config has one,
+    and prints the summary.
+
+    Args:
+        path: the output file; None: predictions.jsonl in the run directory (trainer.log_dir).
+            In a multi-process run each rank writes its own file, .rank<r> before the suffix.
+    """
+
+    def __init__(self, path: Optional[str] = None):
+        super().__init__(write_interval="batch")
+        self.path = path
+        self.written: Optional[str] = None  # the file of the last run
+        self._file = None
+        self._counts = {"records": 0, "judged": 0, "correct": 0, "tokens": 0, "loss": 0.0}
+
+    def _target(self, trainer: L.Trainer) -> str:
+        path = self.path or os.path.join(trainer.log_dir or trainer.default_root_dir, "predictions.jsonl")
+        if trainer.world_size > 1:
+            stem, suffix = os.path.splitext(path)
+            path = f"{stem}.rank{trainer.global_rank}{suffix}"
+        return path
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.written = self._target(trainer)
+        os.makedirs(os.path.dirname(os.path.abspath(self.written)), exist_ok=True)
+        self._file = open(self.written, "w", encoding="utf-8")
+        self._counts = dict.fromkeys(self._counts, 0)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        if not isinstance(prediction, list) or not all(isinstance(r, dict) for r in prediction):
+            raise TypeError(f"PredictionWriter: {type(pl_module).__name__}.predict_step must return a list of "
+                            f"dicts (one per sample), got {type(prediction).__name__}")
+        counts = self._counts
+        for record in prediction:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            counts["records"] += 1
+            if isinstance(record.get("correct"), bool):
+                counts["judged"] += 1
+                counts["correct"] += record["correct"]
+            if "loss" in record and "tokens" in record:
+                counts["tokens"] += record["tokens"]
+                counts["loss"] += record["loss"] * record["tokens"]
+        self._file.flush()
+
+    def summary(self) -> str:
+        """One line: how many records, where, and the summarized fields."""
+        counts = self._counts
+        parts = [f"{counts['records']} predictions in {self.written}"]
+        if counts["judged"]:
+            parts.append(f"{counts['correct']}/{counts['judged']} correct "
+                         f"({100 * counts['correct'] / counts['judged']:.2f}%)")
+        if counts["tokens"]:
+            loss = counts["loss"] / counts["tokens"]
+            parts.append(f"loss {loss:.4f} nats over {counts['tokens']} tokens (ppl {math.exp(loss):.3f})")
+        return "; ".join(parts)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()

@@ -4,7 +4,8 @@ On top of LightningCLI (so --print_config, dotted overrides and class_path/init_
 work): one run directory per run, runs/<name>/version_<n>/, holding the TensorBoard and
 CSV logs, the resolved config.yaml and checkpoints/ (best by the task's metric, and
 last); learning-rate and throughput monitors; gradient clipping at 1.0; bf16-mixed
-precision on a GPU. A config's own trainer.logger / callbacks are used as given.
+precision on a GPU; `zoo predict` writes predictions.jsonl there (tasks.callbacks.PredictionWriter)
+and prints what it holds. A config's own trainer.logger / callbacks are used as given.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .base import ZooTask
+from .callbacks import PredictionWriter
 
 
 def batch_size_of(batch) -> int:
@@ -68,6 +71,20 @@ class ZooCLI(LightningCLI):
             parts.append(f"best {float(best):.4f} ({checkpoint.best_model_path})")
         print("zoo fit: " + "; ".join(parts) + f"; logs in {self.trainer.log_dir}")
 
+    def _warn_without_checkpoint(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        if not config.get("ckpt_path"):
+            rank_zero_warn(f"zoo {self.subcommand}: no --ckpt_path given, so the model has the initial "
+                           f"(untrained) weights of its config")
+
+    before_validate = before_test = before_predict = _warn_without_checkpoint
+
+    def after_predict(self) -> None:
+        """Where the predictions went, and what they add up to (tasks.callbacks.PredictionWriter)."""
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)), None)
+        if writer is not None and writer.written is not None and self.trainer.global_rank == 0:
+            print("zoo predict: " + writer.summary())
+
     def _run_name(self) -> str:
         config = self.config.get(str(self.subcommand), self.config)
         if config.get("name"):
@@ -101,5 +118,7 @@ class ZooCLI(LightningCLI):
                 defaults.append(LearningRateMonitor(logging_interval="step"))
             if not any(isinstance(c, ThroughputMonitor) for c in given):
                 defaults.append(ThroughputMonitor(batch_size_fn=batch_size_of))
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in given):
+            defaults.append(PredictionWriter())
         config["callbacks"] = given + defaults
         return super()._instantiate_trainer(config, callbacks)

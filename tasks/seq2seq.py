@@ -115,8 +115,19 @@ class Seq2Seq(ZooTask):
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test")
 
-    def predict_step(self, batch, batch_idx):
-        return self.decode(batch["src_ids"], batch["src_mask"])
+    def predict_step(self, batch, batch_idx) -> list[dict]:
+        """One record per source: source (its text, when the batch has it), prediction (the
+        decoded string) and, with target texts, reference and correct (an exact match)."""
+        predictions = self.decode(batch["src_ids"], batch["src_mask"])
+        sources, references = batch.get("source_text"), batch.get("target_text")
+        records = []
+        for row, prediction in enumerate(predictions):
+            record = {"source": sources[row]} if sources is not None else {}
+            record["prediction"] = prediction
+            if references is not None:
+                record.update(reference=references[row], correct=prediction == references[row])
+            records.append(record)
+        return records
 
     def text_batch(self, sources: Sequence[str], tokenizer=None) -> dict:
         """{"src_ids", "src_mask"} (B, S), right-padded, for source strings (as generate_text encodes them)."""

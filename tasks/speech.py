@@ -46,9 +46,9 @@ class AudioClassification(ClassificationTask):
         waveforms, lengths, labels = batch
         return self.model(waveforms, lengths), labels
 
-    def predict_step(self, batch, batch_idx):
-        waveforms, lengths = batch[0], batch[1]
-        return self.model(waveforms, lengths).softmax(dim=-1)
+    def predict_logits(self, batch):
+        """Batches of (waveforms, lengths), or (waveforms, lengths, labels)."""
+        return self.model(batch[0], batch[1]), (batch[2] if len(batch) > 2 else None)
 
     def attention_figures(self, batch, tokenizer=None, sample: int = 0, layer: int = -1) -> dict:
         """Self-attention over the frames of one clip (block `layer`, mean over heads) beside its log-mels."""
@@ -123,8 +123,14 @@ class SpeechRecognition(ZooTask):
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test")
 
-    def predict_step(self, batch, batch_idx):
-        return self.transcribe(batch["waveforms"], batch["lengths"])
+    def predict_step(self, batch, batch_idx) -> list[dict]:
+        """One record per utterance: prediction (the greedy transcript) and, when the batch
+        has texts, reference and correct (an exact match)."""
+        transcripts = self.transcribe(batch["waveforms"], batch["lengths"])
+        references = batch.get("texts")
+        if references is None:
+            return [{"prediction": t} for t in transcripts]
+        return [{"prediction": t, "reference": r, "correct": t == r} for t, r in zip(transcripts, references)]
 
     def attention_figures(self, batch, tokenizer=None, sample: int = 0, layer: int = -1) -> dict:
         """Self-attention over the frames of one utterance (block `layer`, mean over heads) beside its log-mels."""

@@ -182,6 +182,34 @@ class _LanguageModelTask(ZooTask):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test")
 
+    def predict_step(self, batch, batch_idx) -> list[dict]:
+        """One record per sequence (`zoo predict`, tasks.callbacks.PredictionWriter): tokens (how
+        many it scores), loss (their mean cross-entropy, nats) and what `_prediction_text`
+        adds: the text and the model's most likely token at each scored position, decoded
+        with the data module's tokenizer (token ids without one)."""
+        logits = self._forward_logits(batch).float()
+        labels = batch["labels"]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                                   reduction="none")
+        scored = labels != IGNORE_INDEX
+        counts = scored.sum(dim=1)
+        means = (losses.sum(dim=1) / counts.clamp_min(1)).tolist()
+        guesses = logits.argmax(dim=-1)
+        mask = batch.get("attention_mask")
+        tokenizer = self._datamodule_tokenizer()
+        records = []
+        for row in range(labels.shape[0]):
+            keep = mask[row].bool() if mask is not None else slice(None)
+            record = self._prediction_text(batch["input_ids"][row][keep], labels[row][keep], guesses[row][keep],
+                                           scored[row][keep], tokenizer)
+            records.append({**record, "tokens": int(counts[row]), "loss": means[row]})
+        return records
+
+    def _prediction_text(self, ids: torch.Tensor, labels: torch.Tensor, guesses: torch.Tensor,
+                         scored: torch.Tensor, tokenizer) -> dict:
+        """The text fields of one sequence's prediction record (its real tokens only)."""
+        raise NotImplementedError
+
     def _log_epoch(self, stage: str) -> None:
         loss = self.loss_metrics[stage].compute()
         self.log(f"{stage}/loss", loss, prog_bar=True)
@@ -235,6 +263,12 @@ class CausalLM(_LanguageModelTask):
 
     def _forward_logits(self, batch):
         return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+    def _prediction_text(self, ids, labels, guesses, scored, tokenizer) -> dict:
+        """text: the input; prediction: the model's next token after each scored position, as one string."""
+        if tokenizer is None:
+            return {"text": ids.tolist(), "prediction": guesses[scored].tolist()}
+        return {"text": tokenizer.decode(ids.tolist()), "prediction": tokenizer.decode(guesses[scored].tolist())}
 
     @torch.no_grad()
     def generate_text(self, prompts: list[str], tokenizer, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -320,6 +354,18 @@ class MaskedLM(_LanguageModelTask):
 
     def _forward_logits(self, batch):
         return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+    def _prediction_text(self, ids, labels, guesses, scored, tokenizer) -> dict:
+        """text: the sequence before masking; masked: the tokens the model had to predict;
+        prediction: its most likely token at each of them; matched: how many it got right."""
+        original = torch.where(scored, labels, ids)
+        record = {"matched": int((guesses[scored] == labels[scored]).sum())}
+        if tokenizer is None:
+            return {"text": original.tolist(), "masked": labels[scored].tolist(),
+                    "prediction": guesses[scored].tolist(), **record}
+        return {"text": tokenizer.decode(original.tolist()),
+                "masked": [tokenizer.decode([i]) for i in labels[scored].tolist()],
+                "prediction": [tokenizer.decode([i]) for i in guesses[scored].tolist()], **record}
 
     def _eval_step(self, batch, stage: str):
         logits = super()._eval_step(batch, stage)

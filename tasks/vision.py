@@ -46,6 +46,8 @@ class ImageClassification(ClassificationTask):
                                   title=f"{self.hparams.model}: sample {sample}{label}")
         return {"vision_attention": figure}
 
-    def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.model(images).softmax(dim=-1)
+    def predict_logits(self, batch):
+        """Batches of images (B, C, H, W), or (images, labels)."""
+        if isinstance(batch, (tuple, list)):
+            return self.model(batch[0]), (batch[1] if len(batch) > 1 else None)
+        return self.model(batch), None

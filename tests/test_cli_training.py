@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
+import math
 import os
 import re
 
@@ -14,9 +16,10 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
 import kernels
-from tasks import ImageClassification
+from tasks import CausalLM, ImageClassification, MaskedLM, Seq2Seq
+from tasks.base import ClassificationTask
 from tasks.data.vision import DigitsDataModule
-from tasks.lightning_cli import ZooCLI
+from tasks.lightning_cli import ZooCLI, batch_size_of
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "**", "*.yaml"), recursive=True))
 
@@ -52,6 +55,87 @@ def test_every_config_parses_and_runs_fast_dev_run(config, tmp_path):
         else:
             cli = _fit(args, tmp_path)
             assert cli.trainer.state.finished
+
+
+EMBEDDED_DATA_CONFIGS = [c for c in CONFIGS if _local_data_path(c) is None]
+
+
+def _records(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "predictions.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("config", EMBEDDED_DATA_CONFIGS,
+                         ids=lambda p: os.path.relpath(p, os.path.dirname(CONFIGS[0]) + "/.."))
+def test_predict_writes_a_record_per_sample(config, tmp_path, capsys):
+    """`zoo predict` on every config with embedded data: predictions.jsonl holds one record per
+    sample of the first test batch, each equal to what the model computes for that sample here
+    (float64 softmax / cross-entropy of its logits), and the printed summary adds them up."""
+    with kernels.reference_only():
+        cli = ZooCLI(args=["predict", "-c", config, "--trainer.limit_predict_batches=1", "--trainer.accelerator=cpu",
+                           "--trainer.devices=1", "--trainer.precision=32-true", "--seed_everything=0",
+                           "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
+        batch = next(iter(cli.datamodule.predict_dataloader()))
+        task = cli.model.eval()
+        records = _records(cli.trainer.log_dir)
+        assert len(records) == batch_size_of(batch)
+        summary = capsys.readouterr().out
+        assert f"zoo predict: {len(records)} predictions in " in summary
+        with torch.no_grad():
+            if isinstance(task, ClassificationTask):
+                logits, labels = task.logits_and_labels(batch)
+                probs = logits.double().softmax(dim=-1)
+                assert [r["prediction"] for r in records] == probs.argmax(dim=-1).tolist()
+                assert [r["label"] for r in records] == labels.tolist()
+                torch.testing.assert_close(torch.tensor([r["probability"] for r in records], dtype=torch.float64),
+                                           probs.amax(dim=-1), rtol=1e-5, atol=1e-7)
+                top = torch.tensor([[p for _, p in r["top"]] for r in records], dtype=torch.float64)
+                torch.testing.assert_close(top, probs.topk(min(5, probs.shape[-1]), dim=-1).values, rtol=1e-5,
+                                           atol=1e-7)
+                assert [r["class"] for r in records] == [cli.datamodule.classes[r["prediction"]] for r in records]
+                correct = sum(r["prediction"] == r["label"] for r in records)
+                assert [r["correct"] for r in records] == [r["prediction"] == r["label"] for r in records]
+                assert f"{correct}/{len(records)} correct" in summary
+            elif isinstance(task, (CausalLM, MaskedLM)):
+                logits = task(batch["input_ids"], attention_mask=batch.get("attention_mask")).double()
+                labels = batch["labels"]
+                losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+                scored = labels != -100
+                assert [r["tokens"] for r in records] == scored.sum(dim=1).tolist()
+                expected = losses.sum(dim=1) / scored.sum(dim=1)
+                torch.testing.assert_close(torch.tensor([r["loss"] for r in records], dtype=torch.float64), expected,
+                                           rtol=1e-5, atol=1e-6)
+                mean = float(losses.sum() / scored.sum())
+                assert f"loss {mean:.4f} nats over {int(scored.sum())} tokens (ppl {math.exp(mean):.3f})" in summary
+                tokenizer = cli.datamodule.tokenizer
+                if isinstance(task, MaskedLM):
+                    guesses = logits.argmax(dim=-1)
+                    assert [r["matched"] for r in records] == ((guesses == labels) & scored).sum(dim=1).tolist()
+                    assert records[0]["masked"] == [tokenizer.decode([i]) for i in labels[0][scored[0]].tolist()]
+                else:
+                    assert records[0]["prediction"] == tokenizer.decode(logits[0].argmax(dim=-1)[scored[0]].tolist())
+            else:
+                texts = batch["target_text"] if isinstance(task, Seq2Seq) else batch["texts"]
+                assert [r["reference"] for r in records] == list(texts)
+                assert [r["correct"] for r in records] == [r["prediction"] == r["reference"] for r in records]
+
+
+def test_prediction_writer_rejects_a_predict_step_without_records(tmp_path):
+    """A predict_step that returns a tensor, not one dict per sample, is named in the error."""
+    from tasks.callbacks import PredictionWriter
+
+    class Probabilities(ImageClassification):
+        def predict_step(self, batch, batch_idx):
+            return self.model(batch[0]).softmax(dim=-1)
+
+    writer = PredictionWriter(str(tmp_path / "out" / "p.jsonl"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[writer],
+                        enable_progress_bar=False, enable_model_summary=False)
+    images = DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)),
+                        batch_size=2)
+    with kernels.reference_only(), pytest.raises(TypeError, match="Probabilities.predict_step must return a list"):
+        trainer.predict(Probabilities(model="vit_digits", model_args={"depth": 1}), images)
+    assert writer.written == str(tmp_path / "out" / "p.jsonl") and writer._file is None  # closed after the error
 
 
 def test_print_config_resolves_defaults(capsys):

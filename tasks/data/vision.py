@@ -58,6 +58,7 @@ class DigitsDataModule(SplitDataModule):
         super().__init__(batch_size, num_workers, shuffle)
         self.shift, self.split_seed = shift, split_seed
         self.num_classes, self.image_size, self.channels = 10, 8, 1
+        self.classes = [str(digit) for digit in range(10)]
 
     def setup(self, stage: Optional[str] = None):
         if self.train_set is not None:
@@ -106,7 +107,8 @@ class ImageFolderDataModule(SplitDataModule):
         self.train_set = datasets.ImageFolder(folder(self.train_dir), train_tf)
         self.val_set = datasets.ImageFolder(folder(self.val_dir), eval_tf)
         self.test_set = datasets.ImageFolder(folder(self.test_dir or self.val_dir), eval_tf)
-        self.num_classes = len(self.train_set.classes)
+        self.classes = list(self.train_set.classes)
+        self.num_classes = len(self.classes)
 
 
 class CIFAR10DataModule(SplitDataModule):
@@ -120,6 +122,7 @@ class CIFAR10DataModule(SplitDataModule):
         super().__init__(batch_size, num_workers)
         self.root, self.augment, self.split_seed = root, augment, split_seed
         self.num_classes = 10
+        self.classes: Optional[list[str]] = None  # read from the data set's meta file in setup()
 
     def setup(self, stage: Optional[str] = None):
         from torchvision import datasets, transforms as T
@@ -134,6 +137,7 @@ class CIFAR10DataModule(SplitDataModule):
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise FileNotFoundError(f"CIFAR-10 not found or corrupted under {os.path.abspath(self.root)!r} "
                                     f"(expected torchvision's cifar-10-batches-py folder): {e}") from e
+        self.classes = list(self.test_set.classes)
         generator = torch.Generator().manual_seed(self.split_seed)
         train_idx, val_idx = random_split(range(len(full_train)), [45000, 5000], generator=generator)
         self.train_set = torch.utils.data.Subset(full_train, list(train_idx))
