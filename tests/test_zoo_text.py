@@ -6,6 +6,8 @@ a larger scale than the 0.02 init so that logits are O(1) and a wrong mapping or
 cannot hide under tiny activations.
 """
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -145,6 +147,44 @@ def test_bert_import_refuses_unknown_or_missing_weights():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() < TOL
 
 
+@pytest.mark.parametrize("cls,config,message", [
+    (transformers.BertForMultipleChoice, {}, "architecture BertForMultipleChoice"),
+    (transformers.BertForTokenClassification, {"num_labels": 3}, "architecture BertForTokenClassification"),
+    (transformers.BertForSequenceClassification, {"num_labels": 1}, "problem_type=None and num_labels=1"),
+    (transformers.BertForSequenceClassification, {"num_labels": 3, "problem_type": "multi_label_classification"},
+     "problem_type='multi_label_classification'"),
+    (transformers.GPT2ForSequenceClassification, {}, "architecture GPT2ForSequenceClassification"),
+])
+def test_hf_import_refuses_heads_the_zoo_model_does_not_compute(cls, config, message, tmp_path):
+    """A head the zoo model lacks, or a classifier transformers trains with another loss (MSE for
+    one label, BCE for multi-label), is refused by name, from the module and from a saved folder
+    (its config.architectures), rather than imported as a lookalike with a different loss."""
+    base = BERT_CONFIGS["2x32_4heads_gelu"] if cls.__name__.startswith("Bert") else GPT2_CONFIGS["2x32_4heads"]
+    config_cls = transformers.BertConfig if cls.__name__.startswith("Bert") else transformers.GPT2Config
+    hf = cls(config_cls(**base, **config))
+    hf.save_pretrained(tmp_path)
+    for source in (hf, str(tmp_path)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            zoo.weights.from_hf(source)
+
+
+def test_hf_import_keeps_the_source_mode(tmp_path):
+    """from_hf gives the mode of the source module, and eval mode from a folder or a state dict
+    (as from_pretrained): dropout in the imported copy would otherwise make it differ at random."""
+    config = dict(BERT_CONFIGS["2x32_4heads_gelu"], hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    hf = hf_bert(**config)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, config["vocab_size"], (2, 9))
+    for source in (hf, str(tmp_path), hf.state_dict()):
+        ours = zoo.weights.from_hf(source, config=hf.config if isinstance(source, dict) else None)
+        assert not ours.training and not any(m.training for m in ours.modules())
+        with torch.no_grad(), kernels.reference_only():
+            assert (ours(ids) - hf(input_ids=ids).logits).abs().max() < TOL
+    assert zoo.weights.from_hf(hf.train()).training
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIGS["2x32_4heads"])).eval()
+    assert not zoo.weights.from_hf(gpt).training and zoo.weights.from_hf(gpt.train()).training
+
+
 # --------------------------------------------------------------------------------------
 # GPT-2 parity
 # --------------------------------------------------------------------------------------
@@ -257,6 +297,27 @@ def test_eos_stops_rows_like_hf(gpt_pair):
     assert torch.equal(got, expected)
     stop = (got[0, 9:] == eos).nonzero()[0, 0]
     assert stop <= 2 and (got[0, 9 + stop + 1:] == 1).all()
+
+
+def test_default_stop_token_comes_from_the_hf_config():
+    """transformers' generate() stops at config.eos_token_id when the call names none; so does the import's."""
+    probe = hf_gpt2(**GPT2_CONFIGS["2x32_4heads"])
+    ids, mask, _ = left_padded(64, [9, 4, 6])
+    with torch.no_grad():
+        greedy = zoo.weights.from_hf(probe).generate(ids, attention_mask=mask, max_new_tokens=12)
+    eos = int(greedy[0, 9 + 2])  # row 0 emits it as its third new token
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIGS["2x32_4heads"], eos_token_id=eos,
+                                                              bos_token_id=None, pad_token_id=1))
+    hf.load_state_dict(probe.state_dict())
+    ours = zoo.weights.from_hf(hf.eval())
+    assert ours.cfg.eos_token_id == eos
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(got, expected) and (got[0, 9 + 3:] == 1).all()
+    # An eos outside the vocabulary (GPT-2's 50256 in a tiny config) can never stop a row: none is kept.
+    assert zoo.weights.from_hf(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        **GPT2_CONFIGS["2x32_4heads"]))).cfg.eos_token_id is None
 
 
 def test_cached_decoding_equals_full_forward(gpt_pair):

@@ -137,6 +137,32 @@ def test_timm_unsupported_variants_raise(kw, attribute):
         zoo.weights.from_timm(small_timm(**kw))
 
 
+@pytest.mark.parametrize("act_layer", ["gelu", "gelu_tanh"])
+def test_timm_gelu_classes_import(act_layer):
+    """timm's own GELU modules (act_layer by name) compute what the zoo's exact / tanh GELU does."""
+    ref = small_timm(act_layer=act_layer)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(run(zoo.weights.from_timm(ref), x, "sdpa")[0], ref(x)) <= TOL
+    assert zoo.weights.from_timm(ref).cfg.backbone.mlp == ("gelu" if act_layer == "gelu" else "gelu_tanh")
+
+
+def test_timm_state_dict_ambiguities_and_other_architectures_raise():
+    # 4 registers + class token, patches only in the table: 9 rows read as 3x3 without the 5
+    # prefix tokens and as 2x2 with them, so the grid cannot be told from the shapes.
+    ambiguous = small_timm(img_size=24, reg_tokens=4, no_embed_class=True).state_dict()
+    with pytest.raises(ValueError, match="img_size= or no_embed_class="):
+        zoo.weights.from_timm(ambiguous, num_heads=3)
+    model = zoo.weights.from_timm(ambiguous, num_heads=3, no_embed_class=True)
+    assert model.cfg.grid_size == (3, 3)
+    without_table = {k: v for k, v in small_timm().state_dict().items() if k != "pos_embed"}
+    with pytest.raises(ValueError, match="no 'pos_embed'"):
+        zoo.weights.from_timm(without_table, num_heads=3)
+    eva = timm.models.eva.Eva(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(ValueError, match="Eva is not a timm VisionTransformer"):
+        zoo.weights.from_timm(eva)
+
+
 def test_timm_extra_weight_is_not_dropped():
     state = small_timm().state_dict()
     state["blocks.0.attn.q_norm.weight"] = torch.ones(16)
@@ -190,6 +216,23 @@ def test_hf_vit_model_features_and_legacy_names():
             model = zoo.weights.from_hf(source, config=cfg, attn_backend="sdpa")
             assert model.num_classes == 0
             assert max_diff(model.forward_features(x), want) <= TOL
+
+
+@pytest.mark.parametrize("size", [(24, 24), (8, 8), (16, 24)])
+def test_hf_other_image_size_matches_interpolate_pos_encoding(size):
+    """An HF import resamples its table for other sizes as HF's interpolate_pos_encoding=True
+    (plain bicubic, whose cubic differs from timm's antialiased one even when enlarging)."""
+    cfg = transformers.ViTConfig(**dict(HF_CASES["classifier"], image_size=16, patch_size=4))
+    ref = perturbed(transformers.ViTForImageClassification(cfg))
+    model = zoo.weights.from_hf(ref, attn_backend="sdpa")
+    assert not model.cfg.pos_antialias
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        want = ref(pixel_values=x, interpolate_pos_encoding=True).logits
+        assert max_diff(model(x), want) <= TOL
+        # The timm resampling is another function: the comparison can tell them apart.
+        model.cfg.pos_antialias = True
+        assert max_diff(model(x), want) > 10 * TOL
 
 
 def test_hf_pooler_is_refused():

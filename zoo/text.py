@@ -265,15 +265,18 @@ class GPTConfig:
     backbone: TransformerConfig = field(default_factory=gpt_backbone)  # GPT-2 small blocks
     vocab_size: int = 50257  # GPT-2's byte-level BPE
     pad_token_id: Optional[int] = None  # what finished rows emit in generate() (None: the stop token)
+    eos_token_id: Optional[int] = None  # generate()'s stop token when the call names none (None: none)
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
 
     def __post_init__(self):
         _positive(self, "vocab_size")
         if not self.backbone.causal or self.backbone.cross_attention:
             raise ValueError("GPTConfig: backbone must be causal self-attention (causal=True, cross_attention=False)")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"GPTConfig: pad_token_id must be in [0, {self.vocab_size}) or None, "
-                             f"got {self.pad_token_id}")
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < self.vocab_size):
+                raise ValueError(f"GPTConfig: {name} must be an int in [0, {self.vocab_size}) or None, got {value!r}")
 
 
 class GPT(nn.Module):
@@ -346,8 +349,8 @@ class GPT(nn.Module):
         then decodes one token per step with the KV cache (on the "triton" backend, one
         kernels.flash_attn_with_kvcache call per layer and step): greedy, or sampling with
         temperature / top_k / top_p drawn from `generator`. Rows that emit a token of
-        eos_token_id (int or list) emit pad_token_id (default: cfg.pad_token_id, else the
-        first stop token) afterwards; decoding stops once all rows have. Dropout stays as
+        eos_token_id (int or list; default: cfg.eos_token_id) emit pad_token_id (default:
+        cfg.pad_token_id, else the first stop token) afterwards; decoding stops once all rows have. Dropout stays as
         the module's mode: call eval() first. Raises ValueError for right-padded prompts,
         bad sampling options or max_new_tokens, or prompt + max_new_tokens past max_seq_len.
         """
@@ -383,7 +386,8 @@ class GPT(nn.Module):
 
         pad = pad_token_id if pad_token_id is not None else self.cfg.pad_token_id
         new = decode(step, self.logits(hidden[:, -1]), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                     temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                     temperature=temperature, top_k=top_k, top_p=top_p,
+                     eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
                      pad_token_id=pad, generator=generator)
         return torch.cat([ids, new.to(ids.dtype)], dim=1)
 

@@ -57,6 +57,7 @@ class ViTConfig:
     patch_bias: bool = True  # bias in the patch projection (timm drops it when the backbone has input_norm)
     head_dropout: float = 0.0  # dropout on the pooled features before the head
     pos_init_std: float = 0.02  # std of the position table's init (timm: 0.02)
+    pos_antialias: bool = True  # resample the table for other sizes as timm (antialiased bicubic); False: as HF
     backbone: TransformerConfig = field(default_factory=_vit_backbone)  # the blocks; positions must be "none"
 
     def __post_init__(self):
@@ -104,13 +105,14 @@ class ViTConfig:
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int],
-                       num_prefix_tokens: int = 0) -> Tensor:
+                       num_prefix_tokens: int = 0, antialias: bool = True) -> Tensor:
     """A (1, P + old_h * old_w, D) position table resampled to (1, P + new_h * new_w, D).
 
-    The patch part is treated as a D-channel image and resized bicubically (antialiased
-    when shrinking, computed in float32); the first num_prefix_tokens rows (class and
-    register tokens) are kept as they are. Raises ValueError if the table's length does
-    not match old_grid.
+    The patch part is treated as a D-channel image and resized bicubically in float32;
+    the first num_prefix_tokens rows (class and register tokens) are kept as they are.
+    antialias=True is timm's resampling (torch's antialiased bicubic, whose cubic kernel
+    differs from the plain one even when enlarging); False is Hugging Face ViT's
+    interpolate_pos_encoding. Raises ValueError if the table's length does not match old_grid.
     """
     P, (oh, ow), (nh, nw) = num_prefix_tokens, old_grid, new_grid
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[1] != P + oh * ow:
@@ -121,7 +123,7 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: t
     prefix, grid = pos_embed[:, :P], pos_embed[:, P:]
     D = grid.shape[-1]
     image = grid.float().reshape(1, oh, ow, D).permute(0, 3, 1, 2)
-    image = F.interpolate(image, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    image = F.interpolate(image, size=(nh, nw), mode="bicubic", align_corners=False, antialias=antialias)
     grid = image.permute(0, 2, 3, 1).reshape(1, nh * nw, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
 
@@ -130,7 +132,8 @@ class VisionTransformer(nn.Module):
     """ViT classifier: (B, in_chans, H, W) images -> (B, num_classes) logits.
 
     H and W may differ from cfg.img_size (multiples of the patch size): the position table
-    is then resampled bicubically on the fly, as timm's dynamic_img_size does.
+    is then resampled bicubically on the fly, as timm's dynamic_img_size does (or as Hugging
+    Face's interpolate_pos_encoding, with cfg.pos_antialias=False).
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -196,7 +199,8 @@ class VisionTransformer(nn.Module):
         Raises ValueError if img_size is not a multiple of the patch size.
         """
         grid = self._grid_of(*to_pair(img_size, "img_size"))
-        table = resample_pos_embed(self.pos_embed.detach(), grid, self.grid_size, self._table_prefix)
+        table = resample_pos_embed(self.pos_embed.detach(), grid, self.grid_size, self._table_prefix,
+                                   self.cfg.pos_antialias)
         self.pos_embed = nn.Parameter(table.contiguous(), requires_grad=self.pos_embed.requires_grad)
         self.grid_size = grid
         self.cfg = dataclasses.replace(self.cfg, img_size=img_size)
@@ -206,7 +210,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"images must have shape (B, {self.cfg.in_chans}, H, W), got {tuple(images.shape)}")
         grid = self._grid_of(images.shape[2], images.shape[3])
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, dim), patches in row-major order
-        pos = resample_pos_embed(self.pos_embed, grid, self.grid_size, self._table_prefix)
+        pos = resample_pos_embed(self.pos_embed, grid, self.grid_size, self._table_prefix, self.cfg.pos_antialias)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         if self.cfg.no_embed_class:
             return torch.cat(prefix + [x + pos], dim=1)

@@ -24,6 +24,23 @@ HF_CONVERTERS = {
     "whisper": "hf_whisper",
 }
 
+# The transformers classes each converter reproduces: a model of another class (a head the zoo
+# model does not have, e.g. BertForMultipleChoice) is refused by name, not imported as a lookalike.
+HF_ARCHITECTURES = {
+    "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification"),
+    "gpt2": ("GPT2Model", "GPT2LMHeadModel"),
+    "vit": ("ViTModel", "ViTForImageClassification"),
+    "whisper": ("WhisperModel", "WhisperForConditionalGeneration", "WhisperEncoder"),
+}
+
+
+def _check_architecture(model_type: str, names: list[str], where: str) -> None:
+    """Raises ValueError when none of `names` (a module's classes, or config.architectures) is supported."""
+    supported = HF_ARCHITECTURES[model_type]
+    if names and not any(name in supported for name in names):
+        raise ValueError(f"unsupported Hugging Face {model_type} architecture {names[0]} ({where}); supported: "
+                         f"{', '.join(supported)}")
+
 
 def _load_local_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Weights of a local Hugging Face checkpoint folder (safetensors or PyTorch .bin, sharded or not)."""
@@ -49,8 +66,11 @@ def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module
     source: a transformers PreTrainedModel, a state dict (then `config`, a transformers
     config or its dict, is required), or a local checkpoint folder (config.json plus
     weights; nothing is downloaded). overrides go to the zoo model (e.g. attn_backend).
-    Raises ValueError for an unsupported model type and FileNotFoundError for a folder
-    without config or weights.
+    The model comes back in the source module's mode (training or eval), and in eval mode
+    from a folder or a state dict, as `from_pretrained` gives it.
+    Raises ValueError for an unsupported model type or architecture (the class, or
+    config.architectures: HF_ARCHITECTURES lists what each converter reproduces) and
+    FileNotFoundError for a folder without config or weights.
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -78,8 +98,13 @@ def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module
     model_type = getattr(config, "model_type", None)
     if model_type not in HF_CONVERTERS:
         raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; supported: {', '.join(HF_CONVERTERS)}")
+    if isinstance(source, nn.Module):
+        _check_architecture(model_type, [c.__name__ for c in type(source).__mro__], "the model's class")
+    else:
+        _check_architecture(model_type, list(getattr(config, "architectures", None) or []), "config.architectures")
     module = importlib.import_module(f"{__name__}.{HF_CONVERTERS[model_type]}")
-    return module.convert(state_dict, config, **overrides)
+    model = module.convert(state_dict, config, **overrides)
+    return model.train(source.training if isinstance(source, nn.Module) else False)
 
 
 def from_timm(source: Any, **overrides) -> nn.Module:

@@ -32,6 +32,12 @@ def _bert_config(config, pooler: bool, mlm_head: bool, num_classes: int, overrid
     need(getattr(config, "position_embedding_type", "absolute") == "absolute", "only absolute position embeddings")
     need(not getattr(config, "is_decoder", False), "is_decoder=True (this converter builds an encoder)")
     need(not getattr(config, "add_cross_attention", False), "add_cross_attention=True")
+    problem = getattr(config, "problem_type", None)
+    # transformers trains num_labels=1 (problem_type None) as regression; the zoo head, with single-label CE.
+    need(not num_classes or problem == "single_label_classification" or (problem is None and num_classes > 1),
+         f"a sequence classifier with problem_type={problem!r} and num_labels={num_classes} (transformers "
+         f"trains it with {'MSE' if problem == 'regression' or num_classes == 1 else 'BCE'}; the zoo classifier "
+         f"with single-label cross-entropy)")
     backbone = bert_backbone(
         config.hidden_size, config.num_hidden_layers, config.num_attention_heads, mlp=ACTIVATIONS[act],
         mlp_hidden=config.intermediate_size, norm_eps=config.layer_norm_eps,

@@ -100,7 +100,8 @@ def config_from_hf(config, num_classes: int) -> tuple[TransformerConfig, dict]:
         return (v, v) if isinstance(v, int) else tuple(v)
 
     fields = dict(img_size=pair(config.image_size), patch_size=pair(config.patch_size), in_chans=config.num_channels,
-                  num_classes=num_classes, global_pool="token", class_token=True)
+                  num_classes=num_classes, global_pool="token", class_token=True,
+                  pos_antialias=False)  # other image sizes: as interpolate_pos_encoding=True
     return backbone, fields
 
 

@@ -41,6 +41,15 @@ def rename_key(key: str) -> str:
                      f"(an unsupported timm variant)")
 
 
+def _gelu_approximation(act: nn.Module) -> str | None:
+    """"none" or "tanh" for the GELU modules timm builds (nn.GELU, timm's GELU and GELUTanh); None otherwise."""
+    from timm.layers.activations import GELU, GELUTanh
+
+    if type(act) is nn.GELU:
+        return act.approximate
+    return {GELU: "none", GELUTanh: "tanh"}.get(type(act))
+
+
 def _unsupported(what: str) -> ValueError:
     return ValueError(f"timm VisionTransformer with {what} is not supported by the zoo ViT")
 
@@ -85,9 +94,10 @@ def _check_module(vit: nn.Module) -> None:
             raise _unsupported(f"mlp_layer {type(mlp).__name__} (blocks.{i}.mlp)")
         if not isinstance(mlp.norm, nn.Identity):
             raise _unsupported(f"scale_mlp_norm=True (blocks.{i}.mlp.norm)")
-        if type(mlp.act) is not nn.GELU:
-            raise _unsupported(f"act_layer {type(mlp.act).__name__} (blocks.{i}.mlp.act; supported: nn.GELU)")
-        if mlp.act.approximate != vit.blocks[0].mlp.act.approximate:
+        if _gelu_approximation(mlp.act) is None:
+            raise _unsupported(f"act_layer {type(mlp.act).__name__} (blocks.{i}.mlp.act; supported: GELU, "
+                               f"exact or tanh)")
+        if _gelu_approximation(mlp.act) != _gelu_approximation(vit.blocks[0].mlp.act):
             raise _unsupported(f"a different GELU in blocks.{i}.mlp.act than in blocks.0")
         for name in ("ls1", "ls2"):
             scale = getattr(block, name)
@@ -115,7 +125,7 @@ def _config_from_module(vit: nn.Module) -> tuple[TransformerConfig, dict]:
     backbone = TransformerConfig(
         dim=dim, depth=len(vit.blocks), heads=attn.num_heads,
         head_dim=None if attn.head_dim * attn.num_heads == dim else attn.head_dim,
-        mlp="gelu" if mlp.act.approximate == "none" else "gelu_tanh", mlp_hidden=mlp.fc1.out_features,
+        mlp="gelu" if _gelu_approximation(mlp.act) == "none" else "gelu_tanh", mlp_hidden=mlp.fc1.out_features,
         norm="layernorm", norm_eps=norm.eps, norm_bias=norm.bias is not None, prenorm=True,
         final_norm=not (isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity)),
         input_norm=not isinstance(vit.norm_pre, nn.Identity), positions="none",
@@ -138,9 +148,12 @@ def _config_from_module(vit: nn.Module) -> tuple[TransformerConfig, dict]:
 def _config_from_state_dict(state: dict[str, Tensor], overrides: dict) -> tuple[TransformerConfig, dict]:
     """Backbone config and ViT fields from tensor shapes; what shapes cannot tell comes from overrides.
 
-    heads (or num_heads) is required. norm_eps defaults to timm's 1e-6; the grid is taken as
-    square unless img_size is given; global_pool is "avg" when there is an fc_norm, else
-    "token" with a class token (override for avg pooling without fc_norm).
+    heads (or num_heads) is required. norm_eps defaults to timm's 1e-6 and mlp to exact GELU
+    (mlp="gelu_tanh" for timm's act_layer="gelu_tanh"); the grid is taken as square unless
+    img_size is given (a ValueError when the table reads as a square grid both with and
+    without the prefix tokens: pass img_size= or no_embed_class=); global_pool is "avg"
+    when there is an fc_norm, else "token" with a class token (as timm pairs them; pass
+    global_pool= for the other pairings).
     """
     heads = overrides.pop("num_heads", None) or overrides.pop("heads", None)
     if heads is None:
@@ -149,6 +162,9 @@ def _config_from_state_dict(state: dict[str, Tensor], overrides: dict) -> tuple[
         raise ValueError("state dict has no 'patch_embed.proj.weight': not a timm VisionTransformer")
     dim, in_chans, ph, pw = state["patch_embed.proj.weight"].shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    if "pos_embed" not in state:
+        raise ValueError("state dict has no 'pos_embed': a timm ViT without an absolute position table (rotary, "
+                         "relative-position or BEiT-style) is not supported by the zoo ViT")
     class_token = "cls_token" in state
     reg_tokens = state["reg_token"].shape[1] if "reg_token" in state else 0
     prefix = int(class_token) + reg_tokens
@@ -159,10 +175,15 @@ def _config_from_state_dict(state: dict[str, Tensor], overrides: dict) -> tuple[
         # The table holds the patches (+ prefix tokens unless no_embed_class); take the grid as square.
         candidates = [(table - prefix, False), (table, True)] if no_embed_class is None else \
             [(table - (0 if no_embed_class else prefix), no_embed_class)]
-        square = [(n, flag) for n, flag in candidates if n > 0 and math.isqrt(n) ** 2 == n]
+        square = [(n, flag) for n, flag in candidates[:1 if prefix == 0 else None]
+                  if n > 0 and math.isqrt(n) ** 2 == n]
         if not square:
             raise ValueError(f"pos_embed of {table} rows is not a square grid (+ {prefix} prefix tokens); "
                              f"pass img_size=")
+        if len(square) > 1:
+            raise ValueError(f"pos_embed of {table} rows reads as a square grid both with its {prefix} prefix "
+                             f"tokens ({square[0][0]} patches) and without them ({square[1][0]} patches): pass "
+                             f"img_size= or no_embed_class=")
         side = math.isqrt(square[0][0])
         img_size, no_embed_class = (side * ph, side * pw), square[0][1]
     elif no_embed_class is None:
@@ -193,7 +214,7 @@ def convert(source: Any, **overrides) -> VisionTransformer:
 
     source: a timm VisionTransformer (its architecture is read from the module), or its
     state dict (architecture from the tensor shapes; pass heads= and, where timm's
-    defaults were changed, norm_eps=, img_size=, global_pool=). overrides are applied to
+    defaults were changed, norm_eps=, mlp=, img_size=, global_pool=). overrides are applied to
     the zoo config afterwards (e.g. attn_backend="sdpa"). The result is in eval mode if
     the source module was. Raises ValueError for a timm variant the zoo ViT does not
     support (naming the attribute) and when a tensor would be dropped or left unset.
@@ -202,7 +223,8 @@ def convert(source: Any, **overrides) -> VisionTransformer:
     if isinstance(source, nn.Module):
         from timm.models.vision_transformer import VisionTransformer as TimmViT
         if not isinstance(source, TimmViT):
-            raise TypeError(f"convert expects a timm VisionTransformer, got {type(source).__name__}")
+            raise ValueError(f"{type(source).__name__} is not a timm VisionTransformer "
+                             f"(timm.models.vision_transformer.VisionTransformer), the one class the zoo ViT imports")
         backbone, fields = _config_from_module(source)
         state, training = source.state_dict(), source.training
     elif isinstance(source, dict):
