@@ -136,6 +136,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                  f"({B}, n, {Hk}, {D}), the same for k and v, got {tuple(x.shape)}")
         k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         snew = k.shape[1]
+        if snew > capacity:
+            raise ValueError(f"k and v hold {snew} new keys per row but the cache holds only {capacity}")
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("appending k/v needs cache_seqlens (None means the cache is full)")

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import autotune
-from .runtime import INTERPRET
+from .runtime import INTERPRET, unit_stride
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -773,6 +773,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
 
     out has q's shape (contiguous); lse is (B, H, Sq) float32, or (H, total_q) when packed.
     """
+    cu_seqlens_q, cu_seqlens_k, alibi_slopes = map(unit_stride, (cu_seqlens_q, cu_seqlens_k, alibi_slopes))
     geo = _Geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, bias, alibi_slopes)
     if geo.varlen:
         # Rows that belong to no sequence (cu_seqlens_q[-1] < total) are left as zeros.
@@ -807,6 +808,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
 def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias,
              alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Runs the backward kernels; returns (dq, dk, dv) shaped like (q, k, v)."""
+    cu_seqlens_q, cu_seqlens_k, alibi_slopes = map(unit_stride, (cu_seqlens_q, cu_seqlens_k, alibi_slopes))
+    # The preprocess kernel reads dlse with lse's (contiguous) strides; autograd may hand
+    # over any layout (lse.sum() gives an expanded tensor of stride 0).
+    dlse = dlse.contiguous() if dlse is not None else None
     geo = _Geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, bias, alibi_slopes)
     # Padded batches: the kernels write every element. Packed: rows outside every
     # sequence are never visited and must read as zero.

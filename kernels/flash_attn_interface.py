@@ -185,14 +185,14 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
          window_size, softcap, alibi_slopes, return_attn_probs):
     packed = cu_seqlens_q is not None
     check_qkv(q, k, v, packed)
-    batch = cu_seqlens_q.numel() - 1 if packed else q.shape[0]
-    check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, q.shape[-2], q.device)
     if packed:
         check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
         check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                              f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    batch = cu_seqlens_q.numel() - 1 if packed else q.shape[0]
+    check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, q.shape[-2], q.device)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     left, right = _window(causal, window_size, max_seqlen_k)

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .runtime import INTERPRET, eager_op, run_backward, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
@@ -118,6 +118,7 @@ def rotary_triton(x, out, cos, sin, seqlen_offsets, offset, position_ids, interl
     half = cos.shape[1]
     if x.numel() == 0:
         return
+    seqlen_offsets = unit_stride(seqlen_offsets)  # read as Offsets + b
     block_half = max(triton.next_power_of_2(half), 2)
     # About 1024 rotated pairs per tile: 8 per thread over 4 warps, no register spills.
     block_s = max(1, min(_MAX_BLOCK_S, 1024 // block_half))

@@ -52,6 +52,18 @@ def reference_only():
         _state.reference_only = previous
 
 
+def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t, or a contiguous copy of it when its last dimension is not at unit stride; None stays None.
+
+    For the small tensors a kernel indexes along their last dimension without a stride
+    (sequence offsets, cache lengths, block tables, ALiBi slopes): a view such as x[::2]
+    or x.t() would otherwise be read as the wrong elements.
+    """
+    if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -53,6 +53,7 @@ def _packed(lengths, H=2, D=16):
 
 @pytest.mark.parametrize("change,error,match", [
     (lambda cu: cu.long(), TypeError, "cu_seqlens_q must be int32"),
+    (lambda cu: cu.tolist(), TypeError, "cu_seqlens_q must be a torch.Tensor, got list"),
     (lambda cu: cu[:1], ValueError, "length batch \\+ 1"),
     (lambda cu: torch.tensor([0, 5, 3, 9], dtype=torch.int32), ValueError, "never decrease"),
     (lambda cu: torch.tensor([0, 5, 9, 40], dtype=torch.int32), ValueError, "exceeds the"),

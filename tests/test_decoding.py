@@ -247,6 +247,47 @@ def test_cache_batch_idx_and_leftpad(backend):
                        rotary_cos=cos, rotary_sin=sin, alibi_slopes=torch.rand(4, device=device))
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The values of t as a view whose last dimension has stride 2 (every other element of a wider tensor)."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), 99, dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def test_strided_index_tensors_and_slopes(backend):
+    """cache_seqlens, cache_batch_idx, cache_leftpad, block_table, ALiBi slopes and rotary
+    tables given as strided views are read by value (the oracle gets contiguous copies)."""
+    device, ctx = backend
+    q, kc, vc = (_rand(*shape, device=device) for shape in ((2, 2, 4, 24), (4, 30, 2, 24), (4, 30, 2, 24)))
+    k, v = _rand(2, 2, 2, 24, device=device), _rand(2, 2, 2, 24, device=device)
+    idx, lens, leftpad = (torch.tensor(x, dtype=torch.int32, device=device) for x in ([3, 1], [9, 20], [0, 5]))
+    cos, sin = torch.rand(40, 8, device=device), torch.rand(40, 24, device=device)[:, :8]  # other row strides
+    slopes = torch.rand(4, 2, device=device).t()  # (B, H) with stride (1, B)
+    with ctx():
+        ref = kvcache_oracle(q, kc, vc, k, v, lens, batch_idx=idx, leftpad=leftpad, cos=cos, sin=sin, causal=True,
+                             alibi=slopes.contiguous())
+        kc2, vc2 = kc.clone(), vc.clone()
+        out, lse = flash_attn_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=_strided(lens),
+                                           cache_batch_idx=_strided(idx), cache_leftpad=_strided(leftpad),
+                                           rotary_cos=cos, rotary_sin=sin, alibi_slopes=slopes, causal=True,
+                                           return_softmax_lse=True)
+    _check(out, lse, ref[0], ref[1])
+    assert torch.equal(vc2.cpu(), ref[3])
+    torch.testing.assert_close(kc2.cpu(), ref[2], rtol=0, atol=1e-6)
+
+    page, blocks = 8, 4
+    kc, vc = _rand(2 * blocks + 1, page, 1, 16, device=device), _rand(2 * blocks + 1, page, 1, 16, device=device)
+    table = torch.randperm(2 * blocks + 1)[: 2 * blocks].view(2, blocks).int().to(device)
+    q, k, v = _rand(2, 1, 2, 16, device=device), _rand(2, 3, 1, 16, device=device), _rand(2, 3, 1, 16, device=device)
+    lens = torch.tensor([page - 1, 20], dtype=torch.int32, device=device)
+    with ctx():
+        ref = kvcache_oracle(q, kc, vc, k, v, lens, block_table=table, causal=True)
+        out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=_strided(table),
+                                           causal=True, return_softmax_lse=True)
+    _check(out, lse, ref[0], ref[1])
+    assert torch.equal(kc.cpu(), ref[2]) and torch.equal(vc.cpu(), ref[3])
+
+
 @pytest.mark.parametrize("interleaved,rotary_dim,causal", [(True, 16, False), (False, 16, True), (True, 8, True),
                                                            (False, 8, False)])
 def test_rotary(backend, interleaved, rotary_dim, causal):
@@ -354,6 +395,8 @@ def _small():
     (dict(k=torch.randn(2, 2, 2, 16), v=torch.randn(2, 2, 2, 16), cache_seqlens=9), ValueError,
      r"cache_seqlens must be in \[0, 8\]"),
     (dict(cache_seqlens=torch.tensor([3, 11], dtype=torch.int32)), ValueError, r"cache_seqlens must be in \[0, 10\]"),
+    (dict(k=torch.randn(2, 11, 2, 16), v=torch.randn(2, 11, 2, 16), cache_seqlens=0), ValueError,
+     "k and v hold 11 new keys per row but the cache holds only 10"),
     (dict(cache_seqlens=torch.tensor([3, 4])), TypeError, "cache_seqlens must be int32"),
     (dict(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, r"cache_seqlens must have shape \(2,\)"),
     (dict(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)), ValueError, "must index the 2 cache rows"),

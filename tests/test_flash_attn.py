@@ -141,6 +141,56 @@ def test_returned_lse_and_its_gradient(backend):
         torch.testing.assert_close(g.cpu().double(), r, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["sum", "transposed_weights"])
+def test_lse_gradient_of_any_layout(backend, loss):
+    """The gradient autograd hands to lse need not be laid out like lse: lse.sum() gives an
+    expanded tensor (stride 0), a transposed weight a permuted one. Padded and packed."""
+    device, ctx = backend
+    q, k, v = _inputs(2, 24, 24, 2, 2, 16, torch.float32, device)
+    cu = torch.tensor([0, 10, 30, 48], dtype=torch.int32)
+    packed = [x.detach().reshape(48, 2, 16).requires_grad_() for x in (q, k, v)]
+    for inputs, run, ref_run in [
+        ((q, k, v), lambda *a: flash_attn_func(*a, return_attn_probs=True)[1],
+         lambda *a: oracle.attention(*a)[1]),
+        (packed, lambda *a: flash_attn_varlen_func(*a, cu.to(device), cu.to(device), 20, 20,
+                                                   return_attn_probs=True)[1],
+         lambda *a: oracle.attention_varlen(*a, cu, cu)[1]),
+    ]:
+        with ctx():
+            lse = run(*inputs)
+        w = torch.randn(lse.shape[::-1], dtype=torch.float64).t() if lse.dim() == 2 else \
+            torch.randn(lse.shape[0], lse.shape[2], lse.shape[1], dtype=torch.float64).transpose(1, 2)
+
+        def scalar(x):
+            return x.sum() if loss == "sum" else (x * w.to(x.dtype).to(x.device)).sum()
+
+        grads = torch.autograd.grad(scalar(lse), inputs)
+        cpu = [x.detach().cpu().double().requires_grad_() for x in inputs]
+        ref_grads = torch.autograd.grad(scalar(ref_run(*cpu)), cpu, allow_unused=True)  # lse does not use v
+        for g, r, x in zip(grads, ref_grads, cpu):
+            torch.testing.assert_close(g.cpu().double(), torch.zeros_like(x) if r is None else r, rtol=0, atol=1e-5)
+
+
+def test_strided_alibi_slopes_and_cu_seqlens(backend):
+    """Slopes and cumulative lengths given as strided views (x[::2], x.t()) are read by value."""
+    device, ctx = backend
+    B, H = 2, 4
+    q, k, v = _inputs(B, 19, 33, H, 2, 16, torch.float32, device)
+    per_batch = torch.rand(H, B).t()  # (B, H), stride (1, B)
+    per_head = torch.rand(2 * H)[::2]
+    for slopes in (per_batch, per_head):
+        with ctx():
+            _check(lambda *a: flash_attn_func(*a, causal=True, alibi_slopes=slopes.to(device)), q, k, v,
+                   causal=True, alibi_slopes=slopes.contiguous())
+    cu = torch.tensor([0, 99, 10, 99, 24], dtype=torch.int32)[::2]  # [0, 10, 24], stride 2
+    packed = [x.detach()[:, :12].reshape(24, -1, 16).requires_grad_() for x in (q, k, v)]
+    with ctx():
+        out = flash_attn_varlen_func(*packed, cu.to(device), cu.to(device), 14, 14, causal=True)
+    ref, _ = oracle.attention_varlen(*[x.detach().cpu().double() for x in packed], cu.contiguous(),
+                                     cu.contiguous(), causal=True)
+    torch.testing.assert_close(out.detach().cpu().double(), ref, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["causal_short_keys", "window_gap"])
 def test_rows_without_keys_are_zero(backend, case):
     device, ctx = backend

@@ -135,9 +135,12 @@ def test_kv_cache_decoding_matches_full_sequence(backend):
         full = apply_rotary_emb(x, cos, sin)
         step = apply_rotary_emb(x[torch.arange(B), lengths][:, None], cos, sin, seqlen_offsets=lengths)
         by_ids = apply_rotary_emb(x[torch.arange(B), lengths][:, None], cos, sin, position_ids=lengths[:, None])
+        strided = torch.tensor([3, 99, 0, 99, 11], device=device)[::2]  # the lengths as a view of stride 2
+        step_strided = apply_rotary_emb(x[torch.arange(B), lengths][:, None], cos, sin, seqlen_offsets=strided)
     expected = full[torch.arange(B), lengths][:, None]
     torch.testing.assert_close(step, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(by_ids, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(step_strided, expected, rtol=0, atol=1e-6)
 
 
 def test_qk_helper_handles_gqa(backend):
