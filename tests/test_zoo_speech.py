@@ -169,6 +169,40 @@ def test_padding_content_does_not_change_valid_outputs():
         assert torch.allclose(states[row, :n], noisy[row, :n], atol=1e-5)
 
 
+def test_padding_of_inf_or_nan_does_not_reach_valid_outputs():
+    """Padding may hold -inf (the log of silence) or NaN: valid states equal those of zero padding."""
+    model = create_model("speech_tiny", num_classes=0).eval()
+    for inputs, lengths in ((torch.randn(2, 40, 30), [30, 17]), (0.1 * torch.randn(2, 4000), [4000, 2345])):
+        valid = torch.arange(inputs.shape[-1]) < torch.tensor(lengths)[:, None]
+        valid = valid[:, None, :] if inputs.dim() == 3 else valid
+        with torch.no_grad():
+            expected, mask = model.encode(inputs.masked_fill(~valid, 0.0), lengths)
+            for fill in (-math.inf, math.nan):
+                states, _ = model.encode(inputs.masked_fill(~valid, fill), lengths)
+                assert torch.isfinite(states[mask]).all(), fill
+                torch.testing.assert_close(states[mask], expected[mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("samples", [3201, 2450, 2400])
+def test_a_clip_has_as_many_frames_alone_as_in_a_batch(samples):
+    """frames() counts the frames whose center is a sample; the clip alone has that many too
+    (the STFT's last frame is dropped only when the length is a multiple of the hop)."""
+    model = create_model("speech_tiny", num_classes=0).eval()
+    wave = 0.1 * torch.randn(1, samples)
+    batch = torch.cat([wave, torch.zeros(1, 4000 - samples)], dim=1)
+    batch = torch.cat([batch, 0.1 * torch.randn(1, 4000)])
+    alone, frames_alone = model.log_mels(wave)
+    padded, frames = model.log_mels(batch, [samples, 4000])
+    assert frames_alone is None and alone.shape[-1] == math.ceil(samples / 160) == int(frames[0])
+    assert padded.shape[-1] == 25 and int(frames[1]) == 25
+    # Frames whose window stays inside the clip are equal; the last ones differ only by what
+    # lies past the end (reflect padding alone, silence in the batch).
+    inside = (samples - 200) // 160 + 1
+    torch.testing.assert_close(padded[0, :, :inside], alone[0, :, :inside], rtol=0, atol=1e-4)
+    with torch.no_grad():
+        assert model(wave).shape[1] == int(model.encode(batch, [samples, 4000])[1][0].sum())
+
+
 def test_padded_log_mels_match_each_utterance_alone():
     model = create_model("speech_tiny", num_classes=0).eval()
     frames = [60, 37, 24]

@@ -71,12 +71,15 @@ class SpeechConfig:
 
 
 class LogMel(nn.Module):
-    """Waveforms (B, T) -> log-mel spectrograms (B, n_mels, T // hop_length).
+    """Waveforms (B, T) -> log-mel spectrograms (B, n_mels, ceil(T / hop_length)).
 
     What torchaudio's MelSpectrogram computes (centered, reflect-padded Hann-window STFT,
     power 2, its mel filter bank), written with torch.stft so torch.compile traces it
-    whole; the last STFT frame is dropped as Whisper does, so 30 s at 16 kHz gives 3000
-    frames. The window and filter bank are buffers computed from the config (not saved).
+    whole. A frame is kept when its center is a sample of the waveform: the STFT's last
+    frame is dropped when T is a multiple of the hop, as Whisper does (30 s at 16 kHz
+    gives 3000 frames), and kept otherwise, so a waveform has as many frames alone as
+    `frames` counts for it in a padded batch. The window and filter bank are buffers
+    computed from the config (not saved).
     """
 
     def __init__(self, cfg: SpeechConfig):
@@ -96,33 +99,36 @@ class LogMel(nn.Module):
         power = spec.abs().pow(2.0)
         return (power.transpose(-1, -2) @ self.fbank.float()).transpose(-1, -2)
 
-    def frames(self, lengths: Tensor, num_samples: int) -> Tensor:
+    def frames(self, lengths: Tensor) -> Tensor:
         """Valid frames of waveforms with `lengths` samples: those whose center is a real sample."""
-        hop = self.cfg.hop_length
-        return torch.clamp((lengths + hop - 1) // hop, max=num_samples // hop)
+        return (lengths + self.cfg.hop_length - 1) // self.cfg.hop_length
 
     def forward(self, waveform: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-        """waveform (B, T), lengths (B,) samples or None -> log-mels (B, n_mels, T // hop_length).
+        """waveform (B, T), lengths (B,) samples or None -> log-mels (B, n_mels, ceil(T / hop_length)).
 
-        Samples past `lengths` are treated as silence. Raises ValueError for a waveform
-        shorter than half an STFT window or one hop.
+        Samples past `lengths` are treated as silence, whatever they hold (NaN and inf
+        included). A frame whose window reaches past a waveform's end sees that silence in
+        a padded batch and the STFT's reflect padding at the end of the tensor, so the last
+        frames of a clip differ slightly between the two (as in Whisper, whose extractor
+        pads every clip to 30 s). Raises ValueError for a waveform shorter than half an
+        STFT window or one hop.
         """
         T = waveform.shape[-1]
         if T <= self.cfg.n_fft // 2 or T < self.cfg.hop_length:
             raise ValueError(f"waveform must have more than {self.cfg.n_fft // 2} and at least "
                              f"{self.cfg.hop_length} samples, got {T}")
         if lengths is not None:
-            waveform = waveform * (torch.arange(T, device=waveform.device) < lengths[:, None])
+            waveform = waveform.masked_fill(torch.arange(T, device=waveform.device) >= lengths[:, None], 0.0)
         # float32 even under autocast or after model.half(): the log of tiny powers needs the range.
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            mel = self.power_mel(waveform.float())[..., :-1]
+            mel = self.power_mel(waveform.float())[..., :-(-T // self.cfg.hop_length)]
         floor = self.cfg.log_floor
         if self.cfg.mel_norm == "log":
             return mel.clamp(min=floor).log()
         log_mel = mel.clamp(min=floor).log10()
         valid = log_mel
         if lengths is not None:
-            frame_ok = torch.arange(log_mel.shape[-1], device=log_mel.device) < self.frames(lengths, T)[:, None]
+            frame_ok = torch.arange(log_mel.shape[-1], device=log_mel.device) < self.frames(lengths)[:, None]
             valid = log_mel.masked_fill(~frame_ok[:, None, :], -torch.inf)
         # Whisper's 80 dB dynamic range, measured from each utterance's own (valid) peak.
         peak = valid.amax(dim=(1, 2), keepdim=True)
@@ -189,7 +195,7 @@ class SpeechEncoder(nn.Module):
         if inputs.dim() == 2:
             samples = _as_lengths(lengths, inputs.shape[0], inputs.shape[1], "samples", inputs.device)
             log_mel = self.frontend(inputs, samples)
-            return log_mel, None if samples is None else self.frontend.frames(samples, inputs.shape[1])
+            return log_mel, None if samples is None else self.frontend.frames(samples)
         if inputs.dim() == 3 and inputs.shape[1] == self.cfg.n_mels:
             return inputs, _as_lengths(lengths, inputs.shape[0], inputs.shape[2], "frames", inputs.device)
         raise ValueError(f"inputs must be waveforms (B, T) or log-mels (B, {self.cfg.n_mels}, frames), "
@@ -207,10 +213,11 @@ class SpeechEncoder(nn.Module):
         if frames is not None:
             # Zeroing padded frames before each convolution makes the valid outputs equal
             # to those of the unpadded utterance (the convs zero-pad) whatever the padding holds.
-            x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None, :]
+            # masked_fill, not a product: padding may hold -inf (the log of silence) or NaN.
+            x = x.masked_fill((torch.arange(x.shape[-1], device=x.device) >= frames[:, None])[:, None, :], 0.0)
         x = F.gelu(self.conv1(x))
         if frames is not None:
-            x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None, :]
+            x = x.masked_fill((torch.arange(x.shape[-1], device=x.device) >= frames[:, None])[:, None, :], 0.0)
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         if frames is not None:
             # Kept even when nothing is padded: testing for that would cost a host sync per
