@@ -19,6 +19,7 @@ torch.library ops: tritonzoo::gelu_fwd/gelu_bwd, tritonzoo::glu_fwd/glu_bwd; the
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -316,8 +317,9 @@ def _glu_backward(ctx, dout):
     return dx, dy if y is not None else None, None
 
 
-_call_gelu_fwd = eager_op(gelu_fwd, _gelu_fwd, _gelu_setup, _gelu_backward)
-_call_glu_fwd = eager_op(glu_fwd, _glu_fwd, _glu_setup, _glu_backward)
+# Their backward ops carry their own autograd formulas: second derivatives are exact.
+_call_gelu_fwd = eager_op(gelu_fwd, _gelu_fwd, _gelu_setup, _gelu_backward, double_backward=True)
+_call_glu_fwd = eager_op(glu_fwd, _glu_fwd, _glu_setup, _glu_backward, double_backward=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -335,13 +337,13 @@ def _check_x(x, name: str = "x") -> None:
 
 
 def _act_code(approximate) -> int:
-    if approximate not in _APPROXIMATE:
+    if not isinstance(approximate, str) or approximate not in _APPROXIMATE:
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     return _APPROXIMATE[approximate]
 
 
 def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x  # -1 fails for 0 columns
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 

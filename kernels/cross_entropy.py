@@ -186,9 +186,10 @@ cross_entropy_fwd = torch.library.triton_op("tritonzoo::cross_entropy_fwd", _cro
 
 
 def _ce_setup(ctx, inputs, output):
-    _, _, _, _, reduction, compute_grad = inputs
-    ctx.save_for_backward(output[1])
+    _, target, ignore_index, _, reduction, compute_grad = inputs
     ctx.per_row = reduction == REDUCTIONS["none"]
+    ctx.save_for_backward(output[1], target if ctx.per_row else None)
+    ctx.ignore_index = ignore_index
     ctx.compute_grad = compute_grad
     # The gradient outputs are internal (the public functions drop them): no (N, V) zeros
     # are made for their incoming gradients, which the backward ignores.
@@ -198,12 +199,25 @@ def _ce_setup(ctx, inputs, output):
 def _ce_backward(ctx, grad_loss, _grad_dlogits):
     if grad_loss is None:
         return None, None, None, None, None, None
-    (dlogits,) = ctx.saved_tensors
+    dlogits, target = ctx.saved_tensors
     if not ctx.compute_grad:
         raise RuntimeError("cross_entropy ran without computing its gradient (no input required grad then); "
                            "call it with logits that require grad to differentiate it")
-    scale = grad_loss[:, None] if ctx.per_row else grad_loss
-    return dlogits * scale.to(dlogits.dtype), None, None, None, None, None
+    return scale_gradient(dlogits, grad_loss, target, ctx.ignore_index), None, None, None, None, None
+
+
+def scale_gradient(grad: Tensor, grad_loss: Tensor, target: Optional[Tensor], ignore_index: int) -> Tensor:
+    """grad (a gradient computed for a loss of 1) times the loss's incoming gradient grad_loss,
+    in float32 and written in grad's dtype.
+
+    grad_loss is 0-dim, or per row (N,) with the rows' targets: an ignored row's gradient is
+    0 whatever its grad_loss holds (torch gives 0 there even for an inf or NaN weight). The
+    product is not taken in grad's dtype: a float16 gradient times GradScaler's 65536
+    would overflow when the scale is cast to float16 first.
+    """
+    if target is not None:
+        grad_loss = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
+    return torch.mul(grad, grad_loss.float(), out=torch.empty_like(grad))
 
 
 _call_cross_entropy_fwd = eager_op(cross_entropy_fwd, _cross_entropy_fwd, _ce_setup, _ce_backward)
@@ -324,6 +338,8 @@ def _flce_backward(ctx, grad_loss, *_):
     ignore_index, smoothing, chunk, need_h, need_w, has_bias, bias_dtype = ctx.params
     if ctx.per_row:
         hidden, weight, bias, target = ctx.saved_tensors
+        # An ignored row's loss has no gradient, whatever its incoming gradient (inf, NaN) holds.
+        grad_loss = torch.where(target != ignore_index, grad_loss, 0.0)
         gh, gw, gb = run_backward(ctx, fused_linear_cross_entropy_bwd, _fused_linear_cross_entropy_bwd,
                                   grad_loss.contiguous(), hidden, weight, bias, target, ignore_index, smoothing,
                                   chunk, need_h, need_w)
@@ -332,7 +348,7 @@ def _flce_backward(ctx, grad_loss, *_):
             raise RuntimeError("fused_linear_cross_entropy ran without computing its gradients (no input "
                                "required grad then); call it with inputs that require grad to differentiate it")
         gh, gw, gb = ctx.saved_tensors
-        gh, gw, gb = (g * grad_loss.to(g.dtype) if g.numel() else g for g in (gh, gw, gb))
+        gh, gw, gb = (scale_gradient(g, grad_loss, None, ignore_index) if g.numel() else g for g in (gh, gw, gb))
     return (gh if need_h else None, gw if need_w else None,
             gb.to(bias_dtype) if has_bias and need_w else None, None, None, None, None, None, None, None)
 
@@ -373,6 +389,10 @@ def _check_target(target, n: int, vocab: int, ignore_index: int, device, rows_na
         raise ValueError(f"target must have shape ({rows_name},) = ({n},), got {tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"target is on {target.device} but the inputs are on {device}")
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"ignore_index {ignore_index} does not fit the {target.dtype} target "
+                         f"(it would wrap when compared)")
     if target.numel() == 0 or torch.compiler.is_compiling():
         return
     # A target out of range would make the kernel read out of bounds.

@@ -346,7 +346,9 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
     dx, dw, db = run_backward(ctx, norm_bwd, _norm_bwd, dy, ds if has_res else None, src, weight, has_bias, mean,
                               rstd, is_rms)
     w_dtype, b_dtype = ctx.dtypes
-    return (dx, dx if has_res else None, dw.to(w_dtype) if weight is not None else None,
+    # x and residual get equal gradients but not one tensor: as leaves, their .grad would
+    # share storage, and accumulating into one (gradient accumulation) would change both.
+    return (dx, dx.clone() if has_res else None, dw.to(w_dtype) if weight is not None else None,
             db.to(b_dtype) if has_bias else None, None, None)
 
 
@@ -369,6 +371,12 @@ def _check_param(t, name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must have shape (hidden,) = ({x.shape[-1]},), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_residual(residual) -> None:
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor (for no residual, call layer_norm / rms_norm), "
+                        f"got {type(residual).__name__}")
 
 
 def _run(x, residual, weight, bias, eps, is_rms):
@@ -435,10 +443,12 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     normalized (as the unfused code computes it). Gradients flow into x and residual
     through both outputs. Other arguments and errors as layer_norm.
     """
+    _check_residual(residual)
     return _run(x, residual, weight, bias, eps, False)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                  eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Fused ``s = x + residual; y = rms_norm(s)``; returns (y, s). As add_layer_norm."""
+    _check_residual(residual)
     return _run(x, residual, weight, bias, eps, True)

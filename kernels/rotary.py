@@ -331,6 +331,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if inplace:
         if x.stride(-1) != 1:
             raise ValueError("inplace=True needs x with unit stride in its last dim (headdim)")
+        if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
+            raise ValueError(f"inplace=True needs x whose elements do not overlap; it is an expanded view "
+                             f"(strides {tuple(x.stride())}): pass x.contiguous() or inplace=False")
         return _RotaryInplace.apply(x, cos, sin, offsets, offset, position_ids, interleaved)
     x = x if x.stride(-1) == 1 else x.contiguous()
     return _call_rotary(x, cos, sin, offsets, offset, position_ids, interleaved, False)

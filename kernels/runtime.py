@@ -15,6 +15,7 @@ a small op's own work.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Callable, Optional
@@ -76,8 +77,21 @@ def eager_path(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and type(t) in _PLAIN_TENSORS and not use_triton(t)
 
 
+def _first_order(backward: Callable, name: str) -> Callable:
+    """backward, raising when autograd runs it to build a graph (create_graph=True)."""
+
+    @functools.wraps(backward)
+    def first_order(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"tritonzoo {name}: create_graph=True (a second derivative) is not supported; "
+                               f"its backward is a first-order formula")
+        return backward(ctx, *grads)
+
+    return first_order
+
+
 def eager_op(op, body: Callable, setup_context: Optional[Callable] = None,
-             backward: Optional[Callable] = None) -> Callable:
+             backward: Optional[Callable] = None, double_backward: bool = False) -> Callable:
     """Registers ``backward`` / ``setup_context`` on the triton_op ``op`` (when given) and
     returns the function to call it with: ``op`` itself, or, where ``eager_path`` holds
     for the first argument, ``body`` (the plain function ``op`` was made from).
@@ -85,9 +99,16 @@ def eager_op(op, body: Callable, setup_context: Optional[Callable] = None,
     With grad mode on, ``body`` runs in an autograd.Function with the same two formulas,
     so gradients are computed exactly as through ``op``; its ctx has ``eager = True``
     (see ``run_backward``). An op without a backward takes ``body`` only without grad mode.
+    Unless ``double_backward`` says the formula is itself differentiable, a backward
+    with create_graph=True raises: the formula treats saved statistics or a gradient
+    precomputed in the forward as constants, so its second derivatives would be wrong
+    without a word (torch's once_differentiable only catches the case where the incoming
+    gradient requires grad, not a penalty on the gradient itself).
     """
     function = None
     if backward is not None:
+        if not double_backward:
+            backward = _first_order(backward, body.__name__.strip("_").removesuffix("_fwd"))
         op.register_autograd(backward, setup_context=setup_context)
 
         # forward(ctx, ...) rather than a setup_context staticmethod: apply() then skips

@@ -114,6 +114,16 @@ def test_batch_dims_and_strided_input(backend):
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0,), (0, 6)])
+def test_empty_inputs(backend, shape):
+    """Empty tensors give empty results of torch's shapes, as F.gelu and friends do."""
+    device, ctx = backend
+    x = torch.randn(*shape, device=device)
+    with ctx():
+        assert gelu(x).shape == shape and geglu(x, x).shape == shape
+        assert swiglu(x).shape == (*shape[:-1], shape[-1] // 2)
+
+
 def test_extreme_inputs_stay_finite(backend):
     device, ctx = backend
     x = torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]], device=device, requires_grad=True)
@@ -141,6 +151,7 @@ def test_extreme_inputs_stay_finite(backend):
     (lambda x: geglu(x, x.half()), TypeError, "y has dtype torch.float16"),
     (lambda x: swiglu(x.numpy()), TypeError, "x must be a torch.Tensor"),
     (lambda x: gelu(torch.tensor(1.0)), ValueError, "at least 1 dim"),
+    (lambda x: gelu(x, approximate=["tanh"]), ValueError, "approximate must be 'none' or 'tanh', got \\['tanh'\\]"),
 ])
 def test_bad_input_raises_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):

@@ -89,6 +89,59 @@ def test_all_rows_ignored(backend):
     assert torch.isnan(mean) and total.item() == 0.0 and torch.equal(dx, torch.zeros_like(dx))
 
 
+def test_float16_gradient_under_a_loss_scale(backend):
+    """GradScaler's 65536 exceeds float16's range: the product is taken in float32 (as torch's
+    backward does), so the gradient is the float64 one times the scale, rounded once."""
+    device, ctx = backend
+    N, V, H, scale = 64, 300, 16, 65536.0
+    logits = torch.randn(N, V).half()
+    target = targets(N, V)
+    hidden, weight = (0.5 * torch.randn(N, H)).half(), (0.5 * torch.randn(V, H)).half()
+    x, h, w = (t.to(device).clone().requires_grad_() for t in (logits, hidden, weight))
+    with ctx():
+        (cross_entropy(x, target.to(device)) * scale).backward()
+        (fused_linear_cross_entropy(h, w, target.to(device)) * scale).backward()
+    ref = logits.double().requires_grad_()
+    (F.cross_entropy(ref, target) * scale).backward()
+    rh, rw = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    (F.cross_entropy(rh @ rw.T, target) * scale).backward()
+    for ours, expected in ((x.grad, ref.grad), (h.grad, rh.grad), (w.grad, rw.grad)):
+        assert torch.isfinite(ours).all()
+        # float16 keeps 11 bits: a relative error of a few 2^-11 (the softmax itself is rounded in the forward)
+        torch.testing.assert_close(ours.cpu().double(), expected, rtol=4e-3, atol=expected.abs().max().item() * 4e-3)
+
+
+def test_ignored_rows_get_zero_gradient_whatever_their_weight(backend):
+    """reduction="none" weighted per row, with inf (1 / length for an empty row) on ignored rows: 0, not NaN."""
+    device, ctx = backend
+    N, V, H = 6, 40, 8
+    target = targets(N, V).to(device)
+    weights = torch.where(target == -100, torch.inf, torch.rand(N, device=device))
+    x = torch.randn(N, V, device=device, requires_grad=True)
+    h, w = torch.randn(N, H, device=device, requires_grad=True), torch.randn(V, H, device=device, requires_grad=True)
+    with ctx():
+        (cross_entropy(x, target, reduction="none") * weights).sum().backward()
+        (fused_linear_cross_entropy(h, w, target, reduction="none") * weights).sum().backward()
+    ref = x.detach().double().requires_grad_()
+    (F.cross_entropy(ref, target, reduction="none") * weights.double()).nan_to_num(posinf=0.0).sum().backward()
+    rh, rw = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss = F.cross_entropy(rh @ rw.T, target, reduction="none") * weights.double()
+    loss.nan_to_num(posinf=0.0).sum().backward()
+    for ours, expected in ((x.grad, ref.grad), (h.grad, rh.grad), (w.grad, rw.grad)):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-5)
+    assert (x.grad[target == -100] == 0).all() and (h.grad[target == -100] == 0).all()
+
+
+def test_second_derivatives_raise(backend):
+    """The backward is a first-order formula (the gradient is precomputed in the forward):
+    create_graph=True raises instead of giving a gradient penalty without its logits term."""
+    device, ctx = backend
+    x = torch.randn(4, 30, device=device, requires_grad=True)
+    with ctx(), pytest.raises(RuntimeError, match="cross_entropy: create_graph=True .* is not supported"):
+        torch.autograd.grad(cross_entropy(x, torch.tensor([1, 2, 3, 4], device=device)), x, create_graph=True)
+
+
 def test_large_logits_stay_finite(backend):
     device, ctx = backend
     check_ce(device, ctx, 5, 300, torch.float32, "mean", 0.0, scale=1e3)
@@ -216,6 +269,8 @@ _LOGITS, _TARGET = torch.randn(4, 10), torch.tensor([1, 2, -100, 9])
     (lambda: cross_entropy(_LOGITS, _TARGET, reduction="avg"), ValueError, "reduction must be"),
     (lambda: cross_entropy(_LOGITS, _TARGET, label_smoothing=1.5), ValueError, "label_smoothing must be"),
     (lambda: cross_entropy(_LOGITS, _TARGET, ignore_index=1.0), TypeError, "ignore_index must be an int"),
+    (lambda: cross_entropy(_LOGITS, _TARGET.int(), ignore_index=2**32 + 3), ValueError,
+     "ignore_index 4294967299 does not fit the torch.int32 target"),
     (lambda: fused_linear_cross_entropy(_LOGITS, torch.randn(7, 9), _TARGET), ValueError,
      "weight must have shape \\(vocab, hidden\\) = \\(V, 10\\)"),
     (lambda: fused_linear_cross_entropy(_LOGITS, torch.randn(7, 10).half(), _TARGET), TypeError,

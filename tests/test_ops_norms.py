@@ -157,6 +157,28 @@ def test_reference_path_float32_takes_torchs_fused_norm(monkeypatch, rms):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_add_norm_gradients_accumulate_separately(backend, rms):
+    """x and residual as leaves get equal gradients in separate tensors: two backward passes
+    (gradient accumulation) give twice the float64 gradient in each, and zeroing one leaves the other."""
+    device, ctx = backend
+    x, residual = (torch.randn(5, 24, device=device, requires_grad=True) for _ in range(2))
+    weight = torch.randn(24, device=device)
+    fn = add_rms_norm if rms else add_layer_norm
+    for _ in range(2):
+        with ctx():
+            y, s = fn(x, residual, weight)
+        (y.square().sum() + s.sum()).backward()
+    assert x.grad.data_ptr() != residual.grad.data_ptr()
+    x64 = (x.detach().double() + residual.detach().double()).requires_grad_()
+    y64, _ = oracle(x64, None, weight.double(), None, 1e-5 if not rms else 1e-6, rms)
+    (g64,) = torch.autograd.grad(y64.square().sum() + x64.sum(), x64)
+    for grad in (x.grad, residual.grad):
+        torch.testing.assert_close(grad.cpu().double(), 2 * g64, rtol=0, atol=1e-4)
+    x.grad.zero_()
+    torch.testing.assert_close(residual.grad.cpu().double(), 2 * g64, rtol=0, atol=1e-4)
+
+
 def test_eps_is_used(backend):
     device, ctx = backend
     x = torch.full((2, 8), 3.0, device=device)
@@ -191,6 +213,7 @@ def test_empty_rows(backend):
     (lambda x: layer_norm(x, eps=0.0), ValueError, "eps must be a finite number > 0"),
     (lambda x: add_layer_norm(x, x[:, :1]), ValueError, "residual must have x's shape"),
     (lambda x: add_rms_norm(x, x.half()), TypeError, "residual has dtype torch.float16"),
+    (lambda x: add_layer_norm(x, None), TypeError, "residual must be a torch.Tensor"),
     (lambda x: layer_norm(torch.empty(2, norms.MAX_HIDDEN + 1, device="meta")), ValueError, "1 to 1048576"),
 ])
 def test_bad_input_raises_naming_the_argument(call, error, match):

@@ -143,6 +143,14 @@ def test_kv_cache_decoding_matches_full_sequence(backend):
     torch.testing.assert_close(step_strided, expected, rtol=0, atol=1e-6)
 
 
+def test_inplace_refuses_overlapping_elements():
+    """In place on an expanded view would rotate the shared elements once per alias."""
+    cos, sin = tables(16, 16)
+    x = torch.randn(2, 5, 1, 16).expand(2, 5, 3, 16)
+    with pytest.raises(ValueError, match="elements do not overlap"):
+        apply_rotary_emb(x, cos, sin, inplace=True)
+
+
 def test_qk_helper_handles_gqa(backend):
     device, ctx = backend
     cos, sin = tables(16, 8, device)
