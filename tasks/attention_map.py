@@ -68,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     from tasks.attention_figures import save
     from tasks.data.tokenizers import tokenizer_from_state
+    from tasks.lightning_cli import batch_size_of
 
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     if "zoo_task" not in checkpoint:
@@ -85,6 +86,9 @@ def main(args: argparse.Namespace) -> int:
         batch, data_tokenizer = validation_batch(run_config(args.checkpoint, args.config), state)
         tokenizer = tokenizer or data_tokenizer
         sample = args.sample
+        size = batch_size_of(batch)
+        if not 0 <= sample < size:
+            raise ValueError(f"--sample {sample} is not in the first validation batch (samples 0 to {size - 1})")
     figures = task.attention_figures(batch, tokenizer=tokenizer, sample=sample, layer=args.layer)
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))),
                                    "attention_maps")

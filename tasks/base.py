@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
@@ -108,7 +109,8 @@ class ZooTask(L.LightningModule):
                                       fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         if not math.isfinite(total) or total <= 0:
-            raise ValueError("the warmup + cosine schedule needs a finite training length (set max_epochs or max_steps)")
+            raise ValueError("the warmup + cosine schedule needs a finite training length "
+                             "(set max_epochs or max_steps)")
         warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
         scheduler = warmup_cosine(optimizer, total, warmup, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -137,6 +139,23 @@ class ClassificationTask(ZooTask):
         """(logits (B, num_classes), labels (B,)) of a batch."""
         raise NotImplementedError
 
+    def setup(self, stage: str) -> None:
+        """Checks the head against the data module's classes (its num_classes, once set up).
+
+        More classes in the data than in the head would fail mid-epoch on a label past the
+        logits; fewer train a head with unused outputs, which is allowed but warned about.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        found = getattr(datamodule, "num_classes", None)
+        ours = self.hparams.num_classes
+        if not isinstance(found, int) or found == ours:
+            return
+        if found > ours:
+            raise ValueError(f"the data has {found} classes but the model's head has {ours}: set the task's "
+                             f"num_classes (model.init_args.num_classes) to {found}")
+        rank_zero_warn(f"the data has {found} classes and the model's head {ours}: outputs {found} to {ours - 1} "
+                       f"are never a target")
+
     def predict_logits(self, batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(logits (B, num_classes), labels (B,) or None) of a predict batch, which may have no labels."""
         raise NotImplementedError
@@ -154,7 +173,7 @@ class ClassificationTask(ZooTask):
         records = []
         for row, (ps, ids) in enumerate(zip(top_p.tolist(), top_i.tolist())):
             record = {"prediction": ids[0], "probability": ps[0], "top": [[i, p] for i, p in zip(ids, ps)]}
-            if names is not None:
+            if names is not None and ids[0] < len(names):
                 record["class"] = names[ids[0]]
             if labels is not None:
                 record["label"] = int(labels[row])

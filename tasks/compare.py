@@ -191,6 +191,8 @@ def compare_model(target: Target, device: str, batch: Optional[int], seq_len: Op
         ref = reference_for(model, w) if reference else None
     except NoReference as why:
         ref, entry["reference"] = None, {"name": None, "why_none": str(why)}
+    if not reference:
+        entry["reference"] = {"name": None, "why_none": "references skipped (--no-reference)"}
     del model
     m.free_memory(device)
     if ref is not None:

@@ -69,7 +69,8 @@ class ZooCLI(LightningCLI):
                  if last is not None else f"no {checkpoint.monitor} logged"]
         if best is not None:
             parts.append(f"best {float(best):.4f} ({checkpoint.best_model_path})")
-        print("zoo fit: " + "; ".join(parts) + f"; logs in {self.trainer.log_dir}")
+        logs = f"logs in {self.trainer.log_dir}" if self.trainer.loggers else "no logs (no logger, e.g. fast_dev_run)"
+        print("zoo fit: " + "; ".join(parts) + "; " + logs)
 
     def _warn_without_checkpoint(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)

@@ -94,6 +94,8 @@ def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path):
     assert os.listdir(out) == ["vision_attention.png"]
     image = plt.imread(os.path.join(out, "vision_attention.png"))
     assert image.shape[0] > 100 and image.std() > 0.01  # a drawn figure, not a blank canvas
+    with pytest.raises(ValueError, match="--sample 300 is not in the first validation batch \\(samples 0 to 63\\)"):
+        main(["attention-map", os.path.join(run_dir, "checkpoints", "last.ckpt"), "--sample", "300"])
     with pytest.raises(ValueError, match="--text needs a text model"):
         main(["attention-map", os.path.join(run_dir, "checkpoints", "last.ckpt"), "--text", "hi"])
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):

@@ -185,6 +185,48 @@ def test_data_module_loaders():
     assert torch.equal(next(iter(fixed.train_dataloader()))[1], next(iter(fixed.train_dataloader()))[1])
 
 
+def _image_folders(root, splits: dict) -> None:
+    """root/<split>/<class>/<i>.png: 2 tiny images per class, each class its own grey level."""
+    from PIL import Image
+
+    for split, classes in splits.items():
+        for name in classes:
+            os.makedirs(root / split / name)
+            for i in range(2):
+                Image.new("L", (8, 8), color=10 * (ord(name[0]) - 96)).save(root / split / name / f"{i}.png")
+
+
+def test_image_folder_evaluation_splits_keep_the_training_labels(tmp_path):
+    """torchvision numbers each folder's own classes: a val split without "dog" must still label
+    fox as train's fox (2), not 1; a class the training split lacks is an error naming it."""
+    from tasks.data.vision import ImageFolderDataModule
+
+    _image_folders(tmp_path / "a", {"train": ["cat", "dog", "fox"], "val": ["cat", "fox"]})
+    dm = ImageFolderDataModule(root=str(tmp_path / "a"), image_size=8, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert dm.classes == ["cat", "dog", "fox"] and dm.num_classes == 3
+    for dataset in (dm.val_set, dm.test_set):
+        labels = {os.path.basename(os.path.dirname(path)): label for path, label in dataset.samples}
+        assert labels == {"cat": 0, "fox": 2} and dataset.targets == [0, 0, 2, 2]
+        assert [int(dataset[i][1]) for i in range(len(dataset))] == [0, 0, 2, 2]
+    _image_folders(tmp_path / "b", {"train": ["cat", "dog"], "val": ["cat", "emu"]})
+    with pytest.raises(ValueError, match="class folders that the training folder .* lacks: emu"):
+        ImageFolderDataModule(root=str(tmp_path / "b"), image_size=8, num_workers=0).setup("fit")
+
+
+def test_classifier_head_is_checked_against_the_data(tmp_path):
+    _image_folders(tmp_path, {"train": ["cat", "dog", "fox"], "val": ["cat", "dog", "fox"]})
+    args = ["--model=tasks.ImageClassification", "--model.init_args.model=vit_digits",
+            "--model.init_args.model_args={'img_size': 8, 'in_chans': 3, 'depth': 1}",
+            "--data=tasks.data.vision.ImageFolderDataModule", f"--data.init_args.root={tmp_path}",
+            "--data.init_args.image_size=8", "--data.init_args.num_workers=0", "--trainer.fast_dev_run=true"]
+    with kernels.reference_only():
+        with pytest.raises(ValueError, match="the data has 3 classes but the model's head has 2"):
+            _fit(args + ["--model.init_args.num_classes=2"], tmp_path)
+        with pytest.warns(UserWarning, match="outputs 3 to 4 are never a target"):
+            _fit(args + ["--model.init_args.num_classes=5"], tmp_path)
+
+
 def test_digits_converges(tmp_path, capsys):
     """A short run of the README's main job: far above chance (10%) on held-out digits."""
     with kernels.reference_only():

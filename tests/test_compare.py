@@ -352,6 +352,7 @@ def test_a_run_stopped_midway_keeps_the_models_measured(tmp_path, monkeypatch, c
                     backends=["triton"], reference=False, out_dir=str(out))
     saved = json.loads((out / "compare.json").read_text())
     assert [m["model"] for m in saved["models"]] == ["vit_digits"]
+    assert saved["models"][0]["reference"]["why_none"] == "references skipped (--no-reference)"
     assert "ours (triton)" in (out / "compare.md").read_text()
     assert "vit_digits: ours-triton: train" in capsys.readouterr().err
 

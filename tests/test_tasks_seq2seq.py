@@ -110,6 +110,14 @@ def test_tsv_errors_name_the_file_and_line(tmp_path):
     path.write_text("a\tb\n\tempty source\n", encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(f"{path}:2")):
         read_tsv(str(path))
+    path.write_text("a\tb\n\t\n", encoding="utf-8")  # both sides empty: not a blank line to skip
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: expected")):
+        read_tsv(str(path))
+    path.write_bytes(b"a\tb\nd\xe9j\xe0\tdone\n")  # Latin-1
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8")):
+        read_tsv(str(path))
+    path.write_bytes("\ufeffhello\tbonjour\r\nyes\toui\r\n".encode("utf-8"))  # BOM and CRLF, as Notepad saves
+    assert read_tsv(str(path)) == [("hello", "bonjour"), ("yes", "oui")]
     missing = tmp_path / "no_such_corpus.tsv"
     with pytest.raises(FileNotFoundError, match="no_such_corpus.tsv"):
         TSVDataModule(train_path=str(missing)).setup("fit")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import wave
@@ -38,6 +39,13 @@ def _espeak_file(tmp_path, word: str, voice: str, speed: int) -> tuple[int, int]
     subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), word], check=True)
     with wave.open(str(path)) as w:
         return w.getframerate(), w.getnframes()
+
+
+def test_a_file_that_is_not_wav_is_named(tmp_path):
+    path = tmp_path / "clip.wav"
+    path.write_bytes(b"not a riff header at all")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable WAV file")):
+        read_wav(str(path))
 
 
 @needs_espeak

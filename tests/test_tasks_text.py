@@ -65,6 +65,22 @@ def test_split_is_by_document_deterministic_and_order_free():
     assert {s: {name for name, _ in docs} for s, docs in again.items()} == names
     with pytest.raises(ValueError, match="documents"):
         split_documents(documents[:2])
+    with pytest.raises(ValueError, match="more than one is named 'a.txt'"):
+        split_documents([("a.txt", "x"), ("b.txt", "y"), ("a.txt", "z"), ("c.txt", "w")])
+
+
+def test_local_document_names_do_not_depend_on_how_a_path_is_spelled(tmp_path, monkeypatch):
+    """Globs and files are named by their normalized path (so `./d/a.txt` is `d/a.txt`), and a
+    byte-order mark is not part of the text."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes("\ufeffcaf\u00e9".encode("utf-8"))
+    (folder / "b.txt").write_text("tea", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    expected = [("d/a.txt", "caf\u00e9"), ("d/b.txt", "tea")]
+    assert local_documents("d/*.txt") == local_documents("./d/*.txt") == expected
+    assert local_documents(["./d/a.txt", "d//b.txt"]) == expected
+    assert local_documents("d") == [("a.txt", "caf\u00e9"), ("b.txt", "tea")]
 
 
 # ---------------------------------------------------------------- tokenizers and baseline

@@ -75,19 +75,24 @@ class PairsDataModule(SplitDataModule):
 
 
 def read_tsv(path: str) -> list[tuple[str, str]]:
-    """(source, target) pairs from a UTF-8 file of `source<TAB>target` lines; blank lines are skipped.
+    """(source, target) pairs from a UTF-8 file of `source<TAB>target` lines; empty lines are
+    skipped, a byte-order mark at the start is dropped.
 
     Raises FileNotFoundError naming a missing file, and ValueError naming the file and the
-    line number of a line without exactly one tab or with an empty side.
+    line number of a line that is not UTF-8, has not exactly one tab or has an empty side
+    (a line of only whitespace and a tab included).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"parallel text: no file at {os.path.abspath(path)!r} "
                                 f"(expected source<TAB>target lines)")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+            if not line.strip(" "):  # an empty line; a line holding a tab is checked below
                 continue
             fields = line.split("\t")
             if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():

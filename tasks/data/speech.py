@@ -42,14 +42,18 @@ def read_wav(data: Union[bytes, str]) -> tuple[torch.Tensor, int]:
     """Samples (T,) float32 in [-1, 1] and the sample rate of 16-bit PCM WAV bytes or a file path.
 
     Reads to the end of the data, so espeak-ng's streamed WAVs (whose header gives no
-    length) decode whole. Raises ValueError (naming the file) for another sample format.
+    length) decode whole. Raises ValueError (naming the file) for another sample format or
+    data that is not a WAV file.
     """
     name = data if isinstance(data, str) else "<wav bytes>"
-    with wave.open(data if isinstance(data, str) else io.BytesIO(data)) as w:
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{name}: expected 16-bit PCM WAV, got {8 * w.getsampwidth()}-bit samples")
-        rate, channels = w.getframerate(), w.getnchannels()
-        frames = w.readframes(w.getnframes())
+    try:
+        with wave.open(data if isinstance(data, str) else io.BytesIO(data)) as w:
+            if w.getsampwidth() != 2:
+                raise ValueError(f"{name}: expected 16-bit PCM WAV, got {8 * w.getsampwidth()}-bit samples")
+            rate, channels = w.getframerate(), w.getnchannels()
+            frames = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise ValueError(f"{name}: not a readable WAV file ({e})") from e
     samples = torch.frombuffer(bytearray(frames), dtype=torch.int16).float() / 32768.0
     return samples.view(-1, channels).mean(dim=1), rate
 

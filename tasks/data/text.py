@@ -6,13 +6,17 @@ Embedded corpora (no download; deterministic for a given CPython version):
 - "stdlib": the standard library's top-level modules, `*.py` directly in
   sysconfig.get_paths()["stdlib"] sorted by file name (so no test/ package and no
   site-packages; 168 files, 4.7 MB on 3.11), named "stdlib/<file>".
-Local corpora: `paths`, each a folder (its files ending in one of `suffixes`, recursively),
-a file, or a glob; one document per file.
+Local corpora: `paths`, each a folder (its files ending in one of `suffixes`, recursively,
+named by their path inside the folder), a file, or a glob (named by their normalized path
+as given: `d1/a.txt` and `./d1/a.txt` are one name, `/abs/d1/a.txt` another); one document
+per file.
 
 Split (`split_documents`): documents are ordered by the SHA-256 of their name; the first
 max(1, round(val_fraction * N)) are validation, the next max(1, round(test_fraction * N))
-test, the rest training. It depends on nothing but the names, so it is the same on every
-machine and a document keeps its split when others are added. Tokenizers are fitted on
+test, the rest training. It depends on nothing but the set of names, so the same documents
+split the same way on every machine; it is a cut by rank, so adding documents can move
+others across it (a split fixed under additions would need a threshold on each name's
+hash, which can leave a small corpus without validation text). Tokenizers are fitted on
 the training split only.
 """
 
@@ -45,11 +49,12 @@ def pydoc_topics_documents() -> list[Document]:
 
 
 def read_document(path: str, name: Optional[str] = None) -> Document:
-    """(name or path, text) of a UTF-8 file; ValueError naming the file when it is not UTF-8."""
+    """(name or path, text) of a UTF-8 file (a byte-order mark at the start dropped);
+    ValueError naming the file when it is not UTF-8."""
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return (name or path), data.decode("utf-8")
+        return (name or path), data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from e
 
@@ -78,12 +83,12 @@ def local_documents(paths: Union[str, Sequence[str]], suffixes: Sequence[str] = 
                 raise FileNotFoundError(f"no text files ({', '.join(suffixes)}) under {os.path.abspath(path)!r}")
             documents += [read_document(f, os.path.relpath(f, path)) for f in files]
         elif os.path.isfile(path):
-            documents.append(read_document(path))
+            documents.append(read_document(path, os.path.normpath(path)))
         elif glob.has_magic(path):
             files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
             if not files:
                 raise FileNotFoundError(f"no file matches {path!r}")
-            documents += [read_document(f) for f in files]
+            documents += [read_document(f, os.path.normpath(f)) for f in files]
         else:
             raise FileNotFoundError(f"text data: no file or directory at {os.path.abspath(path)!r}")
     return documents
@@ -120,7 +125,10 @@ def split_documents(documents: Sequence[Document], val_fraction: float = 0.05,
             raise ValueError(f"{name} must be in (0, 1), got {value}")
     names = [name for name, _ in documents]
     if len(set(names)) != len(names):
-        raise ValueError("document names must be unique (the split is keyed by name)")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"document names must be unique (the split is keyed by name); more than one is named "
+                         f"{', '.join(map(repr, twice[:5]))} (files with one relative path in two folders of "
+                         f"paths: give the files or a glob instead)")
     n = len(documents)
     n_val, n_test = max(1, round(val_fraction * n)), max(1, round(test_fraction * n))
     if n_val + n_test >= n:

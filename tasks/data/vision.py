@@ -18,6 +18,24 @@ def require_dir(path: str, what: str) -> str:
     return path
 
 
+def _labelled_as(train, split):
+    """An evaluation ImageFolder relabelled with the training folder's class indices.
+
+    torchvision numbers each folder's own sorted class folders, so a split without one of
+    the training classes would shift the labels after it (val {cat, fox} makes fox 1, which
+    is train's dog). Raises ValueError naming class folders the training split lacks.
+    """
+    unknown = sorted(set(split.classes) - set(train.classes))
+    if unknown:
+        raise ValueError(f"ImageFolderDataModule: {split.root} has class folders that the training folder "
+                         f"{train.root} lacks: {', '.join(unknown)}")
+    index = [train.class_to_idx[name] for name in split.classes]
+    split.samples = split.imgs = [(path, index[label]) for path, label in split.samples]
+    split.targets = [label for _, label in split.samples]
+    split.classes, split.class_to_idx = list(train.classes), dict(train.class_to_idx)
+    return split
+
+
 class _Shift(Dataset):
     """Training augmentation for tiny images: a random shift by up to `pixels` (zero fill)."""
 
@@ -105,8 +123,8 @@ class ImageFolderDataModule(SplitDataModule):
                              T.Normalize(mean, std)])
         folder = lambda name: require_dir(os.path.join(self.root, name), "ImageFolderDataModule")  # noqa: E731
         self.train_set = datasets.ImageFolder(folder(self.train_dir), train_tf)
-        self.val_set = datasets.ImageFolder(folder(self.val_dir), eval_tf)
-        self.test_set = datasets.ImageFolder(folder(self.test_dir or self.val_dir), eval_tf)
+        for split, name in (("val_set", self.val_dir), ("test_set", self.test_dir or self.val_dir)):
+            setattr(self, split, _labelled_as(self.train_set, datasets.ImageFolder(folder(name), eval_tf)))
         self.classes = list(self.train_set.classes)
         self.num_classes = len(self.classes)
 
