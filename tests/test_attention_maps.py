@@ -140,6 +140,18 @@ def test_bad_selections_raise_clear_errors():
         zoo.attention_maps(torch.nn.Linear(2, 2), torch.randn(1, 2))
 
 
+def test_heads_are_checked_against_the_selected_layers():
+    """Encoder 4 heads, decoder 8: head 5 exists in the decoder's layers only."""
+    base = zoo.create_model("seq2seq_tiny", src_vocab_size=30, tgt_vocab_size=30).cfg
+    model = zoo.create_model("seq2seq_tiny", src_vocab_size=30, tgt_vocab_size=30,
+                             decoder=base.decoder.replace(heads=8)).eval()
+    inputs = {"src_ids": torch.randint(3, 30, (1, 5)), "tgt_ids": torch.randint(3, 30, (1, 4))}
+    maps = zoo.attention_maps(model, inputs, layers=["decoder.*"], heads=[5])
+    assert maps and all(probs.shape[1] == 1 for probs in maps.values())
+    with pytest.raises(ValueError, match=r"heads must be .* in \[0, 4\) \(the fewest heads of the selected layers\)"):
+        zoo.attention_maps(model, inputs, heads=[5])
+
+
 def test_rollout_definition():
     torch.manual_seed(0)
     maps = [torch.randn(2, 3, 5, 5).softmax(-1) for _ in range(3)]

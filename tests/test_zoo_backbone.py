@@ -154,6 +154,10 @@ def test_positions_past_the_table_raise():
     (dict(attn_backend="flash"), "attn_backend must be one of triton, sdpa, eager"),
     (dict(dropout=1.0), "dropout must be in"),
     (dict(depth=0), "depth must be a positive int"),
+    (dict(causal="no"), "causal must be a bool, got 'no'"),
+    (dict(checkpointing=1), "checkpointing must be a bool, got 1"),
+    (dict(dim=4, heads=1, mlp_ratio=0.1), "rounds the MLP width to 0"),
+    (dict(positions="rotary", rotary_base=-1.0), "rotary_base must be positive"),
 ])
 def test_bad_configs_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -452,7 +452,11 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match="LEFT-padded"):
             gpt.generate(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
         with pytest.raises(ValueError, match="max_seq_len"):
-            gpt.generate(ids, max_new_tokens=13)
+            gpt.generate(ids, max_new_tokens=14)
+        # 4 + 13 tokens: the last one is never fed back, so 16 positions are enough; it is the
+        # full forward's greedy choice after the first 16.
+        out = gpt.generate(ids, max_new_tokens=13)
+        assert out.shape == (2, 17) and torch.equal(out[:, -1], gpt(out[:, :16])[:, -1].argmax(dim=-1))
         with pytest.raises(ValueError, match="max_new_tokens"):
             gpt.generate(ids, max_new_tokens=-1)
         with pytest.raises(ValueError, match="temperature"):

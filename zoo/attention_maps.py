@@ -90,12 +90,14 @@ def attention_maps(model: nn.Module, inputs: Any, layers: Optional[Sequence[Unio
     if not found:
         raise ValueError(f"{type(model).__name__} has no zoo attention layers (zoo.attention.Attention)")
     names = _select(list(found), layers, type(model).__name__)
-    num_heads = next(iter(found.values())).heads
     if heads is not None:
+        # Encoder and decoder may have different head counts: each selected layer must have the heads.
+        num_heads = min(found[name].heads for name in names)
         heads = list(heads)
         bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not -num_heads <= h < num_heads]
         if bad or not heads:
-            raise ValueError(f"heads must be a non-empty list of head indices in [0, {num_heads}), got {heads}")
+            raise ValueError(f"heads must be a non-empty list of head indices in [0, {num_heads}) (the fewest heads "
+                             f"of the selected layers), got {heads}")
     was_training = model.training
     model.eval()
     for name in names:

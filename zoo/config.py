@@ -67,11 +67,15 @@ class TransformerConfig:
                                                  f"got {getattr(self, name)!r}")
         for name in ("dropout", "attn_dropout", "drop_path"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
-        need(isinstance(self.kernel_ops, bool), f"kernel_ops must be a bool, got {self.kernel_ops!r}")
+        for f in dataclasses.fields(self):
+            if f.type in (bool, "bool"):  # "no" would otherwise read as True
+                need(isinstance(getattr(self, f.name), bool), f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
         need(self.mlp_hidden is None or self.mlp_hidden > 0, f"mlp_hidden must be positive, got {self.mlp_hidden}")
+        need(self.mlp_width >= 1, f"dim ({self.dim}) x mlp_ratio ({self.mlp_ratio}) rounds the MLP width to 0")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         if self.positions == "rotary":
+            need(self.rotary_base > 0, f"rotary_base must be positive, got {self.rotary_base}")
             rd = self.rotary_dim if self.rotary_dim is not None else self.head_size
             need(rd % 2 == 0 and 0 < rd <= self.head_size,
                  f"rotary_dim ({rd}) must be even and at most head_dim ({self.head_size})")

@@ -350,9 +350,10 @@ class GPT(nn.Module):
         kernels.flash_attn_with_kvcache call per layer and step): greedy, or sampling with
         temperature / top_k / top_p drawn from `generator`. Rows that emit a token of
         eos_token_id (int or list; default: cfg.eos_token_id) emit pad_token_id (default:
-        cfg.pad_token_id, else the first stop token) afterwards; decoding stops once all rows have. Dropout stays as
-        the module's mode: call eval() first. Raises ValueError for right-padded prompts,
-        bad sampling options or max_new_tokens, or prompt + max_new_tokens past max_seq_len.
+        cfg.pad_token_id, else the first stop token) afterwards; decoding stops once all
+        rows have. Dropout stays as the module's mode: call eval() first. Raises ValueError
+        for right-padded prompts, bad sampling options or max_new_tokens, or prompt +
+        max_new_tokens - 1 past max_seq_len (the last new token is not fed back).
         """
         ids = check_token_ids(input_ids, self.cfg.vocab_size)
         B, P = ids.shape
@@ -373,8 +374,9 @@ class GPT(nn.Module):
                 raise ValueError("every row of attention_mask must mark at least one prompt token")
             longest = int(lengths.max())
         limit = self.cfg.backbone.max_seq_len
-        if self.cfg.backbone.positions in ("learned", "sinusoidal") and longest + max_new_tokens > limit:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) is past "
+        # The last new token is never fed back: the model sees prompt + max_new_tokens - 1 positions.
+        if self.cfg.backbone.positions in ("learned", "sinusoidal") and longest + max_new_tokens - 1 > limit:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) - 1 is past "
                              f"max_seq_len = {limit}")
         # The cache knows the padding: keys before leftpad are never attended, and positions
         # count from it, so the steps need no mask (which the decoding kernel could not take).
