@@ -134,6 +134,10 @@ def _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap,
                 s = tl.where(keep != 0, s, float("-inf"))
             else:
                 s = s + tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+                # A mask of finfo(float32).min must stay finite in log2 units (x LOG2E would
+                # overflow to -inf, and a row of it would read as having no key, where torch
+                # gives the uniform average); -inf stays -inf.
+                s = tl.where(s == float("-inf"), s, tl.maximum(s, -2.0e38))
         s = s * LOG2E
     else:
         t = qk

@@ -36,19 +36,29 @@ class TritonAttention(L.Callback):
         patch.__enter__()
         self._scope = (patch, record, record.__enter__())
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def _close(self) -> collections.Counter:
+        """Restores torch's function and ends the stage's count; returns the stage's counts."""
         if self._scope is None:
-            return
+            return collections.Counter()
         patch, record, counter = self._scope
+        self._scope = None
         record.__exit__(None, None, None)
         patch.__exit__(None, None, None)
-        self._scope = None
         self.counter.update(counter)
+        return counter
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        counter = self._close()
         if self.verbose:
-            report = self.report()
+            report = sdpa.routing_report(counter)
             reasons = "; ".join(f"{n} x {r}" for r, n in report["fallback_reasons"].items()) or "none"
-            rank_zero_info(f"TritonAttention ({stage}): {report['served']} attention calls served by the Triton "
-                           f"kernels, {report['fell_back']} fell back to torch (reasons: {reasons})")
+            rank_zero_info(f"TritonAttention ({getattr(stage, 'value', stage)}): {report['served']} attention calls "
+                           f"served by the Triton kernels, {report['fell_back']} fell back to torch "
+                           f"(reasons: {reasons})")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning skips teardown when a stage raises: torch must not stay patched.
+        self._close()
 
     def report(self) -> dict:
         """{"served": n, "fell_back": m, "fallback_reasons": {reason: count}} over the stages so far."""

@@ -26,7 +26,9 @@ class AttentionRouting:
     def __init__(self, module: nn.Module):
         self.counter: collections.Counter = collections.Counter()
         self._scopes = []
-        self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
+        # always_call: the patch ends with the forward even when the forward raises.
+        self._handles = [module.register_forward_pre_hook(self._enter),
+                         module.register_forward_hook(self._exit, always_call=True)]
 
     def _enter(self, module, args):
         patch, record = sdpa.patch_sdpa(), sdpa.record_routing()
@@ -49,6 +51,8 @@ class AttentionRouting:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        while self._scopes:  # a forward still running (this is called from inside it)
+            self._exit(None, None, None)
 
     def __enter__(self):
         return self
@@ -60,8 +64,8 @@ class AttentionRouting:
 def triton_attention(module: nn.Module) -> AttentionRouting:
     """Routes the scaled_dot_product_attention calls made in module's forward through the kernels.
 
-    Returns a handle with report() and remove() (also a context manager). A forward that
-    raises leaves the patch in place until the handle is removed.
+    Returns a handle with report() and remove() (also a context manager). The patch lasts
+    exactly as long as each forward, also when the forward raises.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"triton_attention takes an nn.Module, got {type(module).__name__}")

@@ -68,6 +68,8 @@ def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor) or attn_mask.is_nested:
             return "attn_mask is not a dense tensor"
+        if attn_mask.dim() < 2:
+            return f"attn_mask of {attn_mask.dim()} dims (torch needs at least 2)"
         if is_causal:
             return "attn_mask together with is_causal"
         if attn_mask.requires_grad and torch.is_grad_enabled():
@@ -132,8 +134,8 @@ def record_routing():
     try:
         yield counter
     finally:
-        with _lock:
-            _recorders.remove(counter)
+        with _lock:  # by identity: two open scopes may hold equal counts
+            _recorders[:] = [c for c in _recorders if c is not counter]
 
 
 def routing_report(counter: collections.Counter) -> dict:

@@ -56,6 +56,32 @@ class _Float64Attention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, q, q)
 
 
+class _Raises(torch.nn.Module):
+    def forward(self, q):
+        F.scaled_dot_product_attention(q, q, q)
+        raise RuntimeError("the model failed")
+
+
+def test_patch_ends_with_a_forward_that_raises_and_nested_hooks_count_apart():
+    failing = _Raises()
+    handle = kernels.triton_attention(failing)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        failing(torch.randn(1, 2, 4, 8))
+    report = handle.report()
+    assert F.scaled_dot_product_attention is torch_sdpa and report["served"] + report["fell_back"] == 1
+    handle.remove()
+    # A hook on a module and on its child: equal counts in two open scopes must not be confused.
+    inner = _Float64Attention()
+    outer = torch.nn.Sequential(inner, torch.nn.Identity())
+    with kernels.triton_attention(outer) as h_outer, kernels.triton_attention(inner) as h_inner:
+        outer(torch.randn(1, 2, 4, 8, dtype=torch.float64))
+        assert h_outer.report()["fell_back"] == 1 and h_inner.report()["fell_back"] == 1
+    with kernels.record_routing() as first, kernels.record_routing() as second:
+        kernels.scaled_dot_product_attention(*(torch.randn(1, 1, 2, 4, dtype=torch.float64),) * 3)
+    assert sum(first.values()) == sum(second.values()) == 1
+    assert F.scaled_dot_product_attention is torch_sdpa
+
+
 def test_module_hook_reports_fallbacks_with_reasons():
     module = _Float64Attention()
     handle = kernels.triton_attention(module)
@@ -97,6 +123,22 @@ def test_lightning_callback_serves_the_run_and_matches_it():
     report = callback.report()
     assert report["served"] == 3 * 2 and report["fell_back"] == 0  # 3 steps x 2 blocks
     assert losses["triton"] == pytest.approx(losses["plain"], abs=1e-4)
+
+
+class _FailingStep(_TimmClassifier):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        raise ValueError("a bad batch")
+
+
+def test_lightning_callback_restores_torch_when_the_run_raises():
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[TritonAttention(verbose=False)])
+    with pytest.raises(ValueError, match="a bad batch"):
+        trainer.fit(_FailingStep(), torch.utils.data.DataLoader(data, batch_size=4))
+    assert F.scaled_dot_product_attention is torch_sdpa
 
 
 @pytest.mark.slow

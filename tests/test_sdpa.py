@@ -82,6 +82,16 @@ def test_fallbacks_return_torchs_result_exactly():
     assert torch.equal(scaled_dot_product_attention(q3, q3, q3), torch_sdpa(q3, q3, q3))
 
 
+def test_a_row_masked_with_the_float_minimum_is_uniform_as_torch(device):
+    """finfo(float32).min swamps every score of a row equally: torch gives the mean of v. In
+    log2 units it would overflow to -inf and the row would read as having no key (zeros)."""
+    q, k, v = (_bhsd(1, 2, 5, 8, device) for _ in range(3))
+    mask = torch.zeros(1, 1, 5, 5, device=device)
+    mask[..., 1, :] = torch.finfo(torch.float32).min
+    mask[..., 3, 2:] = torch.finfo(torch.float32).min  # partly masked: exp underflows to 0, as torch's
+    _compare_with_torch(q, k, v, attn_mask=mask)
+
+
 def test_fallback_reasons(device):
     q = torch.randn(2, 2, 8, 16, device=device)
     mask = torch.zeros(2, 1, 8, 8, device=device, requires_grad=True)
@@ -92,6 +102,9 @@ def test_fallback_reasons(device):
     assert fallback_reason(q, k, k, enable_gqa=True) is None
     v = torch.randn(2, 2, 8, 24, device=device)
     assert "head dim" in fallback_reason(q, q, v)
+    # torch rejects masks of fewer than 2 dims (IndexError); so do we, by running torch.
+    assert fallback_reason(q, q, q, attn_mask=torch.ones(8, dtype=torch.bool, device=device)) == \
+        "attn_mask of 1 dims (torch needs at least 2)"
     # Whatever torch does with a mask and is_causal together, we do the same.
     both = dict(attn_mask=mask.detach() > 0, is_causal=True)
     try:
