@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .runtime import INTERPRET, eager_op, run_backward, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Activation codes of the kernels (constexpr ACT).
@@ -298,7 +298,7 @@ def _gelu_setup(ctx, inputs, output):
 
 def _gelu_backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dy = unit_stride(dy)
     dx, db = run_backward(ctx, gelu_bwd, _gelu_bwd, dy, x, bias, ctx.act)
     return dx, db.to(bias.dtype) if bias is not None else None, None
 
@@ -312,7 +312,7 @@ def _glu_setup(ctx, inputs, output):
 
 def _glu_backward(ctx, dout):
     x, y = ctx.saved_tensors
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dout = unit_stride(dout)
     dx, dy = run_backward(ctx, glu_bwd, _glu_bwd, dout, x, y, ctx.act)
     return dx, dy if y is not None else None, None
 
@@ -344,7 +344,7 @@ def _act_code(approximate) -> int:
 
 def _rows(x: Tensor) -> Tensor:
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x  # -1 fails for 0 columns
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    return unit_stride(x2)
 
 
 def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:

@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .runtime import INTERPRET, eager_op, run_backward, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -423,7 +423,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
         raise ValueError(f"logits must have 2 dims (tokens, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
     red = _check_options(ignore_index, label_smoothing, reduction)
     _check_target(target, logits.shape[0], logits.shape[1], ignore_index, logits.device, "tokens")
-    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    logits = unit_stride(logits)
     loss, _ = _call_cross_entropy_fwd(logits, target.contiguous(), ignore_index, float(label_smoothing), red,
                                       _requires_grad(logits))
     return loss

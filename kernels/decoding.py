@@ -33,7 +33,7 @@ from torch.library import wrap_triton
 
 from . import autotune, decoding_reference
 from .flash_attention import LN2, LOG2E, _dot, _tanh
-from .runtime import INTERPRET, eager_op, unit_stride, use_triton
+from .runtime import INTERPRET, eager_op, shared_layout, unit_stride, use_triton
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -389,8 +389,8 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     # The kernel indexes these along their last dimension without a stride.
     cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes = map(
         unit_stride, (cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes))
-    if rotary_cos is not None and (rotary_cos.stride() != rotary_sin.stride() or rotary_cos.stride(-1) != 1):
-        rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()  # one row stride for both
+    if rotary_cos is not None:
+        rotary_cos, rotary_sin = shared_layout(rotary_cos, rotary_sin)  # the kernel walks both by cos's strides
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
     G = H // Hk

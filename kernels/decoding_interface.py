@@ -11,6 +11,7 @@ import torch
 from . import decoding
 from .decoding import _capacity
 from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, check_options
+from .runtime import unit_stride
 
 
 # --------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             if x.dim() != 4 or x.shape[0] != B or x.shape[2:] != (Hk, D) or x.shape != k.shape:
                 raise ValueError(f"{name} must have shape (batch, seqlen_new, nheads_k, headdim) = "
                                  f"({B}, n, {Hk}, {D}), the same for k and v, got {tuple(x.shape)}")
-        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+        k, v = map(unit_stride, (k, v))
         snew = k.shape[1]
         if snew > capacity:
             raise ValueError(f"k and v hold {snew} new keys per row but the cache holds only {capacity}")
@@ -161,7 +162,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                  f"({D}), the same for cos and sin, got {tuple(x.shape)}")
             if not x.is_floating_point() or x.device != q.device:
                 raise TypeError(f"{name} must be a floating tensor on {q.device}, got {x.dtype} on {x.device}")
-        rotary_cos, rotary_sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (rotary_cos, rotary_sin))
     check_options(0.0, softmax_scale, window_size, softcap, alibi_slopes, B, H, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shape), got {num_splits!r}")
@@ -169,8 +169,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     per_token = left >= 0 or right >= 0
     _check_values(q, k_cache, cache_seqlens, snew, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
                   capacity, per_token)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = unit_stride(q)
     out, lse = decoding.call_kvcache_attention(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, alibi_slopes, float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),

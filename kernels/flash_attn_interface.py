@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import attention_op, attention_reference, flash_attention
-from .runtime import use_triton
+from .runtime import unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -140,7 +140,7 @@ def run_attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seql
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = map(unit_stride, (q, k, v))
     seed = None
     if dropout_p > 0:
         # Drawn from torch's generator for the device: reproducible under torch.manual_seed.

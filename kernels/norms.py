@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .norms_looped import _bwd_looped, _fwd_looped
-from .runtime import INTERPRET, eager_op, run_backward, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size accepted (the looped kernels have no limit of their own).
@@ -401,11 +401,11 @@ def _run(x, residual, weight, bias, eps, is_rms):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = unit_stride(x2)
     r2 = None
     if residual is not None:
         r2 = residual.reshape(-1, shape[-1])
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+        r2 = unit_stride(r2)
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     y, s, _, _ = _call_norm_fwd(x2, r2, weight, bias, float(eps), is_rms)

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
+from .runtime import INTERPRET, eager_op, run_backward, shared_layout, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
@@ -325,9 +325,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         offset = seqlen_offsets
     else:
         raise TypeError(f"seqlen_offsets must be an int or a (batch,) tensor, got {type(seqlen_offsets).__name__}")
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 and sin.stride(0) == cos.stride(0) else sin.contiguous()
-    cos = cos if cos.stride(0) == sin.stride(0) else cos.contiguous()
+    cos, sin = shared_layout(cos, sin)  # the kernel walks both by cos's row stride
     if inplace:
         if x.stride(-1) != 1:
             raise ValueError("inplace=True needs x with unit stride in its last dim (headdim)")
@@ -335,7 +333,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             raise ValueError(f"inplace=True needs x whose elements do not overlap; it is an expanded view "
                              f"(strides {tuple(x.stride())}): pass x.contiguous() or inplace=False")
         return _RotaryInplace.apply(x, cos, sin, offsets, offset, position_ids, interleaved)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = unit_stride(x)
     return _call_rotary(x, cos, sin, offsets, offset, position_ids, interleaved, False)
 
 

@@ -56,13 +56,24 @@ def reference_only():
 def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """t, or a contiguous copy of it when its last dimension is not at unit stride; None stays None.
 
-    For the small tensors a kernel indexes along their last dimension without a stride
-    (sequence offsets, cache lengths, block tables, ALiBi slopes): a view such as x[::2]
-    or x.t() would otherwise be read as the wrong elements.
+    For tensors a kernel indexes along their last dimension without a stride: the small
+    index tensors (sequence offsets, cache lengths, block tables, ALiBi slopes), where a
+    view such as x[::2] or x.t() would otherwise be read as the wrong elements, and the
+    data tensors whose other dimensions the kernel does walk by stride (q, k, v, rows).
     """
     if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
         return t
     return t.contiguous()
+
+
+def shared_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a and b with unit stride in their last dimension and the same strides (copied when not).
+
+    For pairs a kernel walks with one set of strides, such as rotary cos and sin.
+    """
+    if a.stride() == b.stride() and (a.shape[-1] <= 1 or a.stride(-1) == 1):
+        return a, b
+    return a.contiguous(), b.contiguous()
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

@@ -143,6 +143,26 @@ def test_kv_cache_decoding_matches_full_sequence(backend):
     torch.testing.assert_close(step_strided, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["sin_row_stride", "cos_transposed", "both_column_stride"])
+def test_tables_of_different_layouts(backend, layout):
+    """cos and sin need not share a layout: the kernel walks both by one set of strides."""
+    device, ctx = backend
+    S, half = 10, 6
+    cos, sin = tables(S + 4, 2 * half, device)
+    if layout == "sin_row_stride":
+        sin = torch.cat((sin, torch.full_like(sin, 99.0)), 1)[:, :half]
+    elif layout == "cos_transposed":
+        cos = cos.t().contiguous().t()
+    else:
+        cos = torch.stack((cos, torch.full_like(cos, 99.0)), -1)[..., 0]
+        sin = torch.stack((sin, torch.full_like(sin, 99.0)), -1)[..., 0]
+    x = torch.randn(2, S, 3, 2 * half + 2, device=device)
+    with ctx():
+        out = apply_rotary_emb(x, cos, sin, seqlen_offsets=2)
+    ref = oracle(x, cos, sin, (torch.arange(S) + 2).expand(2, S).to(device), False)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
 def test_inplace_refuses_overlapping_elements():
     """In place on an expanded view would rotate the shared elements once per alias."""
     cos, sin = tables(16, 16)
