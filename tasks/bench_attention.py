@@ -304,6 +304,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
     {"metadata", "implementations", "results"}. Raises AccuracyError if our output is
     wrong for a shape.
     """
+    check_out_dir(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and not quick:
         raise ValueError("the full attention benchmark needs a CUDA GPU; on CPU use quick mode (--quick)")
@@ -409,6 +410,12 @@ def _brief(entry) -> str:
              if key.endswith(("ms", "seconds")) and isinstance(value, (int, float))]
     parts += [f"{key}: {_brief(value)}" for key, value in entry.items() if isinstance(value, dict)]
     return ", ".join(parts)
+
+
+def check_out_dir(out_dir: Optional[str], option: str = "--out") -> None:
+    """Raises ValueError, before anything is measured, when out_dir names something that is not a folder."""
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"{option} {str(out_dir)!r} is a file; expected a folder (created when missing)")
 
 
 def progress(report: dict, out_dir: Optional[str], name: str, label: str) -> None:

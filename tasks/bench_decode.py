@@ -35,7 +35,7 @@ import triton
 from kernels import reference_only
 from kernels.decoding_interface import flash_attn_with_kvcache
 from kernels.sdpa import torch_sdpa  # torch's own SDPA, even if someone patched F's
-from tasks.bench_attention import _timed, progress, run_metadata, write_outputs
+from tasks.bench_attention import _timed, check_out_dir, progress, run_metadata, write_outputs
 
 OURS = "tritonzoo"
 GPU_CACHE_LENS = (4096, 8192, 16384, 32768, 65536)
@@ -201,6 +201,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
     (ValueError otherwise). out_dir None writes nothing. Returns the report
     {"metadata", "implementations", "results"}. Raises AccuracyError if our output is wrong.
     """
+    check_out_dir(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and not quick:
         raise ValueError("the decoding benchmark needs a CUDA GPU; on CPU use quick mode (--quick), a smoke run")

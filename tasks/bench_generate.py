@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
 import zoo
 from kernels import reference_only
-from tasks.bench_attention import progress, run_metadata, write_outputs
+from tasks.bench_attention import check_out_dir, progress, run_metadata, write_outputs
 from tasks.compare_measure import median_step_ms
 
 GPU_TITLE = "Greedy generation: zoo GPT-2 (triton / sdpa backends) vs Hugging Face generate, same weights"
@@ -86,6 +86,7 @@ def build_models(model_config: dict, device: str, dtype: torch.dtype):
         # small vocabulary). Every row generates exactly N tokens instead.
         hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
         ours = zoo.from_hf(hf).eval()
+        ours.cfg = replace(ours.cfg, eos_token_id=None)  # from_hf copies HF's stop token
         hf_missing = None
     except ImportError as exc:  # transformers is optional: then zoo's two backends only
         hf, ours, hf_missing = None, template.eval(), f"transformers is not installed ({exc})"
@@ -111,15 +112,24 @@ def make_prompts(w: Workload, vocab: int, device: str, seed: int = 0) -> tuple[t
 
 def generators(zoo_models: dict, hf) -> dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]:
     """Name -> generate(ids, mask, n) returning (B, P + n) greedy ids, exactly n new per row."""
+    def exactly_n(name, generate):
+        def run(ids, mask, n):
+            out = generate(ids, mask, n)
+            if out.shape != (ids.shape[0], ids.shape[1] + n):  # tokens/s counts n per row
+                raise RuntimeError(f"{name} returned {tuple(out.shape)} ids, not the prompts + {n} new tokens "
+                                   f"{(ids.shape[0], ids.shape[1] + n)}: did it stop at an end-of-sequence token?")
+            return out
+        return run
+
     def zoo_generate(model):
         return lambda ids, mask, n: model.generate(ids, attention_mask=mask, max_new_tokens=n)
 
-    fns = {name: zoo_generate(model) for name, model in zoo_models.items()}
+    fns = {name: exactly_n(name, zoo_generate(model)) for name, model in zoo_models.items()}
     if hf is not None:
         def hf_generate(ids, mask, n):
             return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                                pad_token_id=0)
-        fns["hf"] = hf_generate
+        fns["hf"] = exactly_n("hf", hf_generate)
     return fns
 
 
@@ -140,7 +150,7 @@ def measure(generate: Callable, ids: torch.Tensor, mask: torch.Tensor, w: Worklo
     decode_s = total - prefill
     return {"seconds": total, "tokens_per_s": w.batch * w.new_tokens / total, "prefill_seconds": prefill,
             "decode_tokens_per_s": w.batch * (w.new_tokens - 1) / decode_s if decode_s > 0 else None,
-            "extra_peak_mb": peak}
+            "extra_peak_mib": peak}
 
 
 def _cached_logits(model, ids: torch.Tensor, mask: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -188,6 +198,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
     smoke run; ValueError otherwise). Returns {"metadata", "model", "results"}. Raises
     AccuracyError when zoo-triton's cached logits fail the check.
     """
+    check_out_dir(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and not quick:
         raise ValueError("the generation benchmark needs a CUDA GPU; on CPU use quick mode (--quick), a smoke run")
@@ -246,7 +257,7 @@ def format_table(report: dict) -> str:
             prefill = t.get("prefill_seconds")
             lines.append(f"| {row['batch']} | {row['prompt_len']} | {row['new_tokens']} | {name} | {_fmt(speed)} | "
                          f"{_fmt(t.get('decode_tokens_per_s'))} | {_fmt(prefill * 1e3 if prefill else None)} | "
-                         f"{_fmt(t.get('extra_peak_mb'))} | {speedup} | {agree} |")
+                         f"{_fmt(t.get('extra_peak_mib'))} | {speedup} | {agree} |")
     checks = "; ".join(f"B={r['batch']}: triton {r['check']['max_abs_logit_error']['zoo-triton']:.2g}, "
                        f"sdpa {r['check']['max_abs_logit_error']['zoo-sdpa']:.2g}" for r in report["results"])
     lines += ["", f"Check (max abs logit error of {CHECK_STEPS} teacher-forced cached steps vs a float32 eager "

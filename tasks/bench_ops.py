@@ -34,7 +34,8 @@ from kernels.activations import geglu, gelu, swiglu
 from kernels.cross_entropy import cross_entropy, fused_linear_cross_entropy
 from kernels.norms import add_rms_norm, layer_norm, rms_norm
 from kernels.rotary import apply_rotary_emb
-from tasks.bench_attention import AccuracyError, progress, run_metadata, time_ms, write_json, write_outputs
+from tasks.bench_attention import (AccuracyError, check_out_dir, progress, run_metadata, time_ms, write_json,
+                                   write_outputs)
 from tasks.ops_resources import hopper_resources
 
 OURS, EAGER, COMPILE = "tritonzoo", "eager", "compile"
@@ -176,7 +177,9 @@ def cost(case: Case) -> tuple[float, str]:
     """(amount, unit) of the forward + backward: minimum bytes moved ("GB/s") or FLOPs ("TFLOP/s").
 
     Bytes count each input read once and each output written once, parameters aside:
-    e.g. LayerNorm reads x and writes y, then reads x and dy and writes dx (5 passes).
+    e.g. LayerNorm reads x and writes y, then reads x and dy and writes dx (5 passes);
+    add_rms_norm reads x and r and writes y and s = x + r, then reads s, dy and ds and writes
+    the one gradient x and r share (8; ours writes that gradient twice, as separate tensors).
     """
     e = torch.finfo(getattr(torch, case.dtype)).bits // 8
     numel = math.prod(case.dims)
@@ -274,6 +277,7 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
     (ValueError otherwise). ops: names from OPS to keep (default all). Returns the report
     {"metadata", "implementations", "results"}. Raises AccuracyError if our output is wrong.
     """
+    check_out_dir(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and not quick:
         raise ValueError("the full ops benchmark needs a CUDA GPU; on CPU use quick mode (--quick)")

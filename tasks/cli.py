@@ -43,9 +43,18 @@ def _bench(module: str, what: str, *options: str):
             parser.error("--device cuda: no CUDA device is available")
         if device == "cpu" and not args.quick:
             parser.error(f"the full {what} benchmark needs a CUDA GPU; on CPU add --quick (a smoke run)")
-        importlib.import_module(f"tasks.{module}").run(
-            device=device, quick=args.quick, out_dir=args.out, command=args.command_line,
-            **{name: getattr(args, name) for name in options})
+        from tasks.bench_attention import check_out_dir
+
+        bench = importlib.import_module(f"tasks.{module}")
+        try:
+            check_out_dir(args.out)
+        except ValueError as error:
+            parser.error(str(error))
+        unknown = sorted(set(getattr(args, "ops", None) or ()) - set(getattr(bench, "OPS", ())))
+        if unknown:
+            parser.error(f"--ops: unknown op(s) {unknown}; expected names from {list(bench.OPS)}")
+        bench.run(device=device, quick=args.quick, out_dir=args.out, command=args.command_line,
+                  **{name: getattr(args, name) for name in options})
         return 0
     return handler
 

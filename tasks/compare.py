@@ -25,6 +25,7 @@ import difflib
 import glob
 import importlib
 import inspect
+import math
 import os
 import shlex
 import sys
@@ -253,15 +254,18 @@ def run(names: Sequence[str] = (), batch_size: Optional[int] = None, seq_len: Op
     small ones on the CPU), prints the tables and writes compare.{md,csv,json} and the plots
     to out_dir (None: nothing written). Returns the report {"metadata", "models", "runs"}.
 
-    Raises ValueError for an unknown name or backend, a bad size, or --device cuda without
-    CUDA; FileNotFoundError for --runs that match no metrics.csv.
+    Raises ValueError for an unknown name or backend, a bad size or --peak-tflops, an --out
+    that is a file, --device cuda without CUDA, or a run without a quality metric;
+    FileNotFoundError for --runs that match no metrics.csv. All before anything is timed.
     """
     import torch
 
     import kernels
     from tasks import compare_report, compare_runs
+    from tasks.bench_attention import check_out_dir
     from tasks.compare_measure import peak_tflops as device_peak
 
+    check_out_dir(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device must be cuda or cpu, got {device!r}")
@@ -272,14 +276,18 @@ def run(names: Sequence[str] = (), batch_size: Optional[int] = None, seq_len: Op
             raise ValueError(f"{what} must be positive, got {value}")
     if warmup is not None and warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+        raise ValueError(f"--peak-tflops must be a positive number of TFLOP/s, got {peak_tflops}")
     backends = parse_backends(",".join(backends))
     default_steps, default_warmup = STEPS[(device, quick)]
     steps, warmup = steps or default_steps, default_warmup if warmup is None else warmup
     targets = [resolve(n) for n in (names or (GPU_DEFAULT_NAMES if device == "cuda" else CPU_DEFAULT_NAMES))]
-    run_files = compare_runs.find_metrics_files(runs) if runs else []  # fail early, before timing anything
+    # Read before timing anything: a run without a quality metric fails now, not after the measurements.
+    run_records = [compare_runs.read_run(f) for f in (compare_runs.find_metrics_files(runs) if runs else [])]
     peak, peak_note = None, "MFU is reported on a GPU only"
     if device == "cuda":
-        peak, peak_note = ((peak_tflops, f"{peak_tflops:g} TFLOP/s (given with --peak-tflops)") if peak_tflops
+        peak, peak_note = ((peak_tflops, f"{peak_tflops:g} TFLOP/s (given with --peak-tflops)")
+                           if peak_tflops is not None
                            else device_peak(torch.cuda.get_device_name()))
     report = {"metadata": metadata(device, command, steps, warmup, peak, peak_note), "models": [], "runs": []}
     # On the CPU the triton backend takes the kernels' PyTorch path, also under TRITON_INTERPRET.
@@ -289,7 +297,7 @@ def run(names: Sequence[str] = (), batch_size: Optional[int] = None, seq_len: Op
                                                   reference, peak))
             if out_dir is not None:  # a run stopped midway keeps the models measured so far
                 compare_report.write_partial(report, out_dir)
-    report["runs"] = [compare_runs.read_run(f) for f in run_files]
+    report["runs"] = run_records
     print(compare_report.markdown(report))
     if out_dir is not None:
         written = compare_report.write(report, out_dir)

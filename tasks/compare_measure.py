@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+from triton.errors import TritonError
 
 import kernels
 from zoo.config import TransformerConfig
@@ -31,11 +33,11 @@ from zoo.speech import SpeechClassifier, SpeechCTC, SpeechEncoder
 from zoo.text import GPT, BertModel
 from zoo.vision import VisionTransformer, to_pair
 
-# Dense bf16 peak (no sparsity) by a substring of torch.cuda.get_device_name(), most
+# Dense bf16 peak (no sparsity) by whole words of torch.cuda.get_device_name(), most
 # specific first; from NVIDIA's data sheets.
 PEAK_BF16_TFLOPS = (
     ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0), ("L4", 121.0),
 )
 MASK_FRACTION = 0.15  # BERT's masked-LM rate: positions that carry a label
 
@@ -271,10 +273,14 @@ def median_step_ms(step: Callable[[], Any], device: str, steps: int, warmup: int
     Each call is timed alone between two device synchronizations. Unlike triton's
     do_bench (bench_attention's timer), nothing runs between steps (no L2 flush): a
     training loop does not flush either, and steps are counted, not a time budget.
+    On CUDA the peak-memory counter restarts after the warm-up: the first calls autotune,
+    and the autotuner's scratch buffers (256 MiB for triton's do_bench) are not the step's.
     """
     for _ in range(warmup):
         step()
     _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -296,7 +302,7 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _peak_mb(device: str) -> Optional[float]:
+def _peak_mib(device: str) -> Optional[float]:
     # On the CPU there is no allocator high-water mark to read; RSS would mix in every
     # other allocation of the process, so no number is reported rather than a wrong one.
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
@@ -304,10 +310,11 @@ def _peak_mb(device: str) -> Optional[float]:
 
 def _guarded(measure: Callable[[], dict], device: str) -> dict:
     """measure(), or {"error": why} when it runs out of memory or fails: one failure
-    (e.g. the eager backend at a long sequence) does not end the comparison."""
+    (e.g. the eager backend at a long sequence, a kernel out of shared memory) does not end
+    the comparison."""
     try:
         return measure()
-    except (torch.OutOfMemoryError, RuntimeError, ValueError) as exc:
+    except (torch.OutOfMemoryError, RuntimeError, ValueError, TritonError) as exc:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     # Freed only here: inside the except clause the traceback still holds the step's tensors.
     free_memory(device)
@@ -319,7 +326,7 @@ def measure_training(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor], d
     """Median ms of one training step (forward, loss, backward, AdamW step) and its peak memory.
 
     AdamW is torch's fused one on CUDA, its default (foreach) on CPU; every parameter that
-    requires grad is trained. Returns {"step_ms", "peak_mb"} or {"error"}.
+    requires grad is trained. Returns {"step_ms", "peak_mib"} or {"error"}.
     """
     def measure():
         model.train()
@@ -338,7 +345,7 @@ def measure_training(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor], d
             torch.cuda.reset_peak_memory_stats()
         try:
             ms = median_step_ms(step, device, steps, warmup)
-            return {"step_ms": ms, "peak_mb": _peak_mb(device)}
+            return {"step_ms": ms, "peak_mib": _peak_mib(device)}
         finally:
             optimizer.zero_grad(set_to_none=True)  # a failed step may leave gradients behind
 
@@ -358,7 +365,7 @@ def measure_inference(model: nn.Module, forward_fn: Callable[[nn.Module], Any], 
         free_memory(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        return {"step_ms": median_step_ms(step, device, steps, warmup), "peak_mb": _peak_mb(device)}
+        return {"step_ms": median_step_ms(step, device, steps, warmup), "peak_mib": _peak_mib(device)}
 
     return _guarded(measure, device)
 
@@ -387,7 +394,8 @@ def trainable_parameters(model: nn.Module) -> int:
 def peak_tflops(device_name: str) -> tuple[Optional[float], str]:
     """(dense bf16 peak TFLOP/s, where it came from) for a CUDA device name, (None, why) if unknown."""
     for key, value in PEAK_BF16_TFLOPS:
-        if key in device_name:
+        # A whole word of the name: "L4" is not in "NVIDIA L40", nor "A100" in "NVIDIA RTX A1000".
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name):
             return value, f"{value:g} TFLOP/s dense bf16 ({key} data sheet, matched in {device_name!r})"
     return None, f"no dense bf16 peak known for {device_name!r}: MFU not reported (pass --peak-tflops)"
 

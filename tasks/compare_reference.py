@@ -86,7 +86,8 @@ def _vit_reference(cfg) -> Reference:
         depth=bb.depth, num_heads=bb.heads, mlp_ratio=bb.mlp_width / bb.dim, qkv_bias=bb.qkv_bias,
         init_values=bb.layer_scale, class_token=cfg.class_token, no_embed_class=cfg.no_embed_class,
         reg_tokens=cfg.reg_tokens, pre_norm=bb.input_norm, final_norm=bb.final_norm, fc_norm=cfg.use_fc_norm,
-        # Our `dropout` acts on the input embeddings and on each residual branch: timm's pos and proj drops.
+        # Our `dropout` acts on the input embeddings and on each residual branch: timm's pos and proj
+        # drops (proj_drop_rate also sets timm's dropout after the MLP's activation: removed in build).
         drop_rate=cfg.head_dropout, pos_drop_rate=bb.dropout, proj_drop_rate=bb.dropout,
         attn_drop_rate=bb.attn_dropout, drop_path_rate=bb.drop_path,
         norm_layer=functools.partial(nn.LayerNorm, eps=bb.norm_eps),
@@ -96,8 +97,13 @@ def _vit_reference(cfg) -> Reference:
         out = model(w.inputs["images"])
         return F.cross_entropy(out, w.inputs["labels"]) if cfg.num_classes else output_loss(out)
 
-    return Reference("timm VisionTransformer", lambda: timm_vit.VisionTransformer(**kwargs), loss,
-                     lambda model, w: model(w.inputs["images"]))
+    def build():
+        model = timm_vit.VisionTransformer(**kwargs)
+        for block in model.blocks:
+            block.mlp.drop1 = nn.Identity()  # ours has no dropout inside the MLP
+        return model
+
+    return Reference("timm VisionTransformer", build, loss, lambda model, w: model(w.inputs["images"]))
 
 
 def _bert_reference(cfg) -> Reference:

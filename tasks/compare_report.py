@@ -15,8 +15,8 @@ from tasks import compare_runs
 
 CSV_COLUMNS = ("model", "implementation", "input", "batch", "params", "fwd_gflops_analytic", "fwd_gflops_counter",
                "counter_over_analytic", "train_step_ms", "train_samples_per_s", "train_tokens_per_s",
-               "train_audio_s_per_s", "train_peak_mb", "mfu", "infer_step_ms", "infer_samples_per_s",
-               "infer_tokens_per_s", "infer_audio_s_per_s", "infer_peak_mb", "speedup_vs_reference_train",
+               "train_audio_s_per_s", "train_peak_mib", "mfu", "infer_step_ms", "infer_samples_per_s",
+               "infer_tokens_per_s", "infer_audio_s_per_s", "infer_peak_mib", "speedup_vs_reference_train",
                "speedup_vs_reference_infer", "error")
 
 
@@ -24,7 +24,7 @@ def _num(x: Optional[float], digits: int = 3) -> str:
     """A number for a table: 3 significant digits, thousands separated; n/a for None."""
     if x is None:
         return "n/a"
-    if abs(x) >= 1000:
+    if abs(float(f"{x:.{digits}g}")) >= 1000:  # rounding first: 999.7 is 1,000, not 1e+03
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"
 
@@ -82,7 +82,7 @@ def markdown(report: dict) -> str:
             audio = _num(t.get("audio_s_per_s")) if "audio_s_per_s" in t else "—"
             lines.append(f"| {e['model']} | {_impl_name(e, impl)} | {_rate(t, 'step_ms')} | {_rate(t)} | "
                          f"{_rate(t, 'tokens_per_s')} | {audio} | {_vs(s, impl)} | {_pct(t.get('mfu'))} | "
-                         f"{_mb(t.get('peak_mb'))} |")
+                         f"{_mb(t.get('peak_mib'))} |")
     lines += ["", "### Inference (no-grad forward, eval mode)", "",
               "| model | implementation | step ms | samples/s | tokens/s | vs reference | peak memory |",
               "|---|---|---|---|---|---|---|"]
@@ -91,7 +91,7 @@ def markdown(report: dict) -> str:
             t = res["infer"]
             s = speedup(e, impl, "infer")
             lines.append(f"| {e['model']} | {_impl_name(e, impl)} | {_rate(t, 'step_ms')} | {_rate(t)} | "
-                         f"{_rate(t, 'tokens_per_s')} | {_vs(s, impl)} | {_mb(t.get('peak_mb'))} |")
+                         f"{_rate(t, 'tokens_per_s')} | {_vs(s, impl)} | {_mb(t.get('peak_mib'))} |")
     lines += ["", "### Summary", ""] + summary(report)
     notes = []
     for e in models:
@@ -162,9 +162,9 @@ def csv_rows(report: dict) -> list[dict]:
                 "fwd_gflops_counter": f["forward_counter"] / 1e9, "counter_over_analytic": f["counter_over_analytic"],
                 "train_step_ms": t.get("step_ms"), "train_samples_per_s": t.get("samples_per_s"),
                 "train_tokens_per_s": t.get("tokens_per_s"), "train_audio_s_per_s": t.get("audio_s_per_s"),
-                "train_peak_mb": t.get("peak_mb"), "mfu": t.get("mfu"), "infer_step_ms": i.get("step_ms"),
+                "train_peak_mib": t.get("peak_mib"), "mfu": t.get("mfu"), "infer_step_ms": i.get("step_ms"),
                 "infer_samples_per_s": i.get("samples_per_s"), "infer_tokens_per_s": i.get("tokens_per_s"),
-                "infer_audio_s_per_s": i.get("audio_s_per_s"), "infer_peak_mb": i.get("peak_mb"),
+                "infer_audio_s_per_s": i.get("audio_s_per_s"), "infer_peak_mib": i.get("peak_mib"),
                 "speedup_vs_reference_train": speedup(e, impl, "train") if impl != "reference" else None,
                 "speedup_vs_reference_infer": speedup(e, impl, "infer") if impl != "reference" else None,
                 "error": "; ".join(f"{p}: {res[p]['error']}" for p in ("train", "infer") if "error" in res[p]),

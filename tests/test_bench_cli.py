@@ -85,6 +85,32 @@ def test_cli_usage_errors_exit_2(argv, capsys):
     assert "usage: zoo" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("target", ["attention", "decode", "ops", "generate"])
+def test_out_naming_a_file_is_refused_before_measuring(target, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured despite a bad --out")
+
+    monkeypatch.setattr(importlib.import_module(f"tasks.bench_{target}"), "run_metadata", measured)
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", target, "--quick", "--device", "cpu", "--out", str(a_file)])
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a file; expected a folder"):
+        importlib.import_module(f"tasks.bench_{target}").run(device="cpu", quick=True, out_dir=str(a_file))
+
+
+def test_unknown_ops_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "ops", "--quick", "--device", "cpu", "--ops", "rms_norm", "bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ops" in err and "'bogus'" in err and "layer_norm" in err
+
+
 def test_wrong_output_stops_the_run(monkeypatch, tiny_cpu_sweep):
     def wrong(q, k, v, causal):
         return bench_attention.flash_attn_func(q, k, v, causal=causal) + 0.1

@@ -1,10 +1,12 @@
 """The generation benchmark's harness on CPU: a smoke run through `zoo bench generate`, the
 accuracy gate, the table from a synthetic GPU report. The GPU run itself needs CUDA."""
 
+import dataclasses
 import json
 import math
 
 import pytest
+import torch
 
 import kernels
 from tasks import bench_generate, cli
@@ -42,7 +44,7 @@ def test_cli_smoke_run_on_cpu(tmp_path, capsys):
             t = row["timings"][name]
             assert "error" not in t, t
             assert math.isclose(t["tokens_per_s"], w.batch * w.new_tokens / t["seconds"])
-            assert 0 < t["prefill_seconds"] and t["extra_peak_mb"] is None  # no CUDA memory on a CPU
+            assert 0 < t["prefill_seconds"] and t["extra_peak_mib"] is None  # no CUDA memory on a CPU
     assert (tmp_path / "generate.md").read_text() in printed
 
 
@@ -66,11 +68,36 @@ def test_a_wrong_decoding_step_stops_the_run(monkeypatch):
         bench_generate.run(device="cpu", quick=True, out_dir=None, workloads=[Workload(1, 8, 2)])
 
 
+def test_every_row_generates_exactly_n_tokens():
+    """Tokens/s counts N per row: a model that stops at GPT-2's end-of-text token must not be credited."""
+    config = dict(preset="gpt2", overrides=dict(dim=32, depth=1, heads=2, vocab_size=50257, max_seq_len=32,
+                                                dropout=0.0, attn_dropout=0.0))
+    with kernels.reference_only():
+        hf, _, zoo_models, template = bench_generate.build_models(config, "cpu", torch.float32)
+    assert hf.config.eos_token_id == 50256  # what from_hf would copy
+    assert template.cfg.eos_token_id is None and all(m.cfg.eos_token_id is None for m in zoo_models.values())
+    model = zoo_models["zoo-sdpa"]
+    with torch.no_grad():  # greedy decoding emits end-of-text: the final norm outputs v, aligned with row 50256
+        v = torch.randn(32)
+        model.backbone.norm.weight.zero_()
+        model.backbone.norm.bias.copy_(v)
+        model.token_embed.weight[50256] = 10 * v
+    fns = bench_generate.generators(zoo_models, hf)
+    ids, mask = bench_generate.make_prompts(Workload(2, 6, 5), 50257, "cpu")
+    with kernels.reference_only(), torch.no_grad():
+        assert fns["zoo-sdpa"](ids, mask, 5).shape == (2, 11)
+        assert bool((fns["zoo-sdpa"](ids, mask, 5)[:, 6:] == 50256).all())
+        stopping = bench_generate.generators({"stops": model}, None)["stops"]
+        model.cfg = dataclasses.replace(model.cfg, eos_token_id=50256)
+        with pytest.raises(RuntimeError, match=r"stops returned \(2, 7\) ids, not the prompts \+ 5 new tokens"):
+            stopping(ids, mask, 5)
+
+
 def test_table_from_synthetic_report():
     timings = {"zoo-triton": {"seconds": 2.0, "tokens_per_s": 4096.0, "prefill_seconds": 0.05,
-                              "decode_tokens_per_s": 4180.0, "extra_peak_mb": 900.0},
+                              "decode_tokens_per_s": 4180.0, "extra_peak_mib": 900.0},
                "zoo-sdpa": {"seconds": 3.0, "tokens_per_s": 2730.7, "prefill_seconds": 0.06,
-                            "decode_tokens_per_s": 2780.0, "extra_peak_mb": 950.0},
+                            "decode_tokens_per_s": 2780.0, "extra_peak_mib": 950.0},
                "hf": {"error": "RuntimeError: out of memory"}}
     report = {"metadata": {"title": bench_generate.GPU_TITLE, "device": "NVIDIA H100 (synthetic)", "torch": "2.11",
                            "triton": "3.6", "dtype": "bfloat16", "date": "2026-11-23", "command": "zoo bench generate",

@@ -220,6 +220,52 @@ def test_bad_names_and_options_are_named(tmp_path):
         compare.run(["gpt_nano"], device="cpu", runs=[str(tmp_path / "nothing")], out_dir=None)
 
 
+def test_bad_options_fail_before_anything_is_timed(tmp_path, monkeypatch):
+    def timed(*args, **kwargs):
+        raise AssertionError("a model was measured despite bad options")
+
+    monkeypatch.setattr(compare, "compare_model", timed)
+    for bad in (0.0, -5.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--peak-tflops must be a positive number"):
+            compare.run(["gpt_nano"], device="cpu", peak_tflops=bad, out_dir=None)
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="--out .* is a file; expected a folder"):
+        compare.run(["gpt_nano"], device="cpu", out_dir=str(a_file))
+    # A logged run stopped before its first validation has no quality metric: refused up front.
+    _write_run(tmp_path / "early" / "version_0", [{"epoch": 0, "step": 5, "train/loss_step": 2.0}])
+    with pytest.raises(ValueError, match="holds no values"):
+        compare.run(["gpt_nano"], device="cpu", runs=[str(tmp_path / "early")], out_dir=None)
+
+
+def test_median_step_restarts_the_cuda_peak_after_warmup(monkeypatch):
+    """The first calls autotune (triton's do_bench allocates 256 MiB of scratch): not the step's memory."""
+    from tasks import compare_measure
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
+    compare_measure.median_step_ms(lambda: events.append("step"), "cuda", steps=2, warmup=3)
+    assert events == ["step"] * 3 + ["reset"] + ["step"] * 2
+
+
+def test_timm_reference_drops_where_ours_does():
+    """With dropout > 0, the timm ViT applies dropout at the same places as ours (not also inside the MLP)."""
+    model = _build("vit_digits", {"dropout": 0.1, "depth": 2}, device="cpu")
+    reference = reference_for(model).build()
+
+    def dropout_calls(module):
+        calls = []
+        hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in module.modules()
+                 if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        module.train()(torch.randn(2, 1, 8, 8))
+        for h in hooks:
+            h.remove()
+        return len(calls)
+
+    assert dropout_calls(model) == dropout_calls(reference) == 1 + 2 * 2  # embeddings, then 2 per block
+
+
 def test_cli_reports_bad_input_with_status_2(capsys):
     assert compare.main(["gpt_nan", "--device", "cpu"]) == 2
     assert "did you mean 'gpt_nano'" in capsys.readouterr().err
@@ -320,7 +366,7 @@ def test_cpu_run_writes_every_output(tmp_path):
         assert samples == pytest.approx(2 / (float(r["train_step_ms"]) / 1e3))
         assert float(r["train_tokens_per_s"]) == pytest.approx(samples * tokens[r["model"]])
         assert float(r["infer_samples_per_s"]) > 0
-        assert r["train_peak_mb"] == "" and r["mfu"] == ""  # n/a on the CPU
+        assert r["train_peak_mib"] == "" and r["mfu"] == ""  # n/a on the CPU
     by = {(r["model"], r["implementation"]): r for r in rows}
     ref = float(by[("gpt_nano", "HF GPT2LMHeadModel")]["train_samples_per_s"])
     ours = float(by[("gpt_nano", "ours (triton)")]["train_samples_per_s"])
@@ -357,11 +403,20 @@ def test_a_run_stopped_midway_keeps_the_models_measured(tmp_path, monkeypatch, c
     assert "vit_digits: ours-triton: train" in capsys.readouterr().err
 
 
+def test_table_numbers_round_before_choosing_the_format():
+    assert compare_report._num(999.7) == "1,000" and compare_report._num(999.4) == "999"
+    assert compare_report._num(12345.6) == "12,346" and compare_report._num(0.01234) == "0.0123"
+    assert compare_report._num(None) == "n/a"
+
+
 def test_mfu_peak_is_read_from_the_device_name():
     from tasks.compare_measure import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989.0  # H100 SXM, dense bf16
     assert peak_tflops("NVIDIA H100 PCIe")[0] < 989.0  # the PCIe card is not taken for the SXM one
+    assert peak_tflops("NVIDIA L40")[0] == 181.0 and peak_tflops("NVIDIA L4")[0] == 121.0  # whole words
+    assert peak_tflops("NVIDIA L40S")[0] == 362.0 and peak_tflops("NVIDIA A100-SXM4-80GB")[0] == 312.0
+    assert peak_tflops("NVIDIA RTX A1000")[0] is None  # not an A100
     value, why = peak_tflops("Some Future GPU")
     assert value is None and "--peak-tflops" in why
 
@@ -375,7 +430,7 @@ def test_gpu_run_reports_memory_and_mfu(tmp_path):
         for result in entry["results"].values():
             train, infer = result["train"], result["infer"]
             assert "error" not in train and "error" not in infer
-            assert train["peak_mb"] > 0 and infer["peak_mb"] > 0
+            assert train["peak_mib"] > 0 and infer["peak_mib"] > 0
             # MFU is training FLOP/s over the given peak: 3 x forward FLOPs per sample x samples/s.
             flops = 3 * entry["flops"]["forward_analytic"] * train["samples_per_s"]
             assert train["mfu"] == pytest.approx(flops / 100e12)
