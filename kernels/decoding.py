@@ -143,7 +143,7 @@ def _kvcache_attn_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, FP32: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW: tl.constexpr,
     HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, ROTARY_Q_PER_TOKEN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    ROTARY_FROM_LEFTPAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -177,10 +177,15 @@ def _kvcache_attn_kernel(
     rows_i = rows // group
     heads = hk * group + rows % group
     q_ptrs = Q + b64 * stride_qb + rows_i[:, None] * stride_qm + heads[:, None] * stride_qh
+    # FA2: the new keys and the queries turn by their slots' angles (from end_abs), left
+    # padding included; ROTARY_FROM_LEFTPAD counts positions from each row's first real key.
+    rot_first = end_abs
+    if ROTARY_FROM_LEFTPAD:
+        rot_first = cache_len
     if ROTARY_Q_PER_TOKEN:
-        q_pos = cache_len + rows_i
+        q_pos = rot_first + rows_i
     else:  # FA2: without causal/local masks every query sits at position cache_seqlens
-        q_pos = cache_len + rows_i * 0
+        q_pos = rot_first + rows_i * 0
     q = _load_rotated(q_ptrs, rows_ok, offs_d, q_pos, Cos, Sin, stride_cs, rot_dim, HEAD_DIM, BLOCK_D,
                       HAS_ROTARY, INTERLEAVED)
     slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -225,7 +230,7 @@ def _kvcache_attn_kernel(
             offs_n = start + offs_new
             n_ok = offs_n < c_hi
             t = offs_n - cache_len
-            k = _load_rotated(kn_head + t[:, None] * stride_knn, n_ok, offs_d, offs_n, Cos, Sin, stride_cs,
+            k = _load_rotated(kn_head + t[:, None] * stride_knn, n_ok, offs_d, rot_first + t, Cos, Sin, stride_cs,
                               rot_dim, HEAD_DIM, BLOCK_D, HAS_ROTARY, INTERLEAVED)
             v = tl.load(vn_head + t[:, None] * stride_vnn + offs_d[None, :],
                         mask=_tile_mask(n_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
@@ -237,7 +242,7 @@ def _kvcache_attn_kernel(
             for t0 in tl.range(0, seqlen_new, NEW_N, num_stages=1):
                 t = t0 + offs_new
                 t_ok = t < seqlen_new
-                k = _load_rotated(kn_head + t[:, None] * stride_knn, t_ok, offs_d, cache_len + t, Cos, Sin,
+                k = _load_rotated(kn_head + t[:, None] * stride_knn, t_ok, offs_d, rot_first + t, Cos, Sin,
                                   stride_cs, rot_dim, HEAD_DIM, BLOCK_D, HAS_ROTARY, INTERLEAVED)
                 mask = _tile_mask(t_ok, offs_d, HEAD_DIM, BLOCK_D)
                 v = tl.load(vn_head + t[:, None] * stride_vnn + offs_d[None, :], mask=mask)
@@ -384,7 +389,7 @@ def _capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
 
 def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, alibi_slopes, softmax_scale, softcap, window_left, window_right, rotary_interleaved,
-            rotary_per_token, num_splits):
+            rotary_per_token, rotary_from_leftpad, num_splits):
     """Runs the kernels on validated inputs (see kvcache_attention); returns (out, lse)."""
     # The kernel indexes these along their last dimension without a stride.
     cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes = map(
@@ -436,7 +441,8 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, FP32=q.dtype == torch.float32,
                  PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
                  HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW=k is not None, HAS_ROTARY=rotary_cos is not None,
-                 INTERLEAVED=rotary_interleaved, ROTARY_Q_PER_TOKEN=rotary_per_token, HAS_SOFTCAP=softcap > 0,
+                 INTERLEAVED=rotary_interleaved, ROTARY_Q_PER_TOKEN=rotary_per_token,
+                 ROTARY_FROM_LEFTPAD=rotary_from_leftpad and cache_leftpad is not None, HAS_SOFTCAP=softcap > 0,
                  HAS_ALIBI=alibi_slopes is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                  SPLIT=splits > 1)
     grid = (B * Hk, m_blocks, splits)
@@ -462,19 +468,20 @@ def _kvcache_attention(
     rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], cache_seqlens: Tensor,
     cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor], block_table: Optional[Tensor],
     alibi_slopes: Optional[Tensor], softmax_scale: float, softcap: float, window_left: int, window_right: int,
-    rotary_interleaved: bool, rotary_per_token: bool, num_splits: int,
+    rotary_interleaved: bool, rotary_per_token: bool, rotary_from_leftpad: bool, num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     """Appends k/v to the caches in place and attends; returns (out like q, lse (B, H, Sq) float32).
 
     Inputs arrive validated by flash_attn_with_kvcache: cache_seqlens (B,) int32 (the
     cache's end before the append), window sides -1 for unbounded (causal is right = 0),
     rotary_per_token whether query i turns by position cache_seqlens + i (else all by
-    cache_seqlens), num_splits 0 for the heuristic.
+    cache_seqlens), rotary_from_leftpad whether those positions count from cache_leftpad
+    (cache_seqlens - cache_leftpad + i) instead of slot 0 (FA2), num_splits 0 for the heuristic.
     """
     impl = forward if use_triton(q) else decoding_reference.forward
     return impl(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                 block_table, alibi_slopes, softmax_scale, softcap, window_left, window_right, rotary_interleaved,
-                rotary_per_token, num_splits)
+                rotary_per_token, rotary_from_leftpad, num_splits)
 
 
 kvcache_attention = torch.library.triton_op("tritonzoo::kvcache_attention", _kvcache_attention,

@@ -30,7 +30,7 @@ def _check_index(x, name: str, shape: tuple, device) -> None:
 
 
 def _check_values(q, k_cache, seqlens, snew, cache_batch_idx, cache_leftpad, block_table, rotary_cos, capacity,
-                  per_token) -> None:
+                  per_token, rotary_from_leftpad) -> None:
     """Range checks that read index values: only where that costs no device sync."""
     if torch.compiler.is_compiling() or seqlens.device.type != "cpu":
         return  # on CUDA the values are trusted, as FlashAttention-2 does: a check would sync every step
@@ -54,7 +54,7 @@ def _check_values(q, k_cache, seqlens, snew, cache_batch_idx, cache_leftpad, blo
             raise ValueError(f"block_table entries in use must index the {k_cache.shape[0]} cache blocks, "
                              f"got values in [{int(blocks.min())}, {int(blocks.max())}]")
     if rotary_cos is not None:
-        last = (ends - starts) + max(snew, q.shape[1] if per_token else 1) - 1
+        last = (ends - starts if rotary_from_leftpad else ends) + max(snew, q.shape[1] if per_token else 1) - 1
         if last.numel() and int(last.max()) >= rotary_cos.shape[0]:
             raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions but position "
                              f"{int(last.max())} is needed")
@@ -63,7 +63,8 @@ def _check_values(q, k_cache, seqlens, snew, cache_batch_idx, cache_leftpad, blo
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            rotary_from_leftpad=False):
     """Attention of new queries over a KV cache, appending new keys/values to it in place (FA2's API).
 
     q: (batch, seqlen_q, nheads, headdim). k_cache, v_cache: (batch_cache, seqlen_cache,
@@ -73,10 +74,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     positions cache_seqlens[b] .. + seqlen_new (in place), then attended with the rest.
     cache_seqlens: int or (batch,) int32, each row's keys before the append (None: the
     whole cache); cache_batch_idx (batch,) int32: the cache row of each batch row;
-    cache_leftpad (batch,) int32: the row's keys start there (left padding; positions
-    count from it). rotary_cos/sin (seqlen_ro, rotary_dim / 2), with k/v only: the new
-    keys turn by the angles of their positions, q by those of cache_seqlens (+ i when
-    causal or local); rotary_interleaved pairs dims (2i, 2i+1), else (i, i + rotary_dim/2).
+    cache_leftpad (batch,) int32: the row's keys start there (left padding; the causal,
+    window and ALiBi positions count from it). rotary_cos/sin (seqlen_ro, rotary_dim / 2),
+    with k/v only: as FA2, the new keys turn by the angles of their slots cache_seqlens + t,
+    q by those of cache_seqlens (+ i when causal or local), left padding included;
+    rotary_interleaved pairs dims (2i, 2i+1), else (i, i + rotary_dim/2).
+    rotary_from_leftpad (keyword only, not in FA2): rotary positions count from
+    cache_leftpad instead (cache_seqlens - cache_leftpad + t), so a left-padded row turns
+    as if it were not padded, as zoo's generate needs.
     causal / window_size / softcap / alibi_slopes / softmax_scale: as flash_attn_func,
     aligned bottom-right against the keys after the append. num_splits: key splits per
     (row, kv-head), 0 picks by the shape (choose_num_splits).
@@ -167,11 +172,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shape), got {num_splits!r}")
     left, right = _window(causal, window_size, capacity)
     per_token = left >= 0 or right >= 0
+    if not isinstance(rotary_from_leftpad, bool):
+        raise TypeError(f"rotary_from_leftpad must be a bool, got {rotary_from_leftpad!r}")
     _check_values(q, k_cache, cache_seqlens, snew, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
-                  capacity, per_token)
+                  capacity, per_token, rotary_from_leftpad)
     q = unit_stride(q)
     out, lse = decoding.call_kvcache_attention(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, alibi_slopes, float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
-        float(softcap), left, right, bool(rotary_interleaved), per_token, num_splits)
+        float(softcap), left, right, bool(rotary_interleaved), per_token, rotary_from_leftpad, num_splits)
     return (out, lse) if return_softmax_lse else out

@@ -54,7 +54,7 @@ def _slots(k_cache: Tensor, block_table: Optional[Tensor], cache_batch_idx: Opti
 
 def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, alibi_slopes, softmax_scale, softcap, window_left, window_right, rotary_interleaved,
-            rotary_per_token, num_splits):
+            rotary_per_token, rotary_from_leftpad, num_splits):
     """Same contract as decoding.forward: appends k/v to the caches in place; returns (out, lse)."""
     del num_splits
     B, Sq, H, D = q.shape
@@ -63,21 +63,22 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     dev = q.device
     ends = cache_seqlens.long()
     starts = cache_leftpad.long() if cache_leftpad is not None else torch.zeros_like(ends)
-    cache_len = ends - starts  # keys before the append; positions count from starts
+    cache_len = ends - starts  # keys before the append; causal/window/ALiBi positions count from starts
+    rot_first = cache_len if rotary_from_leftpad else ends  # FA2 turns by absolute slots
     snew = k.shape[1] if k is not None else 0
     total = cache_len + snew
     rows, slots, capacity = _slots(k_cache, block_table, cache_batch_idx, B, ends + snew)
     if k is not None:
         t = torch.arange(snew, device=dev).view(1, -1)
         if rotary_cos is not None:
-            k = rotate(k, rotary_cos, rotary_sin, cache_len.view(-1, 1) + t, rotary_interleaved)
+            k = rotate(k, rotary_cos, rotary_sin, rot_first.view(-1, 1) + t, rotary_interleaved)
         where = ends.view(-1, 1) + t  # absolute slots of the new keys
         index = (rows.gather(1, where), slots.gather(1, where))
         k_cache.index_put_(index, k)
         v_cache.index_put_(index, v)
     if rotary_cos is not None:
         i = torch.arange(Sq, device=dev).view(1, -1) * int(rotary_per_token)
-        q = rotate(q, rotary_cos, rotary_sin, cache_len.view(-1, 1) + i, rotary_interleaved)
+        q = rotate(q, rotary_cos, rotary_sin, rot_first.view(-1, 1) + i, rotary_interleaved)
     j = torch.arange(capacity, device=dev).view(1, 1, -1) - starts.view(-1, 1, 1)  # key index within the row
     in_row = ((j >= 0) & (j < total.view(-1, 1, 1))).view(B, 1, 1, capacity, 1)
     # Slots outside a row's keys may hold anything (FlashAttention-2's contract), NaN

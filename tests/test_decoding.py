@@ -45,8 +45,12 @@ def rope64(x, cos, sin, positions, interleaved):
 
 
 def kvcache_oracle(q, k_cache, v_cache, k, v, lens, *, batch_idx=None, leftpad=None, block_table=None, cos=None,
-                   sin=None, interleaved=True, causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale=None):
-    """(out (B, Sq, H, D) f64, lse (B, H, Sq) f64, k_cache and v_cache as they must be after the call)."""
+                   sin=None, interleaved=True, causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale=None,
+                   rotary_from_leftpad=False):
+    """(out (B, Sq, H, D) f64, lse (B, H, Sq) f64, k_cache and v_cache as they must be after the call).
+
+    Rotary positions are FA2's absolute slots (end + t), or counted from the row's left
+    padding (n + t) with rotary_from_leftpad."""
     q, k_cache, v_cache = q.cpu(), k_cache.cpu().clone(), v_cache.cpu().clone()
     block_table = block_table.cpu().long() if block_table is not None else None
     dtype = q.dtype
@@ -57,6 +61,7 @@ def kvcache_oracle(q, k_cache, v_cache, k, v, lens, *, batch_idx=None, leftpad=N
     for b in range(B):
         end, start = int(lens[b]), int(leftpad[b]) if leftpad is not None else 0
         n = end - start
+        first = n if rotary_from_leftpad else end  # the rotary position of the first new token
         row = int(batch_idx[b]) if batch_idx is not None else b
 
         def slot(pos):
@@ -65,7 +70,7 @@ def kvcache_oracle(q, k_cache, v_cache, k, v, lens, *, batch_idx=None, leftpad=N
         if snew:
             kb = k[b].cpu().double()
             if cos is not None:
-                kb = rope64(kb, cos.cpu(), sin.cpu(), torch.arange(n, n + snew), interleaved)
+                kb = rope64(kb, cos.cpu(), sin.cpu(), torch.arange(first, first + snew), interleaved)
             for t in range(snew):
                 k_cache[slot(end + t)] = kb[t].to(dtype)
                 v_cache[slot(end + t)] = v[b, t].cpu()
@@ -75,7 +80,7 @@ def kvcache_oracle(q, k_cache, v_cache, k, v, lens, *, batch_idx=None, leftpad=N
         qb = q[b].double()
         if cos is not None:
             per_token = causal or window != (-1, -1)
-            qb = rope64(qb, cos.cpu(), sin.cpu(), n + torch.arange(Sq) * int(per_token), interleaved).to(dtype)
+            qb = rope64(qb, cos.cpu(), sin.cpu(), first + torch.arange(Sq) * int(per_token), interleaved).to(dtype)
         slopes = None if alibi is None else alibi.cpu() if alibi.dim() == 1 else alibi[b].cpu()
         o, lse = oracle.attention(qb[None], keys[None], vals[None], causal=causal, window=window, softcap=softcap,
                                   alibi_slopes=slopes, scale=scale)
@@ -100,7 +105,8 @@ def _check(out, lse, ref_out, ref_lse, atol=1e-5):
 # flash_attn_with_kvcache's argument -> the oracle's
 _ORACLE_NAMES = {"cache_batch_idx": "batch_idx", "cache_leftpad": "leftpad", "block_table": "block_table",
                  "rotary_cos": "cos", "rotary_sin": "sin", "rotary_interleaved": "interleaved", "causal": "causal",
-                 "window_size": "window", "softcap": "softcap", "alibi_slopes": "alibi", "softmax_scale": "scale"}
+                 "window_size": "window", "softcap": "softcap", "alibi_slopes": "alibi", "softmax_scale": "scale",
+                 "rotary_from_leftpad": "rotary_from_leftpad"}
 
 
 def _run_and_check(q, kc, vc, k, v, lens, atol=1e-5, **kwargs):
@@ -232,9 +238,13 @@ def test_paged_cache(backend, page):
         _run_and_check(q, kc, vc, k, v, lens, block_table=table, causal=True, num_splits=2)
 
 
-def test_cache_batch_idx_and_leftpad(backend):
+@pytest.mark.parametrize("rotary_from_leftpad", [False, True], ids=["fa2_slots", "from_leftpad"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cache_batch_idx_and_leftpad(backend, rotary_from_leftpad, causal):
     """Batch rows map to cache rows 3 and 1 (rows 0 and 2 untouched); row 1 is left-padded by 5.
-    Head dim 24 (not a power of two) with 16 rotary dims."""
+    Head dim 24 (not a power of two) with 16 rotary dims, turned by FA2's absolute slot
+    positions (left padding included, as FA2's own test applies rotary at cache_seqlens)
+    or by positions counted from the padding."""
     device, ctx = backend
     q, kc, vc = (_rand(*shape, device=device) for shape in ((2, 2, 4, 24), (4, 30, 2, 24), (4, 30, 2, 24)))
     k, v = _rand(2, 2, 2, 24, device=device), _rand(2, 2, 2, 24, device=device)
@@ -243,8 +253,9 @@ def test_cache_batch_idx_and_leftpad(backend):
     leftpad = torch.tensor([0, 5], dtype=torch.int32, device=device)
     cos, sin = torch.rand(40, 8, device=device), torch.rand(40, 8, device=device)
     with ctx():
-        _run_and_check(q, kc, vc, k, v, lens, cache_batch_idx=idx, cache_leftpad=leftpad, causal=True,
-                       rotary_cos=cos, rotary_sin=sin, alibi_slopes=torch.rand(4, device=device))
+        _run_and_check(q, kc, vc, k, v, lens, cache_batch_idx=idx, cache_leftpad=leftpad, causal=causal,
+                       rotary_cos=cos, rotary_sin=sin, alibi_slopes=torch.rand(4, device=device),
+                       rotary_from_leftpad=rotary_from_leftpad)
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -445,10 +456,10 @@ def _op_args(features: bool):
     k, v = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
     lens = torch.tensor([3, 7], dtype=torch.int32)
     if not features:
-        return (q, kc, vc, k, v, None, None, lens, None, None, None, None, 0.25, 0.0, -1, -1, False, False, 0)
+        return (q, kc, vc, k, v, None, None, lens, None, None, None, None, 0.25, 0.0, -1, -1, False, False, False, 0)
     cos, sin = torch.rand(16, 4), torch.rand(16, 4)
     return (q, kc, vc, k, v, cos, sin, lens, None, torch.tensor([0, 1], dtype=torch.int32), None, torch.rand(4),
-            0.25, 0.0, 5, 0, False, True, 0)
+            0.25, 0.0, 5, 0, False, True, True, 0)
 
 
 @pytest.mark.parametrize("features", [False, True])
@@ -567,7 +578,7 @@ def test_gpu_cuda_graph_and_compile():
 @pytest.mark.gpu
 def test_gpu_opcheck():
     q, kc, vc, k, v, cos, sin, lens, table = _gpu_problem(torch.bfloat16, True, B=4, cap=1024, page=64)
-    args = (q, kc, vc, k, v, cos, sin, lens, None, None, table, None, 0.125, 0.0, -1, 0, True, True, 0)
+    args = (q, kc, vc, k, v, cos, sin, lens, None, None, table, None, 0.125, 0.0, -1, 0, True, True, False, 0)
     torch.library.opcheck(torch.ops.tritonzoo.kvcache_attention.default, args)
 
 
@@ -580,13 +591,14 @@ from kernels import decoding as dec
 
 fn = dec._kvcache_attn_kernel
 base = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, FP32=False, PAGED=False, HAS_BATCH_IDX=False, HAS_LEFTPAD=False,
-            HAS_NEW=True, HAS_ROTARY=False, INTERLEAVED=True, ROTARY_Q_PER_TOKEN=False, HAS_SOFTCAP=False,
+            HAS_NEW=True, HAS_ROTARY=False, INTERLEAVED=True, ROTARY_Q_PER_TOKEN=False, ROTARY_FROM_LEFTPAD=False,
+            HAS_SOFTCAP=False,
             HAS_ALIBI=False, HAS_LEFT=False, HAS_RIGHT=False, SPLIT=True, BLOCK_N=64)
 every = dict(base, PAGED=True, HAS_ROTARY=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_LEFT=True, HAS_RIGHT=True)
 # the flags "every" leaves off: cache rows, left padding, rotate-half with a rotation per query
 # token, one split; then fp32 inputs (FMA dots) without new keys
 rest = dict(base, HAS_BATCH_IDX=True, HAS_LEFTPAD=True, HAS_ROTARY=True, INTERLEAVED=False,
-            ROTARY_Q_PER_TOKEN=True, SPLIT=False)
+            ROTARY_Q_PER_TOKEN=True, ROTARY_FROM_LEFTPAD=True, SPLIT=False)
 fp32_no_new = dict(base, FP32=True, HAS_NEW=False, BLOCK_N=32)
 ints = {"SeqLens", "BatchIdx", "LeftPad", "BlockTable"}
 fp32 = {"Alibi", "Lse", "OutPart", "LsePart"}

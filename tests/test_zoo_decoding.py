@@ -119,6 +119,32 @@ def test_generate_through_the_interpreted_decoding_kernel():
 
 
 @pytest.mark.usefixtures("reference_attention")
+def test_non_causal_steps_of_several_tokens_turn_each_token_by_its_position(monkeypatch):
+    """Without a causal mask the kernel turns every query of a step by one position (FA2's
+    rule); a bidirectional backbone stepping several tokens at once turns them itself."""
+    from zoo.backbone import Transformer
+    from zoo.config import TransformerConfig
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(dim=24, depth=1, heads=4, causal=False, positions="rotary",
+                                          max_seq_len=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(30)  # scores of order 1: the positions show in the output
+    x = torch.randn(2, 8, 24)
+    out = {}
+    for backend in ("eager", "triton"):
+        model.set_attn_backend(backend)
+        spy = _Spy(monkeypatch)
+        with torch.no_grad():
+            cache = model.new_cache()
+            out[backend] = torch.cat([model(x[:, :4], cache=cache), model(x[:, 4:7], cache=cache),
+                                      model(x[:, 7:], cache=cache)], dim=1)
+    assert spy.rotary == [False, True]  # the 3-token step turned by the model, the 1-token step by the kernel
+    torch.testing.assert_close(out["triton"], out["eager"], rtol=1e-5, atol=1e-4)  # outputs of size ~20
+
+
+@pytest.mark.usefixtures("reference_attention")
 def test_explicit_positions_are_rotated_by_the_model_not_the_kernel(monkeypatch):
     # The kernel counts positions from the cache; explicit ones may differ (here: a gap of 5).
     model = _gpt(**VARIANTS["rotary_gqa_qknorm"])

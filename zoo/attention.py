@@ -144,10 +144,13 @@ class Attention(nn.Module):
         slopes = None if self.cross else alibi_slopes
         in_kernel = cache is not None and not self.cross and self._decodes_in_kernel(cache, key_padding_mask,
                                                                                       dropout_p)
-        if rope is not None and not self.cross and not (in_kernel and cache.owner.fused_rotary is not None):
+        # The kernel turns query i by position cache_len + i only when causal (FA2: otherwise
+        # every query by cache_len), so a non-causal step of several tokens is turned here.
+        fused = in_kernel and cache.owner.fused_rotary is not None and (causal or S == 1)
+        if rope is not None and not self.cross and not fused:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if in_kernel:
-            out = self._decode(q, k, v, cache, causal, slopes)
+            out = self._decode(q, k, v, cache, causal, slopes, fused)
             return self.drop(self.proj(out.reshape(B, S, self.heads * self.head_dim)))
         if cache is not None and not self.cross:
             k, v = cache.append(k, v)
@@ -173,14 +176,16 @@ class Attention(nn.Module):
                 and cache.owner.offset > 0)
 
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, causal: bool,
-                alibi_slopes: Optional[Tensor]) -> Tensor:
+                alibi_slopes: Optional[Tensor], fused_rotary: bool) -> Tensor:
         """Appends k, v to the cache buffers in place and attends over them, in one kernel call;
-        with the cache's fused_rotary tables the kernel also turns q and k (rotate-half layout)."""
+        with fused_rotary the kernel also turns q and k by the cache's fused_rotary tables
+        (rotate-half layout)."""
         owner = cache.owner
         cache.reserve(k, v)
         leftpad = owner.leftpad.to(q.device) if owner.leftpad is not None else None
-        cos, sin = owner.fused_rotary if owner.fused_rotary is not None else (None, None)
+        cos, sin = owner.fused_rotary if fused_rotary else (None, None)
         return kernels.flash_attn_with_kvcache(
             q, cache.k, cache.v, k, v, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False,
+            rotary_from_leftpad=True,  # each row's positions start at its first real token
             cache_seqlens=owner.seqlens(q.shape[0], q.device), cache_leftpad=leftpad, causal=causal,
             alibi_slopes=alibi_slopes.float() if alibi_slopes is not None else None)
