@@ -1,9 +1,10 @@
 """Rotary position embedding (RoPE) in Triton, with FlashAttention-2's argument conventions.
 
     apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0,
-                     position_ids=None)
+                     cu_seqlens=None, max_seqlen=None, position_ids=None)
 
-x is (batch, seqlen, nheads, headdim); cos and sin are (seqlen_ro, rotary_dim / 2), as
+x is (batch, seqlen, nheads, headdim), or packed (total, nheads, headdim) with
+cu_seqlens; cos and sin are (seqlen_ro, rotary_dim / 2), as
 ``flash_attn.layers.rotary.apply_rotary_emb`` takes them. The first rotary_dim features
 of each head are rotated, the rest pass through unchanged (partial rotary). Token s of
 batch row b sits at position p = s + seqlen_offsets (an int, or a (batch,) tensor: the
@@ -267,8 +268,44 @@ def _check_positions(t: Tensor, name: str, lowest: int, highest: int, seqlen_ro:
                          f"seqlen_ro = {seqlen_ro} rows, so positions must be in [0, {seqlen_ro - 1}]")
 
 
+def _packed_positions(x: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
+                      seqlen_offsets: Union[int, Tensor]) -> Tensor:
+    """(1, total) positions of packed x (total, H, D): each token's index in its sequence + its offset."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.numel() < 2:
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor (batch + 1,), got "
+                        f"{cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__}"
+                        f"{' of shape ' + str(tuple(cu_seqlens.shape)) if isinstance(cu_seqlens, Tensor) else ''}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                   or max_seqlen < 0):
+        raise TypeError(f"max_seqlen must be an int >= 0 or None, got {max_seqlen!r}")
+    total, batch = x.shape[0], cu_seqlens.numel() - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        # The kernel needs no max_seqlen (positions come from cu_seqlens); on CPU it is still
+        # held to FA2's meaning, the longest sequence or more. No check on CUDA: no host sync.
+        if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(cu_seqlens[-1]) != total:
+            raise ValueError(f"cu_seqlens must start at 0, not decrease and end at total = {total} "
+                             f"(x.shape[0]), got {cu_seqlens.tolist()}")
+        if max_seqlen is not None and batch and int(lengths.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen = {max_seqlen} but a sequence holds {int(lengths.max())} tokens")
+    if isinstance(seqlen_offsets, Tensor):
+        _check_index_tensor(seqlen_offsets, "seqlen_offsets", (batch,), x)
+        starts = cu_seqlens[:-1].long() - seqlen_offsets.long()
+    elif isinstance(seqlen_offsets, int) and not isinstance(seqlen_offsets, bool):
+        starts = cu_seqlens[:-1].long() - seqlen_offsets
+    else:
+        raise TypeError(f"seqlen_offsets must be an int or a (batch,) tensor, got {type(seqlen_offsets).__name__}")
+    # Token i of sequence b sits at i - cu_seqlens[b] + offset[b]; output_size keeps it sync-free.
+    sequence = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=total)
+    return (torch.arange(total, device=x.device) - starts[sequence]).view(1, total)
+
+
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
-                     seqlen_offsets: Union[int, Tensor] = 0, position_ids: Optional[Tensor] = None) -> Tensor:
+                     seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
+                     max_seqlen: Optional[int] = None, position_ids: Optional[Tensor] = None) -> Tensor:
     """Rotary embedding of x (batch, seqlen, nheads, headdim), FlashAttention-2's conventions.
 
     cos, sin: (seqlen_ro, rotary_dim / 2), float32 or x's dtype, rotary_dim <= headdim;
@@ -278,13 +315,27 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     that are all modified in place, e.g. q and k unbound from one qkv tensor).
     seqlen_offsets: int, or int32/int64 (batch,) tensor, added to each token's index
     (KV-cache decoding); position_ids: int32/int64 (batch, seqlen) explicit positions
-    (then seqlen_offsets must be 0). Positions must lie in [0, seqlen_ro): checked here
+    (then seqlen_offsets must be 0). cu_seqlens (batch + 1,) int32, as FA2's varlen form:
+    x is packed (total, nheads, headdim), token i of sequence b sits at
+    i - cu_seqlens[b] + seqlen_offsets (int or (batch,)); max_seqlen, FA2's grid bound, is
+    not needed (checked on CPU to be at least the longest sequence when given).
+    Positions must lie in [0, seqlen_ro): checked here
     (for CUDA tensors by a device-side assert, no host sync; not under torch.compile). Applied to q and k alike:
     see apply_rotary_emb_qk. Returns the rotated tensor, shape and dtype of x.
     Raises TypeError/ValueError naming the bad argument.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if cu_seqlens is not None:
+        if x.dim() != 3:
+            raise ValueError(f"with cu_seqlens, x must be packed (total, nheads, headdim), got shape {tuple(x.shape)}")
+        if position_ids is not None:
+            raise ValueError("give cu_seqlens or position_ids, not both")
+        positions = _packed_positions(x, cu_seqlens, max_seqlen, seqlen_offsets)
+        out = apply_rotary_emb(x.unsqueeze(0), cos, sin, interleaved, inplace, position_ids=positions)
+        return x if inplace else out.squeeze(0)
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen applies only with cu_seqlens (packed x)")
     if x.dim() != 4:
         raise ValueError(f"x must have 4 dims (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -347,5 +398,5 @@ def apply_rotary_emb_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interlea
     if isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 4 and k.dim() == 4:
         if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, seqlen and headdim")
-    return (apply_rotary_emb(q, cos, sin, interleaved, inplace, seqlen_offsets, position_ids),
-            apply_rotary_emb(k, cos, sin, interleaved, inplace, seqlen_offsets, position_ids))
+    return (apply_rotary_emb(q, cos, sin, interleaved, inplace, seqlen_offsets, position_ids=position_ids),
+            apply_rotary_emb(k, cos, sin, interleaved, inplace, seqlen_offsets, position_ids=position_ids))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -147,3 +149,47 @@ def test_compile_with_dropout_in_training_mode():
         out.sum().backward()
     assert torch.isfinite(out).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# FlashAttention-2's public signatures (flash_attn 2.7: flash_attn_interface.py and
+# layers/rotary.py), written out here as the oracle: code calling FA2 positionally or by
+# name runs unchanged. Ours may add parameters after these, never before or between.
+FA2_SIGNATURES = {
+    "flash_attn_func": "q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, "
+                       "alibi_slopes=None, deterministic=False, return_attn_probs=False",
+    "flash_attn_qkvpacked_func": "qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), "
+                                 "softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False",
+    "flash_attn_kvpacked_func": "q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), "
+                                "softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False",
+    "flash_attn_varlen_func": "q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, "
+                              "softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, "
+                              "deterministic=False, return_attn_probs=False, block_table=None",
+    "flash_attn_varlen_qkvpacked_func": "qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, "
+                                        "window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, "
+                                        "return_attn_probs=False",
+    "flash_attn_varlen_kvpacked_func": "q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, "
+                                       "softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, "
+                                       "alibi_slopes=None, deterministic=False, return_attn_probs=False",
+    "flash_attn_with_kvcache": "q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, "
+                               "cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None, "
+                               "softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, "
+                               "rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False",
+    "apply_rotary_emb": "x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None, "
+                        "max_seqlen=None",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FA2_SIGNATURES))
+def test_signatures_start_with_flash_attention_2s(name):
+    import inspect
+
+    import kernels
+
+    expected = []
+    for part in re.split(r",\s*(?![^()]*\))", FA2_SIGNATURES[name]):
+        param, _, default = part.partition("=")
+        expected.append((param.strip(), eval(default) if default else inspect.Parameter.empty))
+    params = list(inspect.signature(getattr(kernels, name)).parameters.values())[:len(expected)]
+    got = [(p.name, p.default) for p in params]
+    assert got == expected
+    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)

@@ -143,6 +143,57 @@ def test_kv_cache_decoding_matches_full_sequence(backend):
     torch.testing.assert_close(step_strided, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("offsets", ["none", "int", "tensor"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_packed_sequences_with_cu_seqlens(backend, offsets, inplace):
+    """FA2's varlen form: x (total, H, D) with cu_seqlens; token i of sequence b sits at
+    i - cu_seqlens[b] + offset. The oracle rotates each sequence alone as a batch of one."""
+    device, ctx = backend
+    lengths = [5, 0, 9, 1]
+    cu = torch.tensor([0, 5, 5, 14, 15], dtype=torch.int32, device=device)
+    cos, sin = tables(24, 12, device)
+    offset = {"none": 0, "int": 3, "tensor": torch.tensor([2, 7, 0, 11], dtype=torch.int32, device=device)}[offsets]
+    leaf = torch.randn(15, 3, 14, device=device, requires_grad=True)
+    x = leaf * 1 if inplace else leaf
+    with ctx():
+        out = apply_rotary_emb(x, cos, sin, False, inplace, offset, cu, max(lengths))
+        assert (out is x) == inplace
+        dout = torch.randn_like(out)
+        (dx,) = torch.autograd.grad(out, leaf, dout)
+    ref_in = leaf.detach().double().requires_grad_()
+    parts = []
+    for b, n in enumerate(lengths):
+        start = int(cu[b])
+        first = int(offset[b]) if isinstance(offset, torch.Tensor) else offset
+        pos = (torch.arange(n) + first).view(1, n).to(device)
+        parts.append(oracle(ref_in[start:start + n][None], cos, sin, pos, False)[0])
+    ref = torch.cat(parts)
+    (ref_dx,) = torch.autograd.grad(ref, ref_in, dout.double())
+    torch.testing.assert_close(out.detach().double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(dx.double(), ref_dx, rtol=0, atol=1e-5)
+
+
+def test_packed_sequences_bad_input_is_named():
+    cos, sin = tables(16, 8)
+    x = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    cases = [
+        (dict(cu_seqlens=cu.long()), TypeError, "cu_seqlens must be a 1-D int32"),
+        (dict(cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32)), ValueError, "end at total = 6"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 2, 6], dtype=torch.int32)), ValueError, "not decrease"),
+        (dict(cu_seqlens=cu, max_seqlen=3), ValueError, "max_seqlen = 3 but a sequence holds 4"),
+        (dict(cu_seqlens=cu, seqlen_offsets=13), ValueError, "positions must be in"),
+        (dict(cu_seqlens=cu, position_ids=torch.zeros(1, 6, dtype=torch.long)), ValueError, "not both"),
+        (dict(max_seqlen=4), ValueError, "max_seqlen applies only with cu_seqlens"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            apply_rotary_emb(x if "max_seqlen" not in kwargs or "cu_seqlens" in kwargs else x[None], cos, sin,
+                             **kwargs)
+    with pytest.raises(ValueError, match=r"packed \(total, nheads, headdim\)"):
+        apply_rotary_emb(x[None], cos, sin, cu_seqlens=cu)
+
+
 @pytest.mark.parametrize("layout", ["sin_row_stride", "cos_transposed", "both_column_stride"])
 def test_tables_of_different_layouts(backend, layout):
     """cos and sin need not share a layout: the kernel walks both by one set of strides."""
