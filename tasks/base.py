@@ -70,6 +70,13 @@ class ZooTask(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), warmup: float = 0.05, min_lr_ratio: float = 0.01,
                  compile: bool = False):
         super().__init__()
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0 \
+                or (warmup >= 1 and warmup != int(warmup)):
+            raise ValueError(f"warmup must be a fraction of the training steps in [0, 1) or a whole number "
+                             f"of steps, got {warmup!r}")
+        if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) \
+                or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (the final learning rate over lr), got {min_lr_ratio!r}")
         self.save_hyperparameters()
         overrides = dict(model_args or {})
         if backbone is not None:
@@ -185,7 +192,7 @@ class ClassificationTask(ZooTask):
         logits, labels = self.logits_and_labels(batch)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
-                 batch_size=len(labels))
+                 batch_size=len(labels), sync_dist=True)  # a tensor: averaged over processes here
         for name, metric in self.metrics.items():
             if name.startswith(stage + "_"):
                 metric(logits, labels)

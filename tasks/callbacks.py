@@ -8,7 +8,7 @@ import os
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
@@ -55,7 +55,8 @@ class AttentionMapLogger(L.Callback):
         if trainer.sanity_checking or not self._enabled:
             return
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        # max_epochs is -1 (or None) when only max_steps bounds the run: then no epoch is the last.
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
         if epoch % self.every_n_epochs and not last:
             return
         batch = pl_module.transfer_batch_to_device(self._fixed_batch(trainer), pl_module.device, 0)
@@ -144,3 +145,14 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._close()
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """An unmonitored checkpoint file (one, rewritten at each save) that also saves when
+    training ends: the run's final weights, also when the last steps came after the last
+    validation (max_steps not a multiple of val_check_interval)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import sys
 
 import torch
 
@@ -60,8 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Prints each prompt's text; 0, or 2 with a message for a missing checkpoint or bad options."""
     prompts = args.prompt or [""]
     options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "seed")}
-    for prompt, text in zip(prompts, generate(args.checkpoint, prompts, args.device, **options)):
+    try:
+        texts = generate(args.checkpoint, prompts, args.device, **options)
+    except (ValueError, TypeError, FileNotFoundError) as error:  # bad options, a prompt too long, no such file
+        print(f"zoo generate: error: {error}", file=sys.stderr)
+        return 2
+    for prompt, text in zip(prompts, texts):
         print(f"--- {prompt!r}\n{text}")
     return 0

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .base import ZooTask
-from .callbacks import PredictionWriter
+from .callbacks import FinalCheckpoint, PredictionWriter
 
 
 def batch_size_of(batch) -> int:
@@ -111,8 +111,9 @@ class ZooCLI(LightningCLI):
                                             auto_insert_metric_name=False))
             # "last" as the run's final weights: ModelCheckpoint(save_last=True) writes last.ckpt only
             # when it saves a top-k checkpoint, so a run whose metric stops improving would leave an
-            # old one. An unmonitored checkpoint keeping one file is rewritten at every save.
-            defaults.append(ModelCheckpoint(monitor=None, save_top_k=1, filename="last",
+            # old one. An unmonitored checkpoint keeping one file is rewritten at every save, and
+            # at the end of training (FinalCheckpoint).
+            defaults.append(FinalCheckpoint(monitor=None, save_top_k=1, filename="last",
                                             enable_version_counter=False))
         if config.get("logger") not in (None, False) and not config.get("fast_dev_run"):
             if not any(isinstance(c, LearningRateMonitor) for c in given):

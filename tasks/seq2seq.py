@@ -79,16 +79,18 @@ class Seq2Seq(ZooTask):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]),
+                 sync_dist=True)
         return loss
 
     def decode(self, src_ids: torch.Tensor, src_mask: Optional[torch.Tensor] = None, tokenizer=None,
                max_new_tokens: Optional[int] = None, num_beams: Optional[int] = None) -> list[str]:
         """Decoded strings (B of them) for padded source ids (B, S): tokens up to the first eos."""
         tokenizer = tokenizer or tokenizer_for(self)
-        out = self.model.generate(src_ids, src_mask, max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
-                                  num_beams=num_beams or self.hparams.num_beams, bos_id=tokenizer.bos_id,
-                                  eos_id=tokenizer.eos_id)
+        max_new_tokens = self.hparams.max_new_tokens if max_new_tokens is None else max_new_tokens
+        num_beams = self.hparams.num_beams if num_beams is None else num_beams
+        out = self.model.generate(src_ids, src_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                  bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
         texts = []
         for row in out[:, 1:].tolist():
             if tokenizer.eos_id in row:
@@ -98,7 +100,7 @@ class Seq2Seq(ZooTask):
 
     def _evaluate(self, batch, stage: str) -> None:
         size = len(batch["labels"])
-        self.log(f"{stage}/loss", self._loss(batch), prog_bar=True, on_epoch=True, batch_size=size)
+        self.log(f"{stage}/loss", self._loss(batch), prog_bar=True, on_epoch=True, batch_size=size, sync_dist=True)
         predictions = self.decode(batch["src_ids"], batch["src_mask"])
         references = batch["target_text"]
         exact = self.metrics[f"{stage}_exact_match"]
@@ -169,7 +171,7 @@ class Seq2Seq(ZooTask):
 
     @torch.no_grad()
     def generate_text(self, sources: Sequence[str], tokenizer=None, max_new_tokens: Optional[int] = None,
-                      num_beams: int = 1) -> list[str]:
+                      num_beams: Optional[int] = None) -> list[str]:
         """Outputs for source strings: tokenize (with `tokenizer`, else the task's), decode, detokenize.
 
         Raises ValueError for an empty list or an empty source, RuntimeError without a tokenizer.

@@ -100,7 +100,8 @@ class SpeechRecognition(ZooTask):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["lengths"]))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["lengths"]),
+                 sync_dist=True)
         return loss
 
     def transcribe(self, waveforms: torch.Tensor, lengths=None, tokenizer=None) -> list[str]:
@@ -110,7 +111,7 @@ class SpeechRecognition(ZooTask):
 
     def _evaluate(self, batch, stage: str) -> None:
         size = len(batch["lengths"])
-        self.log(f"{stage}/loss", self._loss(batch), prog_bar=True, on_epoch=True, batch_size=size)
+        self.log(f"{stage}/loss", self._loss(batch), prog_bar=True, on_epoch=True, batch_size=size, sync_dist=True)
         predictions = self.transcribe(batch["waveforms"], batch["lengths"])
         for name in ("cer", "wer"):
             metric = self.metrics[f"{stage}_{name}"]

@@ -43,8 +43,10 @@ def token_labels(ids: list[int], tokenizer) -> list[str]:
 class _LanguageModelTask(ZooTask):
     """A ZooTask whose model's vocabulary comes from the data module's tokenizer (module docstring).
 
-    Subclasses define `_forward_logits(batch)`. Logs {stage}/loss (token-weighted mean
-    cross-entropy in nats), {stage}/ppl = exp(loss), val/unigram_loss (the data module's
+    Subclasses define `_forward_logits(batch)`. Logs {stage}/loss (mean cross-entropy in
+    nats: over the epoch's tokens for val and test; train/loss is each batch's token mean,
+    its epoch value weighted by sequences, since a token count would cost a sync per step),
+    {stage}/ppl = exp(loss), val/unigram_loss (the data module's
     unigram baseline, when it has one) and, for character- or byte-level tokenizers,
     {stage}/bpc or {stage}/bpb = loss / ln 2 (bits per character / per byte).
     """
@@ -167,7 +169,7 @@ class _LanguageModelTask(ZooTask):
     def training_step(self, batch, batch_idx):
         loss, _, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=batch["input_ids"].shape[0])
+                 batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def _eval_step(self, batch, stage: str):
@@ -271,20 +273,24 @@ class CausalLM(_LanguageModelTask):
         return {"text": tokenizer.decode(ids.tolist()), "prediction": tokenizer.decode(guesses[scored].tolist())}
 
     @torch.no_grad()
-    def generate_text(self, prompts: list[str], tokenizer, max_new_tokens: int = 200, temperature: float = 0.8,
+    def generate_text(self, prompts: list[str], tokenizer, max_new_tokens: Optional[int] = None,
+                      temperature: float = 0.8,
                       top_k: Optional[int] = None, top_p: Optional[float] = None,
                       seed: Optional[int] = None) -> list[str]:
         """Each prompt followed by its continuation, decoded up to the first <eos>.
 
         Prompts are encoded as <bos> + prompt (the start of a document, as in training) and
-        left-padded into one batch for the model's KV-cached generate(). temperature 0 is
-        greedy; otherwise sampling with temperature / top_k / top_p from a generator seeded
-        with `seed` (None: unseeded). Raises TypeError for a single string, ValueError when
-        the tokenizer does not fit the model, or what GPT.generate raises (prompt +
-        max_new_tokens past max_seq_len, bad sampling options).
+        left-padded into one batch for the model's KV-cached generate(). max_new_tokens None:
+        200, or fewer where the model's learned/sinusoidal positions end sooner. temperature
+        0 is greedy; otherwise sampling with temperature / top_k / top_p from a generator
+        seeded with `seed` (None: unseeded). Raises TypeError for a single string, ValueError
+        for a negative temperature, when the tokenizer does not fit the model, or what
+        GPT.generate raises (prompt + max_new_tokens past max_seq_len, bad sampling options).
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy decoding), got {temperature!r}")
         model = self._built_model()
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -298,6 +304,11 @@ class CausalLM(_LanguageModelTask):
         for row, tokens in enumerate(encoded):
             ids[row, width - len(tokens):] = torch.tensor(tokens, device=self.device)
             mask[row, width - len(tokens):] = 1
+        if max_new_tokens is None:
+            max_new_tokens = 200
+            bb = model.cfg.backbone
+            if bb.positions in ("learned", "sinusoidal"):  # the last new token is never fed back
+                max_new_tokens = max(1, min(max_new_tokens, bb.max_seq_len - width + 1))
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         was_training = self.training
         self.eval()

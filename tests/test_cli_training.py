@@ -283,6 +283,29 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(tmp_pat
     assert resumed.global_step == saved["global_step"] + first.num_training_batches
 
 
+def test_last_checkpoint_holds_the_final_step_and_schedule_options_are_checked(tmp_path):
+    """With validation every 3 steps and 5 steps in all, last.ckpt is written at step 5, not 3."""
+    from tasks.callbacks import FinalCheckpoint
+
+    with kernels.reference_only():
+        trainer = _trainer(tmp_path, max_steps=5, val_check_interval=3, limit_val_batches=1,
+                           check_val_every_n_epoch=None, enable_checkpointing=True, callbacks=[
+                               FinalCheckpoint(dirpath=tmp_path, monitor=None, save_top_k=1, filename="last",
+                                               enable_version_counter=False)])
+        task = _task()
+        trainer.fit(task, DigitsDataModule(batch_size=32))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == trainer.global_step == 5
+    for name, value in task.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], value), name
+    for bad in (dict(min_lr_ratio=-0.5), dict(min_lr_ratio=3.0)):
+        with pytest.raises(ValueError, match="min_lr_ratio must be in"):
+            _task(**bad)
+    for bad in (dict(warmup=-5), dict(warmup=1.5)):
+        with pytest.raises(ValueError, match="warmup must be"):
+            _task(**bad)
+
+
 class _DistributedOrderOnOneProcess(DigitsDataModule):
     """Training batches in the order Lightning's DistributedSampler draws (seed 0), on one process."""
 

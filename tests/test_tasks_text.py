@@ -227,6 +227,16 @@ def test_causal_lm_learns_below_unigram_and_round_trips(tmp_path):
     assert sampled == loaded.generate_text(prompts, tokenizer, max_new_tokens=20, temperature=0.8, top_k=10, seed=3)
     for prompt, text in zip(prompts, texts + sampled):
         assert isinstance(text, str) and text.startswith(prompt) and len(text) <= len(prompt) + 20
+    # Without max_new_tokens: 200, cut to what the 64 learned positions allow (<bos> + "The " + 60).
+    longest = loaded.generate_text(["The "], tokenizer, temperature=0)[0]
+    assert longest.startswith("The ") and len(longest) <= 4 + 60
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        loaded.generate_text(prompts, tokenizer, temperature=-1.0)
+    from tasks import cli
+
+    assert cli.main(["generate", path, "--prompt", "The ", "--temperature", "0", "--device", "cpu"]) == 0
+    assert cli.main(["generate", path, "--prompt", "x", "--top_p", "1.5", "--device", "cpu"]) == 2
+    assert cli.main(["generate", str(tmp_path / "missing.ckpt"), "--device", "cpu"]) == 2
 
 
 def test_masked_lm_trains_and_round_trips(tmp_path):

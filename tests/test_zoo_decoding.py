@@ -118,6 +118,52 @@ def test_generate_through_the_interpreted_decoding_kernel():
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3), expected)
 
 
+@pytest.mark.usefixtures("reference_attention")  # bf16 dots are broken in the Triton 3.6 interpreter
+@pytest.mark.parametrize("positions", ["alibi", "rotary"])
+def test_half_precision_models_keep_float32_position_buffers(positions):
+    """model.to(bfloat16) casts buffers; ALiBi slopes and rotary frequencies stay float32 (the kernels
+    take float32 slopes, and bf16 frequencies turn long positions by a visible angle)."""
+    from zoo.layers import alibi_slopes
+
+    torch.manual_seed(0)  # 6 heads: slopes that bf16 rounds
+    model = zoo.create_model("gpt_nano", dim=48, depth=2, heads=6, max_seq_len=64, vocab_size=61,
+                             positions=positions).eval()
+    reference = model.backbone.alibi_slopes if positions == "alibi" else model.backbone.rotary.inv_freq
+    reference = reference.clone()
+    model = model.to(torch.bfloat16)
+    kept = model.backbone.alibi_slopes if positions == "alibi" else model.backbone.rotary.inv_freq
+    assert kept.dtype == torch.float32 and torch.equal(kept, reference)
+    if positions == "alibi":
+        assert torch.equal(kept, alibi_slopes(6))
+    ids, mask = _prompts([5, 3])
+    out = {}
+    for backend in ("triton", "sdpa"):
+        model.set_attn_backend(backend)
+        with torch.no_grad():
+            out[backend] = model(ids, attention_mask=mask).float()
+    real = mask.bool()
+    torch.testing.assert_close(out["triton"][real], out["sdpa"][real], rtol=0.02, atol=0.05)  # bf16 rounding apart
+
+
+@pytest.mark.usefixtures("reference_attention")
+def test_gradients_flow_through_cached_steps(monkeypatch):
+    """The decoding kernel has no backward: a cached step that needs gradients appends and attends apart."""
+    model = _gpt(**VARIANTS["rotary_gqa_qknorm"]).train()
+    ids = torch.randint(1, 61, (2, 7))
+    grads = {}
+    for backend in ("eager", "triton"):
+        model.set_attn_backend(backend)
+        model.zero_grad()
+        spy = _Spy(monkeypatch)
+        cache = model.new_cache()
+        logits = torch.cat([model(ids[:, :5], cache=cache), model(ids[:, 5:6], cache=cache),
+                            model(ids[:, 6:], cache=cache)], dim=1)
+        logits.square().mean().backward()
+        assert spy.calls == []
+        grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads["triton"], grads["eager"], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.usefixtures("reference_attention")
 def test_non_causal_steps_of_several_tokens_turn_each_token_by_its_position(monkeypatch):
     """Without a causal mask the kernel turns every query of a step by one position (FA2's

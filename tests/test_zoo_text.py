@@ -320,6 +320,28 @@ def test_default_stop_token_comes_from_the_hf_config():
         **GPT2_CONFIGS["2x32_4heads"]))).cfg.eos_token_id is None
 
 
+def test_hf_stop_token_lists_and_pad_ids_outside_the_vocabulary():
+    """transformers takes a list of stop tokens (any of them ends a row) and only warns on a pad id
+    outside the vocabulary: the import keeps the list and drops that pad id."""
+    probe = hf_gpt2(**GPT2_CONFIGS["2x32_4heads"])
+    ids, mask, _ = left_padded(64, [9, 4, 6])
+    with torch.no_grad():
+        greedy = zoo.weights.from_hf(probe).generate(ids, attention_mask=mask, max_new_tokens=12)
+    eos = [int(greedy[0, 9 + 2]), 63, 5000]  # row 0 emits the first; 5000 is outside the vocabulary
+    transformers.logging.set_verbosity_error()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIGS["2x32_4heads"], eos_token_id=eos,
+                                                              bos_token_id=None, pad_token_id=-1))
+    hf.load_state_dict(probe.state_dict())
+    ours = zoo.weights.from_hf(hf.eval())
+    assert ours.cfg.eos_token_id == eos[:2] and ours.cfg.pad_token_id is None
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               eos_token_id=eos[:2], pad_token_id=eos[0])
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(got, expected)
+    assert (got[0, 9 + 3:] == eos[0]).all()  # finished: pads with the first stop token
+
+
 def test_cached_decoding_equals_full_forward(gpt_pair):
     hf, ours = gpt_pair
     ids, mask, positions = left_padded(64, [7, 3])

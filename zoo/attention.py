@@ -142,8 +142,10 @@ class Attention(nn.Module):
         dropout_p = self.cfg.attn_dropout if self.training else 0.0
         causal = self.cfg.causal and not self.cross
         slopes = None if self.cross else alibi_slopes
-        in_kernel = cache is not None and not self.cross and self._decodes_in_kernel(cache, key_padding_mask,
-                                                                                      dropout_p)
+        # flash_attn_with_kvcache has no backward: a step that needs gradients appends and attends apart.
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        in_kernel = (cache is not None and not self.cross and not needs_grad
+                     and self._decodes_in_kernel(cache, key_padding_mask, dropout_p))
         # The kernel turns query i by position cache_len + i only when causal (FA2: otherwise
         # every query by cache_len), so a non-causal step of several tokens is turned here.
         fused = in_kernel and cache.owner.fused_rotary is not None and (causal or S == 1)

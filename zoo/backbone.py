@@ -84,6 +84,14 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg) if cfg.final_norm else nn.Identity()
         self.init_weights()
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) casts buffers too; the ALiBi slopes stay float32 (recomputed,
+        # not cast back: bf16 would round the slopes of non-power-of-two head counts).
+        super()._apply(fn, recurse)
+        if self.alibi_slopes is not None and self.alibi_slopes.dtype != torch.float32:
+            self.alibi_slopes = alibi_slopes(self.cfg.heads).to(self.alibi_slopes.device)
+        return self
+
     def init_weights(self) -> None:
         """GPT-2 / BERT / timm-style init: N(0, 0.02) weights, zero biases, residual
         output projections scaled by 1/sqrt(2 * depth)."""

@@ -52,8 +52,18 @@ class LayerCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Writes k, v (B, S, Hk, D) after the owner's offset; returns all keys and values so far."""
-        self.reserve(k, v)
         start, end = self.owner.offset, self.owner.offset + k.shape[1]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Autograd keeps the keys an earlier step attended over: writing into that buffer in
+            # place would change them under it. With gradients the cache grows by concatenation.
+            if start:
+                if self.k.shape[0] != k.shape[0] or self.k.shape[2:] != k.shape[2:] or self.k.dtype != k.dtype:
+                    raise ValueError(f"the cache holds keys {tuple(self.k.shape)} {self.k.dtype}; new keys "
+                                     f"{tuple(k.shape)} {k.dtype} do not fit them (batch, kv heads, head dim, dtype)")
+                k, v = torch.cat([self.k[:, :start], k], dim=1), torch.cat([self.v[:, :start], v], dim=1)
+            self.k, self.v = k, v
+            return k, v
+        self.reserve(k, v)
         self.k[:, start:end] = k
         self.v[:, start:end] = v
         return self.k[:, :end], self.v[:, :end]

@@ -194,9 +194,20 @@ class Rotary(nn.Module):
     def __init__(self, rotary_dim: int, base: float = 10000.0, kernel_ops: bool = True):
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.base = base
         self.kernel_ops = kernel_ops
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) casts buffers too; inv_freq stays float32 (recomputed, not cast
+        # back): bf16 frequencies would turn position 4000 by up to 1.5 radians off.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        return self
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (B, S, 1, rotary_dim) for integer positions (B, S)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -265,18 +265,23 @@ class GPTConfig:
     backbone: TransformerConfig = field(default_factory=gpt_backbone)  # GPT-2 small blocks
     vocab_size: int = 50257  # GPT-2's byte-level BPE
     pad_token_id: Optional[int] = None  # what finished rows emit in generate() (None: the stop token)
-    eos_token_id: Optional[int] = None  # generate()'s stop token when the call names none (None: none)
+    eos_token_id: Optional[Union[int, list[int]]] = None  # generate()'s stop token(s) when the call names none
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
 
     def __post_init__(self):
         _positive(self, "vocab_size")
         if not self.backbone.causal or self.backbone.cross_attention:
             raise ValueError("GPTConfig: backbone must be causal self-attention (causal=True, cross_attention=False)")
-        for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value < self.vocab_size):
-                raise ValueError(f"GPTConfig: {name} must be an int in [0, {self.vocab_size}) or None, got {value!r}")
+        def token(value):
+            return not isinstance(value, bool) and isinstance(value, int) and 0 <= value < self.vocab_size
+
+        if self.pad_token_id is not None and not token(self.pad_token_id):
+            raise ValueError(f"GPTConfig: pad_token_id must be an int in [0, {self.vocab_size}) or None, "
+                             f"got {self.pad_token_id!r}")
+        eos = self.eos_token_id
+        if eos is not None and not (token(eos) or (isinstance(eos, list) and eos and all(map(token, eos)))):
+            raise ValueError(f"GPTConfig: eos_token_id must be an int in [0, {self.vocab_size}), a non-empty list "
+                             f"of them, or None, got {eos!r}")
 
 
 class GPT(nn.Module):

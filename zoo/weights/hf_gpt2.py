@@ -36,11 +36,19 @@ def _gpt_config(config, tie: bool, overrides: dict) -> GPTConfig:
         mlp_hidden=config.n_inner if config.n_inner is not None else 4 * config.n_embd,
         norm_eps=config.layer_norm_epsilon, max_seq_len=config.n_positions,
         dropout=config.resid_pdrop, attn_dropout=config.attn_pdrop)
-    # transformers' generate() stops at eos_token_id by default; an id outside the vocabulary never comes.
+    # transformers' generate() stops at eos_token_id (an int or a list) by default; an id outside
+    # the vocabulary never comes, and a pad id outside it (transformers only warns) is dropped.
+    def in_vocab(i):
+        return not isinstance(i, bool) and isinstance(i, int) and 0 <= i < config.vocab_size
+
     eos = getattr(config, "eos_token_id", None)
-    eos = eos if isinstance(eos, int) and 0 <= eos < config.vocab_size else None
+    if isinstance(eos, (list, tuple)):
+        eos = [i for i in eos if in_vocab(i)] or None
+    elif not in_vocab(eos):
+        eos = None
+    pad = getattr(config, "pad_token_id", None)
     return build_config(GPTConfig, backbone, overrides, vocab_size=config.vocab_size,
-                        pad_token_id=getattr(config, "pad_token_id", None), eos_token_id=eos, tie_embeddings=tie)
+                        pad_token_id=pad if in_vocab(pad) else None, eos_token_id=eos, tie_embeddings=tie)
 
 
 def convert(state_dict: dict[str, Tensor], config, **overrides) -> GPT:
