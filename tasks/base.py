@@ -38,15 +38,24 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
-    """Linear warmup from ~0 to the base LR over warmup_steps, then cosine to min_lr_ratio x base."""
+    """Linear warmup from 1e-3 x the base LR to it over warmup_steps, then cosine to min_lr_ratio x
+    base at total_steps (and there it stays).
+
+    A LambdaLR of a plain function: its state is the step count alone, so a run resumed with a
+    larger max_steps/max_epochs follows the new length's curve from where it stopped (the
+    state of torch's CosineAnnealingLR would bring back the old length, and past its end the
+    learning rate would climb back up).
+    """
     warmup_steps = max(0, min(warmup_steps, total_steps - 1))
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total_steps - warmup_steps),
-        eta_min=min_lr_ratio * optimizer.param_groups[0]["lr"])
-    if warmup_steps == 0:
-        return cosine
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+    cosine_steps = max(1, total_steps - warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 1e-3 + (1.0 - 1e-3) * step / warmup_steps
+        done = min(step - warmup_steps, cosine_steps) / cosine_steps
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class ZooTask(L.LightningModule):

@@ -65,8 +65,10 @@ class ZooCLI(LightningCLI):
             return
         last = self.trainer.callback_metrics.get(checkpoint.monitor)
         best = checkpoint.best_model_score
-        parts = [f"{checkpoint.monitor} = {float(last):.4f} after epoch {self.trainer.current_epoch - 1}"
-                 if last is not None else f"no {checkpoint.monitor} logged"]
+        # The last validation's value: a run stopped by max_steps mid-epoch validated before its end.
+        parts = [f"{checkpoint.monitor} = {float(last):.4f} at the last validation "
+                 f"({self.trainer.global_step} steps in all)" if last is not None
+                 else f"no {checkpoint.monitor} logged"]
         if best is not None:
             parts.append(f"best {float(best):.4f} ({checkpoint.best_model_path})")
         logs = f"logs in {self.trainer.log_dir}" if self.trainer.loggers else "no logs (no logger, e.g. fast_dev_run)"

@@ -168,6 +168,21 @@ def test_wrong_data_path_names_the_path(tmp_path):
               "--trainer.fast_dev_run=true"], tmp_path)
 
 
+def test_shift_augmentation_differs_across_loader_workers():
+    """Each worker holds a copy of the dataset: seeded alike, two workers drew the same shifts in pairs."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tasks.data.vision import _Shift
+
+    image = torch.zeros(1, 9, 9)
+    image[0, 4, 4] = 1.0  # one lit pixel: its position after the shift is the shift
+    shifted = _Shift(TensorDataset(image.expand(16, 1, 9, 9), torch.zeros(16, dtype=torch.long)), pixels=2, seed=0)
+    loader = DataLoader(shifted, batch_size=1, num_workers=2, shuffle=False)
+    moves = [tuple((batch[0][0, 0] == 1).nonzero()[0].tolist()) for batch in loader]
+    assert all(0 <= dy - 4 + 2 <= 4 and 0 <= dx - 4 + 2 <= 4 for dy, dx in moves)
+    assert moves[0::2] != moves[1::2]  # worker 0 serves the even samples, worker 1 the odd ones
+
+
 def test_data_module_loaders():
     """Every data module's loaders (tasks/data/loaders.py): asking before setup() names the
     module; training shuffles unless shuffle=False; val, test and predict keep their order."""
@@ -235,7 +250,7 @@ def test_digits_converges(tmp_path, capsys):
     accuracy = float(cli.trainer.callback_metrics["val/acc"])
     assert accuracy >= 0.90, accuracy
     summary = capsys.readouterr().out
-    assert "zoo fit: val/acc = " in summary
+    assert "zoo fit: val/acc = " in summary and f"at the last validation ({cli.trainer.global_step} steps in all)" in summary
     run_dir = cli.trainer.log_dir
     for artefact in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt"):
         assert os.path.exists(os.path.join(run_dir, artefact)), artefact
@@ -281,6 +296,43 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(tmp_pat
             assert torch.equal(torch.as_tensor(probe.state["state"][index][name]), torch.as_tensor(value)), name
     assert probe.lr == pytest.approx(expected["param_groups"][0]["lr"])
     assert resumed.global_step == saved["global_step"] + first.num_training_batches
+
+
+def test_learning_rate_schedule_and_a_longer_resumed_run():
+    """Warmup then cosine, against the formula written out; resumed with more steps, the schedule
+    follows the new length from where it stopped (never back up towards the peak)."""
+    from tasks.base import warmup_cosine
+
+    def expected(step, total, warmup, lr=1e-3, floor=0.1):
+        if step < warmup:
+            return lr * (1e-3 + (1 - 1e-3) * step / warmup)
+        progress = min(step - warmup, total - warmup) / (total - warmup)
+        return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = warmup_cosine(optimizer, total_steps=10, warmup_steps=3, min_lr_ratio=0.1)
+    seen = []
+    for _ in range(12):  # two steps past the end: it stays at the floor
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([expected(t, 10, 3) for t in range(12)], rel=1e-12, abs=0)
+    # Resume after 6 steps with 20 in all: the saved state is the step count, the curve the new one's.
+    state = warmup_cosine(torch.optim.AdamW([param], lr=1e-3), 10, 3, 0.1)
+    for _ in range(6):
+        state.optimizer.step()
+        state.step()
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    resumed = warmup_cosine(optimizer, total_steps=20, warmup_steps=3, min_lr_ratio=0.1)
+    resumed.load_state_dict(state.state_dict())
+    after = []
+    for _ in range(14):
+        optimizer.step()
+        resumed.step()
+        after.append(optimizer.param_groups[0]["lr"])
+    assert after == pytest.approx([expected(t, 20, 3) for t in range(7, 21)], rel=1e-12, abs=0)
+    assert all(a >= b for a, b in zip(after, after[1:]))
 
 
 def test_last_checkpoint_holds_the_final_step_and_schedule_options_are_checked(tmp_path):

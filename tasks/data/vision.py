@@ -42,6 +42,18 @@ class _Shift(Dataset):
     def __init__(self, base: Dataset, pixels: int, seed: int):
         self.base, self.pixels = base, pixels
         self.generator = torch.Generator().manual_seed(seed)
+        self._worker: Optional[tuple[int, torch.Generator]] = None
+
+    def _rng(self) -> torch.Generator:
+        # Each DataLoader worker holds a copy of this dataset, generator included: seeded alike,
+        # the workers would draw the same shifts. A worker draws from the seed the DataLoader
+        # gives it instead (base seed + worker id, new each epoch, set by the run's seed).
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.generator
+        if self._worker is None or self._worker[0] != info.seed:
+            self._worker = (info.seed, torch.Generator().manual_seed(info.seed))
+        return self._worker[1]
 
     def __len__(self):
         return len(self.base)
@@ -49,7 +61,7 @@ class _Shift(Dataset):
     def __getitem__(self, i):
         image, label = self.base[i]
         if self.pixels:
-            dy, dx = (torch.randint(-self.pixels, self.pixels + 1, (2,), generator=self.generator)).tolist()
+            dy, dx = (torch.randint(-self.pixels, self.pixels + 1, (2,), generator=self._rng())).tolist()
             image = torch.roll(image, shifts=(dy, dx), dims=(1, 2))
             if dy > 0:
                 image[:, :dy] = 0
