@@ -36,7 +36,8 @@ def _attention_fwd(
     dropout_p: float, softmax_scale: float, softcap: float,
     window_left: int, window_right: int, bottom_right: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out like q, lse float32: (B, H, Sq), or (H, total_q) when packed)."""
+    """Returns (out like q, lse float32: (B, H, Sq), or (H, total_q) when packed; float64 with
+    a float bias, whose rows of one huge value need it)."""
     impl = flash_attention if use_triton(q) else attention_reference
     return impl.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes,
                         seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right)

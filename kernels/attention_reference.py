@@ -111,6 +111,9 @@ class _Problem:
         else:
             self.diag = 0
         self.bias = None
+        # With a float bias the log-sum-exp is float64, as the kernels keep it: a row of one
+        # huge mask value (-1e9) would lose log(l) in float32, and the backward's exp(s - lse).
+        self.lse_dtype = torch.float64 if bias is not None and bias.dtype != torch.bool else torch.float32
         if bias is not None:
             self.bias = bias.expand(self.B, self.H, self.Sq, self.Sk).unflatten(1, (self.Hk, self.G))
         self.slopes = None
@@ -144,7 +147,9 @@ class _Problem:
             if chunk_bias.dtype == torch.bool:
                 s = s.masked_fill(~chunk_bias, -math.inf)
             else:
+                # As the kernels: finite scores clamped at -2^31 (flash_attention._scores).
                 s = s + chunk_bias.float()
+                s = torch.where(s == -math.inf, s, s.clamp_min(-2.0 ** 31))
         valid = torch.ones_like(rel, dtype=torch.bool)
         if self.len_k is not None:
             valid = valid & (cols < self.len_k)
@@ -186,7 +191,8 @@ def _lse_of(s: Tensor) -> Tensor:
 
 def forward_padded(q, k, v, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p, softmax_scale,
                    softcap, window_left, window_right, bottom_right):
-    """Attention on padded tensors; returns (out (B, Sq, H, D), lse (B, H, Sq) float32)."""
+    """Attention on padded tensors; returns (out (B, Sq, H, D), lse (B, H, Sq) float32, float64
+    with a float bias)."""
     pb = _Problem(q, k, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p, softmax_scale,
                   softcap, window_left, window_right, bottom_right)
     qg, kg, vg = _heads_grouped(q, pb.G), _kv_grouped(k), _kv_grouped(v)
@@ -194,14 +200,14 @@ def forward_padded(q, k, v, seqlens_q, seqlens_k, bias, alibi_slopes, seed, drop
     for m0 in range(0, pb.Sq, pb.chunk):
         m1 = min(m0 + pb.chunk, pb.Sq)
         s, _ = pb.scores(qg[:, :, :, m0:m1] @ kg.transpose(-1, -2), m0, m1)
-        lse = _lse_of(s)
-        p = torch.exp(s - lse.unsqueeze(-1))
+        lse = _lse_of(s.to(pb.lse_dtype))
+        p = torch.exp(s - lse.unsqueeze(-1)).float()
         if dropout_p > 0:
             p = p * pb.keep(m0, m1) / (1.0 - dropout_p)
         outs.append(p @ vg)
         lses.append(lse)
     out = _ungroup(torch.cat(outs, dim=3)) if outs else q.new_zeros(q.shape, dtype=torch.float32)
-    lse = torch.cat(lses, dim=3).flatten(1, 2) if lses else q.new_zeros((pb.B, pb.H, 0), dtype=torch.float32)
+    lse = torch.cat(lses, dim=3).flatten(1, 2) if lses else q.new_zeros((pb.B, pb.H, 0), dtype=pb.lse_dtype)
     return out.to(q.dtype), lse
 
 
@@ -215,14 +221,14 @@ def backward_padded(dout, dlse, q, k, v, out, lse, seqlens_q, seqlens_k, bias, a
     lse_g = lse.reshape(pb.B, pb.Hk, pb.G, pb.Sq)
     delta = (dog * _heads_grouped(out, pb.G)).sum(-1)
     if dlse is not None:
-        delta = delta - dlse.reshape(pb.B, pb.Hk, pb.G, pb.Sq)
+        delta = delta - dlse.reshape(pb.B, pb.Hk, pb.G, pb.Sq).to(delta.dtype)
     dqs = []
     dk = torch.zeros_like(kg.squeeze(2))
     dv = torch.zeros_like(vg.squeeze(2))
     for m0 in range(0, pb.Sq, pb.chunk):
         m1 = min(m0 + pb.chunk, pb.Sq)
         s, t = pb.scores(qg[:, :, :, m0:m1] @ kg.transpose(-1, -2), m0, m1)
-        p = torch.exp(s - lse_g[..., m0:m1, None])
+        p = torch.exp(s - lse_g[..., m0:m1, None]).float()
         dp = dog[:, :, :, m0:m1] @ vg.transpose(-1, -2)
         p_dropped = p
         if dropout_p > 0:

@@ -134,10 +134,12 @@ def _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap,
                 s = tl.where(keep != 0, s, float("-inf"))
             else:
                 s = s + tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-                # A mask of finfo(float32).min must stay finite in log2 units (x LOG2E would
-                # overflow to -inf, and a row of it would read as having no key, where torch
-                # gives the uniform average); -inf stays -inf.
-                s = tl.where(s == float("-inf"), s, tl.maximum(s, -2.0e38))
+                # Finite scores are clamped at -2^31, -inf stays -inf. A mask of finfo.min must
+                # stay finite in log2 units (x LOG2E would overflow to -inf, and a row of it would
+                # read as having no key, where torch gives the uniform average); and a row's
+                # float64 log-sum-exp (_attn_fwd) keeps log2(l) to 1e-6 only up to |m| ~ 3e9.
+                # Unlike torch, a row whose scores all lie below -2^31 is averaged uniformly.
+                s = tl.where(s == float("-inf"), s, tl.maximum(s, -2147483648.0))
         s = s * LOG2E
     else:
         t = qk
@@ -331,7 +333,14 @@ def _attn_fwd(
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc * tl.where(has_keys, dropout_scale / l_safe, 0.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    if HAS_BIAS and not BIAS_IS_BOOL:
+        # A mask row of one huge value (-1e9, the dtype's minimum) puts m near -1.44e9, where
+        # float32's spacing (128) swallows log2(l), and the backward's p = exp2(s - lse) came
+        # out ~1 instead of 1/Sk. With a float mask, Lse is float64 (see _log2_split).
+        log2_sum = m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64)
+        lse = tl.where(has_keys, log2_sum * tl.full([BLOCK_M], LN2, tl.float64), float("inf"))
+    else:
+        lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
     o_ptrs = (Out + b64 * stride_ob + q_start * stride_om + h64 * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask & d_mask)
@@ -377,6 +386,17 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
+def _log2_split(lse):
+    """A float64 lse (natural log; +inf for rows without keys) in log2 units as hi + lo, two
+    float32s: with a float mask the backward takes p = exp2((s - hi) - lo), where s - hi is
+    exact (s and hi agree in their leading bits) and lo carries what float32 hi cannot."""
+    x = lse * tl.full(lse.shape, LOG2E, tl.float64)
+    hi = x.to(tl.float32)
+    lo = tl.where(x == float("inf"), 0.0, x - hi.to(tl.float64)).to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, stride_qm, stride_dom, Lse_base, Delta_base,
                     bias_cols, stride_bm, offs_n, q_len, k_len, diag, lo, hi,
                     sm_scale, qk_scale, softcap, slope, seed, rng_row, dropout_thresh, dropout_scale,
@@ -405,7 +425,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, stride_qm, stride_dom, Lse_ba
         s, t = _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
                        bias_cols + offs_m[:, None] * stride_bm, window_left, window_right,
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, MASK, HAS_LEFT, HAS_RIGHT)
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        if HAS_BIAS and not BIAS_IS_BOOL:
+            lse_hi, lse_lo = _log2_split(lse)
+            p = tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None])
+        else:
+            p = tl.math.exp2(s - lse[:, None] * LOG2E)
         dp = _dot(do, tl.trans(v), None, FP32)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_row, offs_m, offs_n, dropout_thresh)
@@ -504,7 +528,7 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
+def _bwd_dq_inner(dq, q, do, lse, lse_lo, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
                   offs_m, q_len, k_len, diag, lo, hi,
                   sm_scale, qk_scale, softcap, slope, seed, rng_row, dropout_thresh, dropout_scale,
                   window_left, window_right,
@@ -525,7 +549,10 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, b
         s, t = _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
                        bias_rows + offs_n[None, :] * stride_bn, window_left, window_right,
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, MASK, HAS_LEFT, HAS_RIGHT)
-        p = tl.math.exp2(s - lse[:, None])
+        if HAS_BIAS and not BIAS_IS_BOOL:
+            p = tl.math.exp2((s - lse[:, None]) - lse_lo[:, None])  # lse, lse_lo: _log2_split's hi, lo
+        else:
+            p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_row, offs_m, offs_n, dropout_thresh)
@@ -578,7 +605,12 @@ def _attn_bwd_dq(
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0)
     l_off = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
-    lse = tl.load(Lse + l_off, mask=offs_m < q_len, other=float("inf")) * LOG2E
+    lse = tl.load(Lse + l_off, mask=offs_m < q_len, other=float("inf"))
+    if HAS_BIAS and not BIAS_IS_BOOL:
+        lse, lse_lo = _log2_split(lse)
+    else:
+        lse = lse * LOG2E
+        lse_lo = lse  # unused
     delta = tl.load(Delta + l_off, mask=offs_m < q_len, other=0.0)
     K_base = K + b64 * stride_kb + k_start * stride_kn + hk64 * stride_kh
     V_base = V + b64 * stride_vb + k_start * stride_vn + hk64 * stride_vh
@@ -594,17 +626,17 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi, f_lo, f_hi = _key_range(m0, q_len, k_len, diag, window_left, window_right,
                                     BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
+    dq = _bwd_dq_inner(dq, q, do, lse, lse_lo, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
                        offs_m, q_len, k_len, diag, lo, f_lo,
                        sm_scale, qk_scale, softcap, slope, seed, rng_row, dropout_thresh, dropout_scale,
                        window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, FP32,
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
+    dq = _bwd_dq_inner(dq, q, do, lse, lse_lo, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
                        offs_m, q_len, k_len, diag, f_lo, f_hi,
                        sm_scale, qk_scale, softcap, slope, seed, rng_row, dropout_thresh, dropout_scale,
                        window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_N, False, FP32,
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
+    dq = _bwd_dq_inner(dq, q, do, lse, lse_lo, delta, K_base, V_base, stride_kn, stride_vn, bias_rows, stride_bn,
                        offs_m, q_len, k_len, diag, f_hi, hi,
                        sm_scale, qk_scale, softcap, slope, seed, rng_row, dropout_thresh, dropout_scale,
                        window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_N, True, FP32,
@@ -775,7 +807,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
             dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Runs the forward kernel. Inputs are validated by the caller; returns (out, lse).
 
-    out has q's shape (contiguous); lse is (B, H, Sq) float32, or (H, total_q) when packed.
+    out has q's shape (contiguous); lse is (B, H, Sq) float32, or (H, total_q) when packed;
+    float64 with a float bias (a row of one huge mask value needs its precision).
     """
     cu_seqlens_q, cu_seqlens_k, alibi_slopes = map(unit_stride, (cu_seqlens_q, cu_seqlens_k, alibi_slopes))
     geo = _Geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, bias, alibi_slopes)
@@ -785,7 +818,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
         lse = torch.full((geo.nheads, q.shape[0]), math.inf, device=q.device, dtype=torch.float32)
     else:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = torch.empty((geo.batch, geo.nheads, q.shape[1]), device=q.device, dtype=torch.float32)
+        lse_dtype = torch.float64 if bias is not None and bias.dtype != torch.bool else torch.float32
+        lse = torch.empty((geo.batch, geo.nheads, q.shape[1]), device=q.device, dtype=lse_dtype)
     if out.numel() == 0:
         return out, lse
     dummy = q
@@ -825,7 +859,7 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         return tuple(torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    delta = torch.empty_like(lse)
+    delta = torch.empty(lse.shape, device=lse.device, dtype=torch.float32)
     dummy = q
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else dummy
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else dummy

@@ -60,12 +60,15 @@ def feature_variant(kernel: str, dtype: str, head_dim: int, feature: str) -> tup
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
     float_pointers = {"Lse", "Delta", "DLse", "Alibi", "Bias"}
+    # With a float bias the log-sum-exp (and its gradient) is float64 (flash_attention.forward).
+    lse64 = constexprs.get("HAS_BIAS") and not constexprs.get("BIAS_IS_BOOL")
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name[0].isupper():
-            sig[name] = ("*fp32" if name in float_pointers else "*i64" if name == "Seed"
+            sig[name] = ("*fp64" if lse64 and name in ("Lse", "DLse") else "*fp32" if name in float_pointers
+                         else "*i64" if name == "Seed"
                          else "*i32" if name in ("CuQ", "CuK") else f"*{dtype}")
         elif name in ("sm_scale", "qk_scale", "softcap", "dropout_scale"):
             sig[name] = "fp32"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import fallback_reason, patch_sdpa, scaled_dot_product_attention, sdpa_stats
 from kernels.sdpa import torch_sdpa
@@ -16,8 +17,16 @@ def _bhsd(B, H, S, D, device, dtype=torch.float32):
     return torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=True)
 
 
+def _math_sdpa(*args, **kwargs):
+    """torch's SDPA on its math backend: the softmax written out. (Its CPU flash kernel, which
+    also takes float64, rebuilds the weights from a log-sum-exp that a row of one huge mask
+    value swamps: wrong gradients there, as ours had.)"""
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch_sdpa(*args, **kwargs)
+
+
 def _compare_with_torch(query, key, value, **kwargs):
-    """Ours on `device` against torch's SDPA in float64 on CPU: outputs and gradients."""
+    """Ours on `device` against torch's SDPA (math backend) in float64 on CPU: outputs and gradients."""
     assert fallback_reason(query, key, value, **kwargs) is None
     out = scaled_dot_product_attention(query, key, value, **kwargs)
     dout = torch.randn_like(out)
@@ -27,7 +36,7 @@ def _compare_with_torch(query, key, value, **kwargs):
     if isinstance(kwargs.get("attn_mask"), torch.Tensor):
         mask = kwargs["attn_mask"].cpu()
         ref_kwargs["attn_mask"] = mask if mask.dtype == torch.bool else mask.double()
-    ref = torch_sdpa(*ref_in, **ref_kwargs)
+    ref = _math_sdpa(*ref_in, **ref_kwargs)
     ref_grads = torch.autograd.grad(ref, ref_in, dout.cpu().double())
     assert out.shape == ref.shape
     torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-5)
@@ -90,6 +99,48 @@ def test_a_row_masked_with_the_float_minimum_is_uniform_as_torch(device):
     mask[..., 1, :] = torch.finfo(torch.float32).min
     mask[..., 3, 2:] = torch.finfo(torch.float32).min  # partly masked: exp underflows to 0, as torch's
     _compare_with_torch(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("fill", [-1e9, -1e30])
+def test_a_row_masked_with_a_huge_constant_has_torchs_gradients(device, fill):
+    """-1e9 puts a whole row's scores near -1.44e9 in log2 units, where float32's spacing (128)
+    swallows log2(row length): the backward rebuilt weights of ~1 instead of 1/Sk (dq off by 5
+    on this shape). The kernels keep that row's log-sum-exp in float64. The oracle is torch's
+    math backend in float32: in float64, -1e9 + q.k would keep q.k (weights not uniform)."""
+    q, k, v = _bhsd(1, 2, 4, 8, device), _bhsd(1, 2, 8, 8, device), _bhsd(1, 2, 8, 8, device)
+    mask = torch.zeros(4, 8, device=device)
+    mask[1] = fill
+    mask[2, 3:] = fill
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_in = [x.detach().cpu().requires_grad_() for x in (q, k, v)]
+    ref = _math_sdpa(*ref_in, attn_mask=mask.cpu())
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.cpu())
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.cpu(), r, rtol=0, atol=2e-5)
+
+
+def test_huge_mask_rows_on_the_pytorch_path_too():
+    """The PyTorch path of the same op (kernels.reference_only) keeps the same float64 log-sum-exp."""
+    from kernels import reference_only
+    from kernels.flash_attn_interface import run_attention
+
+    q, k, v = (torch.randn(1, 4, 2, 8, dtype=torch.float64).float().requires_grad_() for _ in range(3))
+    mask = torch.zeros(1, 2, 4, 4)
+    mask[..., 1, :] = -1e9
+    with reference_only():
+        out, lse, _ = run_attention(q, k, v, max_seqlen_q=4, max_seqlen_k=4, softmax_scale=8 ** -0.5, bias=mask,
+                                    window_right=-1, bottom_right=False)
+    assert lse.dtype == torch.float64
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref_in = [x.detach().double().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    ref = _math_sdpa(*ref_in, attn_mask=mask.double() - 1e30 * (mask != 0))  # float64 keeps q.k beside -1e9
+    ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), rtol=0, atol=2e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.transpose(1, 2), rtol=0, atol=2e-6)
 
 
 def test_fallback_reasons(device):

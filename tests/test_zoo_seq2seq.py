@@ -213,6 +213,11 @@ def test_overrides_and_validation():
         tiny()(torch.full((1, 3), 99), torch.full((1, 2), BOS))
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny(max_seq_len=8)(torch.full((1, 9), 5), torch.full((1, 2), BOS))
+    short = tiny(max_seq_len=8)
+    assert short.generate(torch.full((1, 3), 5), max_new_tokens=8, eos_id=-1).shape == (1, 9)  # positions 0..7
+    for beams in (1, 3):  # refused before any decoding, for greedy and beam search alike
+        with pytest.raises(ValueError, match=r"max_new_tokens \(9\) is past the decoder's max_seq_len = 8"):
+            short.generate(torch.full((1, 3), 5), max_new_tokens=9, num_beams=beams)
     cfg = build_seq2seq_config(TransformerConfig(dim=32, heads=2),
                                TransformerConfig(dim=32, heads=2, causal=True, cross_attention=True), {})
     assert cfg.decoder.causal and not cfg.encoder.causal

@@ -221,15 +221,24 @@ class Seq2SeqTransformer(nn.Module):
 
         num_beams=1 is greedy (a finished row emits pad_id until all rows finish); more is
         beam_search. Both run the encoder once and the decoder one token at a time with
-        its KV cache. Raises ValueError for max_new_tokens < 1 or num_beams < 1.
+        its KV cache. Raises ValueError for max_new_tokens < 1 or num_beams < 1, or past
+        what the decoder's learned/sinusoidal positions reach (checked before decoding).
         """
         if num_beams != 1:
             return self.beam_search(src_ids, src_mask, max_new_tokens, num_beams, length_penalty, bos_id, eos_id)
         _check_positive(max_new_tokens=max_new_tokens)
+        self._check_length(max_new_tokens)
         bos = self.cfg.bos_id if bos_id is None else bos_id
         eos = self.cfg.eos_id if eos_id is None else eos_id
         memory, src_mask = self.encode(src_ids, src_mask)
         return self._greedy(memory, src_mask, max_new_tokens, bos, eos)
+
+    def _check_length(self, max_new_tokens: int) -> None:
+        # The decoder sees bos and every new token but the last: max_new_tokens positions.
+        dec = self.cfg.decoder
+        if dec.positions in ("learned", "sinusoidal") and max_new_tokens > dec.max_seq_len:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) is past the decoder's max_seq_len = "
+                             f"{dec.max_seq_len} (it sees bos and every new token but the last)")
 
     def _greedy(self, memory: Tensor, src_mask: Optional[Tensor], max_new_tokens: int, bos: int,
                 eos: int) -> Tensor:
@@ -261,6 +270,7 @@ class Seq2SeqTransformer(nn.Module):
         Raises ValueError for max_new_tokens < 1 or num_beams < 1.
         """
         _check_positive(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        self._check_length(max_new_tokens)
         bos = self.cfg.bos_id if bos_id is None else bos_id
         eos = self.cfg.eos_id if eos_id is None else eos_id
         K, alpha = num_beams, length_penalty
