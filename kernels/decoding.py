@@ -143,7 +143,8 @@ def _kvcache_attn_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, FP32: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW: tl.constexpr,
     HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, ROTARY_Q_PER_TOKEN: tl.constexpr,
-    ROTARY_FROM_LEFTPAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    ROTARY_FROM_LEFTPAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)

@@ -250,7 +250,8 @@ def test_digits_converges(tmp_path, capsys):
     accuracy = float(cli.trainer.callback_metrics["val/acc"])
     assert accuracy >= 0.90, accuracy
     summary = capsys.readouterr().out
-    assert "zoo fit: val/acc = " in summary and f"at the last validation ({cli.trainer.global_step} steps in all)" in summary
+    assert "zoo fit: val/acc = " in summary
+    assert f"at the last validation ({cli.trainer.global_step} steps in all)" in summary
     run_dir = cli.trainer.log_dir
     for artefact in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt"):
         assert os.path.exists(os.path.join(run_dir, artefact)), artefact
