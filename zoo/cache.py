@@ -33,13 +33,16 @@ class LayerCache:
         self.cross_k: Optional[Tensor] = None
         self.cross_v: Optional[Tensor] = None
 
+    def _check_fits(self, k: Tensor) -> None:
+        if self.k.shape[0] != k.shape[0] or self.k.shape[2:] != k.shape[2:] or self.k.dtype != k.dtype:
+            raise ValueError(f"the cache holds keys {tuple(self.k.shape)} {self.k.dtype}; new keys "
+                             f"{tuple(k.shape)} {k.dtype} do not fit them (batch, kv heads, head dim, dtype)")
+
     def reserve(self, k: Tensor, v: Tensor) -> None:
         """Makes room for the new keys k, v (B, S, Hk, D) after the owner's offset."""
         length, needed = self.owner.offset, self.owner.offset + k.shape[1]
         if self.k is not None:
-            if self.k.shape[0] != k.shape[0] or self.k.shape[2:] != k.shape[2:] or self.k.dtype != k.dtype:
-                raise ValueError(f"the cache holds keys {tuple(self.k.shape)} {self.k.dtype}; new keys "
-                                 f"{tuple(k.shape)} {k.dtype} do not fit them (batch, kv heads, head dim, dtype)")
+            self._check_fits(k)
             if needed <= self.k.shape[1]:
                 return
         capacity = max(needed, 2 * self.k.shape[1] if self.k is not None else self.owner.capacity or 16)
@@ -57,9 +60,7 @@ class LayerCache:
             # Autograd keeps the keys an earlier step attended over: writing into that buffer in
             # place would change them under it. With gradients the cache grows by concatenation.
             if start:
-                if self.k.shape[0] != k.shape[0] or self.k.shape[2:] != k.shape[2:] or self.k.dtype != k.dtype:
-                    raise ValueError(f"the cache holds keys {tuple(self.k.shape)} {self.k.dtype}; new keys "
-                                     f"{tuple(k.shape)} {k.dtype} do not fit them (batch, kv heads, head dim, dtype)")
+                self._check_fits(k)
                 k, v = torch.cat([self.k[:, :start], k], dim=1), torch.cat([self.v[:, :start], v], dim=1)
             self.k, self.v = k, v
             return k, v

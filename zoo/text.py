@@ -272,6 +272,7 @@ class GPTConfig:
         _positive(self, "vocab_size")
         if not self.backbone.causal or self.backbone.cross_attention:
             raise ValueError("GPTConfig: backbone must be causal self-attention (causal=True, cross_attention=False)")
+
         def token(value):
             return not isinstance(value, bool) and isinstance(value, int) and 0 <= value < self.vocab_size
 
