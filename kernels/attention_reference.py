@@ -3,9 +3,9 @@
 CPU tensors run here when the Triton interpreter is off, so models train on a CPU.
 It computes in float32. Plain attention (no mask but causal, or packed sequences that
 all have a key; no dropout, ALiBi, softcap or bias) runs torch's fused CPU flash attention;
-everything else runs the chunked path below: memory-efficient (queries in chunks: never a full S x S score tensor unless the
-chunk covers it), drawing dropout from the same Philox stream as the kernels, so for
-one seed both paths drop the same elements.
+everything else runs the chunked path below: memory-efficient (queries in chunks: never a
+full S x S score tensor unless the chunk covers it), drawing dropout from the same Philox
+stream as the kernels, so for one seed both paths drop the same elements.
 
 Layout: padded q (B, Sq, H, D), k/v (B, Sk, Hk, D); packed (varlen) batches are
 padded to max_seqlen by index arithmetic (no host sync), run, and packed back.

@@ -26,7 +26,8 @@ def load(checkpoint_path: str, device: str = "cpu"):
     if "zoo_task" not in checkpoint:
         raise SystemExit(f"{checkpoint_path}: not a tritonzoo task checkpoint (no 'zoo_task' entry)")
     if "zoo_tokenizer" not in checkpoint:
-        raise SystemExit(f"{checkpoint_path}: the run had no tokenizer: {checkpoint['zoo_task']} does not generate text")
+        raise SystemExit(f"{checkpoint_path}: the run had no tokenizer: {checkpoint['zoo_task']} "
+                         f"does not generate text")
     module, _, name = checkpoint["zoo_task"].rpartition(".")
     task_class = getattr(importlib.import_module(module), name)
     if not hasattr(task_class, "generate_text"):

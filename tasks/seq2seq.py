@@ -12,6 +12,7 @@ import zoo
 from zoo.layers import token_cross_entropy
 
 from .base import ZooTask
+from .data.tokenizers import suppressed_ids
 
 
 def tokenizer_for(task) -> Any:
@@ -85,12 +86,17 @@ class Seq2Seq(ZooTask):
 
     def decode(self, src_ids: torch.Tensor, src_mask: Optional[torch.Tensor] = None, tokenizer=None,
                max_new_tokens: Optional[int] = None, num_beams: Optional[int] = None) -> list[str]:
-        """Decoded strings (B of them) for padded source ids (B, S): tokens up to the first eos."""
+        """Decoded strings (B of them) for padded source ids (B, S): tokens up to the first eos.
+
+        Only ids that are text to the tokenizer (and eos) are generated: never another special,
+        nor an id past the tokenizer's vocabulary (the model's may be larger: 128 for 72 dates
+        characters), which decoding would otherwise drop and so hide from exact match and CER."""
         tokenizer = tokenizer or tokenizer_for(self)
         max_new_tokens = self.hparams.max_new_tokens if max_new_tokens is None else max_new_tokens
         num_beams = self.hparams.num_beams if num_beams is None else num_beams
         out = self.model.generate(src_ids, src_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                  bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+                                  bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                                  suppress_tokens=suppressed_ids(tokenizer, self.model.cfg.tgt_vocab_size))
         texts = []
         for row in out[:, 1:].tolist():
             if tokenizer.eos_id in row:
@@ -155,7 +161,9 @@ class Seq2Seq(ZooTask):
         tokenizer = tokenizer or tokenizer_for(self)
         src = batch["src_ids"][sample][batch["src_mask"][sample].bool()][None]
         out = self.model.generate(src, None, max_new_tokens=self.hparams.max_new_tokens, num_beams=1,
-                                  bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)[0].tolist()
+                                  bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                                  suppress_tokens=suppressed_ids(tokenizer, self.model.cfg.tgt_vocab_size)
+                                  )[0].tolist()
         if tokenizer.eos_id in out[1:]:
             out = out[: out.index(tokenizer.eos_id, 1) + 1]
         depth = len(self.model.decoder.blocks)

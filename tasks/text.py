@@ -7,9 +7,10 @@ overrides early (no memory, no init time), then leaves `self.model = None`; conf
 which Lightning calls after the data module's setup, builds the real model with the
 tokenizer's vocab_size and records that value in hparams. (None rather than the meta
 placeholder: Lightning's teardown moves the module to the CPU even when setup failed, and
-meta tensors cannot be moved, which would hide e.g. a missing data folder's FileNotFoundError.) Checkpoints therefore carry vocab_size, and `load_from_checkpoint(path)` builds
-the right model with no data module. A LightningCLI link could not do this: the value is
-known only after setup, and the shared CLI serves tasks that have no tokenizer.
+meta tensors cannot be moved, which would hide e.g. a missing data folder's FileNotFoundError.)
+Checkpoints therefore carry vocab_size, and `load_from_checkpoint(path)` builds the right model
+with no data module. A LightningCLI link could not do this: the value is known only after
+setup, and the shared CLI serves tasks that have no tokenizer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import zoo
 from zoo.layers import token_cross_entropy
 
 from .base import ZooTask
+from .data.tokenizers import suppressed_ids
 
 IGNORE_INDEX = -100
 
@@ -48,7 +50,9 @@ class _LanguageModelTask(ZooTask):
     its epoch value weighted by sequences, since a token count would cost a sync per step),
     {stage}/ppl = exp(loss), val/unigram_loss (the data module's
     unigram baseline, when it has one) and, for character- or byte-level tokenizers,
-    {stage}/bpc or {stage}/bpb = loss / ln 2 (bits per character / per byte).
+    {stage}/bpc or {stage}/bpb: the bits of all scored tokens over the characters (bytes)
+    among them, so the cost of <bos>/<eos> labels is counted but they are not characters
+    (<unk> stands for one character).
     """
 
     monitor = ("val/loss", "min")  # what the best checkpoint is chosen by
@@ -66,6 +70,8 @@ class _LanguageModelTask(ZooTask):
         if vocab_size is None:
             self.model = None  # built by configure_model (module docstring)
         self.loss_metrics = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        # The fraction of scored labels that are characters (bytes), for bits per character.
+        self.char_fractions = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.bits_name: Optional[str] = None  # "bpc" / "bpb" once the tokenizer is known
 
     def _datamodule_tokenizer(self):
@@ -176,6 +182,11 @@ class _LanguageModelTask(ZooTask):
         loss, count, logits = self._loss(batch)
         # Weighted by tokens: the epoch value is the mean over tokens, not over batches.
         self.loss_metrics[stage].update(loss, weight=count)
+        tokenizer = self._datamodule_tokenizer() if self.bits_name else None
+        if tokenizer is not None:
+            labels = batch["labels"]
+            chars = ((labels >= tokenizer.num_specials) | (labels == tokenizer.unk_id)).sum()
+            self.char_fractions[stage].update(chars / count.clamp_min(1), weight=count)
         return logits
 
     def validation_step(self, batch, batch_idx):
@@ -196,9 +207,9 @@ class _LanguageModelTask(ZooTask):
         scored = labels != IGNORE_INDEX
         counts = scored.sum(dim=1)
         means = (losses.sum(dim=1) / counts.clamp_min(1)).tolist()
-        guesses = logits.argmax(dim=-1)
-        mask = batch.get("attention_mask")
         tokenizer = self._datamodule_tokenizer()
+        guesses = self._guesses(logits, tokenizer)
+        mask = batch.get("attention_mask")
         records = []
         for row in range(labels.shape[0]):
             keep = mask[row].bool() if mask is not None else slice(None)
@@ -206,6 +217,12 @@ class _LanguageModelTask(ZooTask):
                                            scored[row][keep], tokenizer)
             records.append({**record, "tokens": int(counts[row]), "loss": means[row]})
         return records
+
+    @staticmethod
+    def _guesses(logits: torch.Tensor, tokenizer) -> torch.Tensor:
+        """The most likely id at each position among those the tokenizer has (all without one): a
+        model's vocabulary may be padded past its tokenizer's, and those ids are never text."""
+        return (logits if tokenizer is None else logits[..., :tokenizer.vocab_size]).argmax(dim=-1)
 
     def _prediction_text(self, ids: torch.Tensor, labels: torch.Tensor, guesses: torch.Tensor,
                          scored: torch.Tensor, tokenizer) -> dict:
@@ -217,13 +234,16 @@ class _LanguageModelTask(ZooTask):
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/ppl", loss.exp())
         if self.bits_name:
-            self.log(f"{stage}/{self.bits_name}", loss / math.log(2))
+            chars = self.char_fractions[stage].compute()
+            if chars > 0:  # else no scored label is a character: bits per character is undefined
+                self.log(f"{stage}/{self.bits_name}", loss / chars / math.log(2))
         baseline = getattr(getattr(self._trainer, "datamodule", None), "unigram_baseline", None)
         if stage == "val" and baseline is not None:
             self.log("val/unigram_loss", float(baseline))
 
     def _reset_metrics(self, stage: str) -> None:
         self.loss_metrics[stage].reset()
+        self.char_fractions[stage].reset()
 
     # Reset at the start, not the end: the states are then made under the same grad mode as
     # the updates (inference mode in validate/test, no_grad in fit), which in-place updates need.
@@ -316,7 +336,8 @@ class CausalLM(_LanguageModelTask):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                                       top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_id,
-                                      pad_token_id=tokenizer.pad_id, generator=generator)
+                                      pad_token_id=tokenizer.pad_id, generator=generator,
+                                      suppress_tokens=suppressed_ids(tokenizer, model.cfg.vocab_size))
         finally:
             self.train(was_training)
         texts = []
@@ -380,7 +401,8 @@ class MaskedLM(_LanguageModelTask):
 
     def _eval_step(self, batch, stage: str):
         logits = super()._eval_step(batch, stage)
-        self.accuracy[stage].update(logits.argmax(dim=-1).flatten(), batch["labels"].flatten())
+        guesses = self._guesses(logits, self._datamodule_tokenizer())
+        self.accuracy[stage].update(guesses.flatten(), batch["labels"].flatten())
 
     def _log_epoch(self, stage: str) -> None:
         super()._log_epoch(stage)
@@ -392,7 +414,8 @@ class MaskedLM(_LanguageModelTask):
 
     @torch.no_grad()
     def fill_mask(self, texts: list[str], tokenizer, marker: str = "[MASK]") -> list[str]:
-        """Each text with every `marker` replaced by the model's most likely regular token there.
+        """Each text with every `marker` replaced by the model's most likely regular token there
+        (the rest of the text as written).
 
         A text is encoded as <bos> piece <mask> piece ... <eos> (as in training). Raises
         TypeError for a single string and ValueError for a text without the marker.
@@ -421,6 +444,13 @@ class MaskedLM(_LanguageModelTask):
             logits = model(ids, attention_mask=mask).float()
         finally:
             self.train(was_training)
-        logits[..., :tokenizer.num_specials] = float("-inf")  # a masked slot holds a regular token
-        filled = torch.where(ids == tokenizer.mask_id, logits.argmax(dim=-1), ids)
-        return [tokenizer.decode(row[:len(tokens)]) for row, tokens in zip(filled.tolist(), encoded)]
+        # A masked slot holds a regular token: not a special, not an id past the tokenizer's vocabulary.
+        logits[..., :tokenizer.num_specials] = float("-inf")
+        guesses = logits[..., :tokenizer.vocab_size].argmax(dim=-1)
+        filled = []
+        for text, row, tokens in zip(texts, guesses.tolist(), encoded):
+            # The text around the markers is kept as written (the tokenizer may not spell all of it).
+            fills = iter(tokenizer.decode([guess]) for guess, token in zip(row, tokens) if token == tokenizer.mask_id)
+            pieces = text.split(marker)
+            filled.append(pieces[0] + "".join(next(fills) + piece for piece in pieces[1:]))
+        return filled

@@ -212,6 +212,25 @@ def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
         _trainer(tmp_path, max_steps=1).fit(task, DatesDataModule(train_size=32, val_size=8, test_size=8))
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_only_text_and_eos_are_decoded_from_a_larger_model_vocabulary(num_beams):
+    """The model's 128 ids hold the 72 of the dates tokenizer: decoding another id (or a special but
+    <eos>) would be dropped by the tokenizer and hidden from exact match. Making every such id the
+    model's favourite must not change what is decoded."""
+    torch.manual_seed(0)
+    task = Seq2Seq(model="seq2seq_tiny", vocab_size=128, num_beams=num_beams, max_new_tokens=12,
+                   model_args={"dim": 32, "attn_backend": "sdpa"}).eval()
+    tok = CharTokenizer(DATE_ALPHABET)
+    batch = task.text_batch(["3 March 2021", "Sunday, 22 January 2023"], tok)
+    with torch.no_grad():
+        expected = task.decode(batch["src_ids"], batch["src_mask"], tok)
+        bias = torch.zeros(128)
+        bias[[tok.pad_id, tok.bos_id, tok.unk_id, tok.mask_id, *range(tok.vocab_size, 128)]] = 100.0
+        task.model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+        assert task.decode(batch["src_ids"], batch["src_mask"], tok) == expected
+    assert all(len(text) == 12 for text in expected)  # untrained: no <eos> within 12 tokens, nothing dropped
+
+
 def test_generate_text_without_a_tokenizer_says_what_is_missing():
     with pytest.raises(RuntimeError, match="tokenizer"):
         _task().generate_text(["3 March 2021"])

@@ -81,6 +81,9 @@ def test_local_document_names_do_not_depend_on_how_a_path_is_spelled(tmp_path, m
     assert local_documents("d/*.txt") == local_documents("./d/*.txt") == expected
     assert local_documents(["./d/a.txt", "d//b.txt"]) == expected
     assert local_documents("d") == [("a.txt", "caf\u00e9"), ("b.txt", "tea")]
+    (folder / "c.md").write_text("# notes", encoding="utf-8")
+    (folder / "old.bad").write_text("ignored", encoding="utf-8")  # ends in "d", as ".md" does
+    assert local_documents("d", suffixes=".md") == local_documents("d", suffixes=[".md"]) == [("c.md", "# notes")]
 
 
 # ---------------------------------------------------------------- tokenizers and baseline
@@ -96,6 +99,53 @@ def test_tokenizers_round_trip_the_corpus():
         assert all(tokenizer.decode(tokenizer.encode(text)) == text for text in everything)
         rebuilt = tokenizer_from_state(tokenizer.state())
         assert rebuilt.encode(everything[0]) == tokenizer.encode(everything[0])
+
+
+def test_tokenizers_refuse_ids_outside_their_vocabulary_and_keep_text_that_spells_a_special():
+    text = "html: <eos> vs <mask>, wikitext: the <unk> river <pad>"
+    subword = make_tokenizer("subword", [text * 3, "the river flows"], vocab_size=300)
+    for tokenizer in (ByteTokenizer(), CharTokenizer(text), subword, tokenizer_from_state(subword.state())):
+        ids = tokenizer.encode(text)
+        assert min(ids) >= tokenizer.num_specials  # the text's "<eos>" is text, not the special id
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode([tokenizer.bos_id, *ids, tokenizer.eos_id]) == text
+        with pytest.raises(ValueError, match=f"id {tokenizer.vocab_size} is outside"):
+            tokenizer.decode([*ids, tokenizer.vocab_size])
+
+
+def _favour(scores: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    bias = torch.zeros(scores.shape[-1], dtype=scores.dtype)
+    bias[ids] = 100.0
+    return scores + bias
+
+
+def test_a_model_vocabulary_padded_past_the_tokenizer_never_reaches_the_text(monkeypatch):
+    """ids past the tokenizer's (and specials other than <eos>) are never generated, filled in or
+    predicted: making them the model's favourites must not change a thing."""
+    tok = ByteTokenizer()
+    banned = [tok.pad_id, tok.bos_id, tok.unk_id, tok.mask_id, *range(tok.vocab_size, 300)]
+    torch.manual_seed(0)
+    gpt = CausalLM("gpt_nano", vocab_size=300, model_args=TINY_GPT).eval()
+    expected = gpt.generate_text(["The "], tok, max_new_tokens=20, temperature=0)
+    sampled = gpt.generate_text(["The "], tok, max_new_tokens=20, temperature=1.0, seed=3)
+    logits = gpt.model.logits
+    monkeypatch.setattr(gpt.model, "logits", lambda h: _favour(logits(h), banned))
+    assert gpt.generate_text(["The "], tok, max_new_tokens=20, temperature=0) == expected
+    assert gpt.generate_text(["The "], tok, max_new_tokens=20, temperature=1.0, seed=3) == sampled
+
+    bert = MaskedLM("bert_tiny", vocab_size=300, model_args=TINY_BERT).eval()
+    texts = ["def f(x): ret[MASK]rn x", "[MASK][MASK] é ☃ [MASK]"]
+    expected = bert.fill_mask(texts, tok)
+    bert.model.register_forward_hook(lambda module, args, out: _favour(out, banned))
+    assert bert.fill_mask(texts, tok) == expected
+    assert expected[0].startswith("def f(x): ret") and expected[1][2:-1] == " é ☃ " and len(expected[1]) == 8
+
+
+def test_fill_mask_keeps_the_text_the_tokenizer_cannot_spell():
+    bert = MaskedLM("bert_tiny", vocab_size=40, model_args=TINY_BERT)
+    text = "Naïve café: [MASK] ok!"
+    filled = bert.fill_mask([text], CharTokenizer("abcdefghijklmnopqrstuvwxyz "))[0]
+    assert filled.startswith("Naïve café: ") and filled.endswith(" ok!") and len(filled) == len(text) - 5
 
 
 def test_unigram_baseline_by_hand():
@@ -198,6 +248,31 @@ def test_masking_collator_pads_skips_specials_and_fixes_eval_masks():
 
 def _validate(trainer, task, dm) -> float:
     return trainer.validate(task, datamodule=dm, verbose=False)[0]["val/loss"]
+
+
+@pytest.mark.parametrize("kind", ["chars", "bytes"])
+def test_bits_per_character_are_the_bits_of_every_label_over_the_characters(tmp_path, kind):
+    """Short documents: <bos>/<eos> are ~7% of the labels. Their cost counts, but they are not characters."""
+    rng = random.Random(0)
+    for i in range(60):
+        (tmp_path / f"{i:02d}.txt").write_text("".join(rng.choice("abcdé ") for _ in range(rng.randint(8, 30))))
+    dm = LanguageModelDataModule(corpora=[], paths=str(tmp_path), tokenizer_kind=kind, block_size=16,
+                                 val_fraction=0.25, test_fraction=0.05, batch_size=4)
+    torch.manual_seed(0)
+    task = CausalLM("gpt_nano", model_args=TINY_GPT)
+    logged = quiet_trainer().validate(task, datamodule=dm, verbose=False)[0]
+    nats, labels = 0.0, []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            logits = task.model(batch["input_ids"]).double()
+            nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                            reduction="sum"))
+            labels += batch["labels"].flatten().tolist()
+    chars = sum(1 for t in labels if t >= dm.tokenizer.num_specials)
+    assert len(labels) - chars > 0.05 * len(labels)  # the case the definition matters for
+    name = {"chars": "bpc", "bytes": "bpb"}[kind]
+    assert logged[f"val/{name}"] == pytest.approx(nats / chars / math.log(2), rel=1e-5)
+    assert logged["val/loss"] == pytest.approx(nats / len(labels), rel=1e-5)
 
 
 def test_causal_lm_learns_below_unigram_and_round_trips(tmp_path):

@@ -71,6 +71,25 @@ def test_beam_search_with_one_beam_is_greedy():
         assert torch.equal(beam, greedy)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_suppressed_tokens_are_never_generated(num_beams):
+    torch.manual_seed(0)
+    model = tiny()
+    src, mask = padded_sources([7, 4, 6], 16)
+    free = model.generate(src, mask, max_new_tokens=8, num_beams=num_beams)
+    banned = sorted(set(free[:, 1].tolist()) | {3, 4, 5, 6} - {EOS, PAD})
+    out = model.generate(src, mask, max_new_tokens=8, num_beams=num_beams, suppress_tokens=banned)
+    assert not torch.isin(out[:, 1:], torch.tensor(banned)).any()
+    assert not torch.equal(out, free)
+    if num_beams == 1:  # greedy over the allowed ids, checked against uncached teacher-forced logits
+        with torch.no_grad():
+            logits = model(src, out[:, :-1], src_mask=mask).index_fill(-1, torch.tensor(banned), -math.inf)
+        live = torch.cat([torch.ones(3, 1, dtype=torch.bool), (out[:, 1:-1] != EOS).cumprod(1).bool()], 1)
+        assert torch.equal(logits.argmax(-1)[live], out[:, 1:][live])
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        model.generate(src, mask, max_new_tokens=2, num_beams=num_beams, suppress_tokens=[16])
+
+
 def all_sequences(vocab, max_len):
     """Every finished output: eos-terminated sequences up to max_len, and max_len ones without eos."""
     others = [t for t in range(vocab) if t != EOS]

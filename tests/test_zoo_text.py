@@ -342,6 +342,26 @@ def test_hf_stop_token_lists_and_pad_ids_outside_the_vocabulary():
     assert (got[0, 9 + 3:] == eos[0]).all()  # finished: pads with the first stop token
 
 
+def test_suppressed_tokens_are_never_generated_as_in_hf(gpt_pair):
+    hf, ours = gpt_pair
+    ids, mask, _ = left_padded(64, [9, 4, 6])
+    with torch.no_grad():
+        greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
+        # Ban what greedy picked first in every row, and the top half of the vocabulary.
+        banned = sorted(set(greedy[:, 9].tolist()) | set(range(32, 64)))
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=12, suppress_tokens=banned)
+        expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               pad_token_id=0, suppress_tokens=banned)
+        sampled = ours.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=True, suppress_tokens=banned,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, expected)
+    assert not torch.isin(got[:, 9:], torch.tensor(banned)).any()
+    assert not torch.isin(sampled[:, 9:], torch.tensor(banned)).any()
+    for bad, error in (([64], ValueError), ([-1], ValueError), ([True], TypeError), (list(range(64)), ValueError)):
+        with pytest.raises(error, match="suppress_tokens"):
+            ours.generate(ids, attention_mask=mask, max_new_tokens=2, suppress_tokens=bad)
+
+
 def test_cached_decoding_equals_full_forward(gpt_pair):
     hf, ours = gpt_pair
     ids, mask, positions = left_padded(64, [7, 3])

@@ -104,6 +104,30 @@ def stop_token_tensor(eos_token_id: TokenIds, device) -> Optional[Tensor]:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def suppress_index(suppress_tokens: Optional[Sequence[int]], vocab_size: int, device) -> Optional[Tensor]:
+    """suppress_tokens (ids never to be generated, as Hugging Face's option) as an int64 index, or None.
+
+    Raises TypeError for a non-int id and ValueError for one outside [0, vocab_size) or
+    for a list that covers the whole vocabulary (nothing would be left to generate).
+    """
+    if suppress_tokens is None:
+        return None
+    ids = list(suppress_tokens)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise TypeError(f"suppress_tokens must be a sequence of ints, got {suppress_tokens!r}")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"suppress_tokens holds {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
+    if len(set(ids)) == vocab_size:
+        raise ValueError(f"suppress_tokens covers all {vocab_size} ids: nothing is left to generate")
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+def suppress(logits: Tensor, index: Optional[Tensor]) -> Tensor:
+    """logits (..., V) with the ids of `index` at -inf (unchanged when index is None)."""
+    return logits if index is None else logits.index_fill(-1, index, float("-inf"))
+
+
 def resolve_pad_token(pad_token_id: Optional[int], eos: Optional[Tensor]) -> Optional[int]:
     """The id finished rows emit: pad_token_id, else the first stop token (as Hugging Face), else None."""
     if pad_token_id is not None:
@@ -114,7 +138,7 @@ def resolve_pad_token(pad_token_id: Optional[int], eos: Optional[Tensor]) -> Opt
 def decode(step: Callable[[Tensor], Tensor], logits: Tensor, *, max_new_tokens: int, do_sample: bool = False,
            temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
            eos_token_id: TokenIds = None, pad_token_id: Optional[int] = None,
-           generator: Optional[torch.Generator] = None) -> Tensor:
+           generator: Optional[torch.Generator] = None, suppress_tokens: Optional[Sequence[int]] = None) -> Tensor:
     """Autoregressive decoding: the new tokens (B, n), n <= max_new_tokens.
 
     logits (B, V): next-token logits after the prompt (the prefill's last position).
@@ -122,18 +146,20 @@ def decode(step: Callable[[Tensor], Tensor], logits: Tensor, *, max_new_tokens: 
     and returns the following logits; it is not called after the last token. A row
     that emits one of eos_token_id is finished and emits pad_token_id (default: the
     first stop token) from then on; decoding ends early once every row is finished.
-    Raises ValueError for max_new_tokens < 0 or bad sampling options.
+    The ids of suppress_tokens are never chosen. Raises ValueError for max_new_tokens < 0,
+    bad sampling options or bad suppress_tokens (see suppress_index).
     """
     check_max_new_tokens(max_new_tokens)
     check_sampling(do_sample, temperature, top_k, top_p)
+    banned = suppress_index(suppress_tokens, logits.shape[-1], logits.device)
     eos = stop_token_tensor(eos_token_id, logits.device)
     pad = resolve_pad_token(pad_token_id, eos)
     B = logits.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
     new_tokens = []
     for i in range(max_new_tokens):
-        tokens = choose_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator)
+        tokens = choose_tokens(suppress(logits, banned), do_sample=do_sample, temperature=temperature, top_k=top_k,
+                               top_p=top_p, generator=generator)
         if eos is not None:
             tokens = tokens.masked_fill(finished, pad)
             finished = finished | torch.isin(tokens, eos)

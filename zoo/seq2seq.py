@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
 from .config import TransformerConfig
+from .generation import suppress, suppress_index
 from .layers import token_cross_entropy
 from .registry import register_model
 
@@ -216,22 +217,25 @@ class Seq2SeqTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, src_ids: Tensor, src_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
                  num_beams: int = 1, length_penalty: float = 1.0, bos_id: Optional[int] = None,
-                 eos_id: Optional[int] = None) -> Tensor:
+                 eos_id: Optional[int] = None, suppress_tokens: Optional[Sequence[int]] = None) -> Tensor:
         """Decodes target sequences (B, 1 + n): bos, the tokens, eos, then pad_id to the longest.
 
         num_beams=1 is greedy (a finished row emits pad_id until all rows finish); more is
         beam_search. Both run the encoder once and the decoder one token at a time with
-        its KV cache. Raises ValueError for max_new_tokens < 1 or num_beams < 1, or past
-        what the decoder's learned/sinusoidal positions reach (checked before decoding).
+        its KV cache; the ids of suppress_tokens are never generated. Raises ValueError for
+        max_new_tokens < 1, num_beams < 1, bad suppress_tokens, or past what the decoder's
+        learned/sinusoidal positions reach (checked before decoding).
         """
         if num_beams != 1:
-            return self.beam_search(src_ids, src_mask, max_new_tokens, num_beams, length_penalty, bos_id, eos_id)
+            return self.beam_search(src_ids, src_mask, max_new_tokens, num_beams, length_penalty, bos_id, eos_id,
+                                    suppress_tokens)
         _check_positive(max_new_tokens=max_new_tokens)
         self._check_length(max_new_tokens)
+        banned = suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)
         bos = self.cfg.bos_id if bos_id is None else bos_id
         eos = self.cfg.eos_id if eos_id is None else eos_id
         memory, src_mask = self.encode(src_ids, src_mask)
-        return self._greedy(memory, src_mask, max_new_tokens, bos, eos)
+        return self._greedy(memory, src_mask, max_new_tokens, bos, eos, banned)
 
     def _check_length(self, max_new_tokens: int) -> None:
         # The decoder sees bos and every new token but the last: max_new_tokens positions.
@@ -241,14 +245,14 @@ class Seq2SeqTransformer(nn.Module):
                              f"{dec.max_seq_len} (it sees bos and every new token but the last)")
 
     def _greedy(self, memory: Tensor, src_mask: Optional[Tensor], max_new_tokens: int, bos: int,
-                eos: int) -> Tensor:
+                eos: int, banned: Optional[Tensor] = None) -> Tensor:
         B = memory.shape[0]
         cache = self.decoder.new_cache(capacity=1 + max_new_tokens)
         seqs = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)
         finished = torch.zeros(B, dtype=torch.bool, device=memory.device)
         for _ in range(max_new_tokens):
             logits = self.decode_step(seqs[:, -1:], memory, src_mask, cache)[:, -1]
-            token = logits.argmax(-1).masked_fill(finished, self.cfg.pad_id)
+            token = suppress(logits, banned).argmax(-1).masked_fill(finished, self.cfg.pad_id)
             seqs = torch.cat([seqs, token[:, None]], dim=1)
             finished |= token == eos
             if bool(finished.all()):
@@ -258,7 +262,7 @@ class Seq2SeqTransformer(nn.Module):
     @torch.no_grad()
     def beam_search(self, src_ids: Tensor, src_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
                     num_beams: int = 4, length_penalty: float = 1.0, bos_id: Optional[int] = None,
-                    eos_id: Optional[int] = None) -> Tensor:
+                    eos_id: Optional[int] = None, suppress_tokens: Optional[Sequence[int]] = None) -> Tensor:
         """Each row's best hypothesis (B, 1 + n) under beam search, laid out as generate's.
 
         A hypothesis scores sum(log p) / len**length_penalty, len counting generated
@@ -266,11 +270,13 @@ class Seq2SeqTransformer(nn.Module):
         becomes a finished hypothesis only when it ranks in the top num_beams of its step,
         and a row stops once it holds num_beams finished hypotheses and its best live beam,
         normalized at its current length, cannot beat the worst of them (with one beam
-        this is exactly greedy). Beams still live after max_new_tokens finish there.
-        Raises ValueError for max_new_tokens < 1 or num_beams < 1.
+        this is exactly greedy). Beams still live after max_new_tokens finish there. The ids
+        of suppress_tokens are never generated. Raises ValueError for max_new_tokens < 1,
+        num_beams < 1 or bad suppress_tokens.
         """
         _check_positive(max_new_tokens=max_new_tokens, num_beams=num_beams)
         self._check_length(max_new_tokens)
+        banned = suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)
         bos = self.cfg.bos_id if bos_id is None else bos_id
         eos = self.cfg.eos_id if eos_id is None else eos_id
         K, alpha = num_beams, length_penalty
@@ -294,7 +300,8 @@ class Seq2SeqTransformer(nn.Module):
         for step in range(max_new_tokens):
             logits = self.decode_step(seqs[:, -1:], memory, src_mask, cache)[:, -1]
             V = logits.shape[-1]
-            candidates = (scores.view(-1, 1) + F.log_softmax(logits.float(), dim=-1)).view(B, K * V)
+            log_probs = suppress(F.log_softmax(logits.float(), dim=-1), banned)
+            candidates = (scores.view(-1, 1) + log_probs).view(B, K * V)
             # At most K of the top 2K are eos (one per beam), so K live candidates remain.
             top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)
             next_beam = torch.arange(K, device=device).repeat(B, 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
 from .config import TransformerConfig
-from .generation import TokenIds, check_max_new_tokens, check_sampling, decode
+from .generation import TokenIds, check_max_new_tokens, check_sampling, decode, suppress_index
 from .layers import KERNEL_DTYPES, fused_linear_gelu, make_norm, token_cross_entropy
 from .registry import build_config, register_model
 
@@ -347,7 +347,8 @@ class GPT(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token_id: TokenIds = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, suppress_tokens: Optional[Sequence[int]] = None
+                 ) -> Tensor:
         """Continues each prompt; returns (B, P + n) ids, the prompts followed by n <= max_new_tokens new ones.
 
         input_ids (B, P): prompts, LEFT-padded when of different lengths, with attention_mask
@@ -357,11 +358,13 @@ class GPT(nn.Module):
         temperature / top_k / top_p drawn from `generator`. Rows that emit a token of
         eos_token_id (int or list; default: cfg.eos_token_id) emit pad_token_id (default:
         cfg.pad_token_id, else the first stop token) afterwards; decoding stops once all
-        rows have. Dropout stays as the module's mode: call eval() first. Raises ValueError
-        for right-padded prompts, bad sampling options or max_new_tokens, or prompt +
-        max_new_tokens - 1 past max_seq_len (the last new token is not fed back).
+        rows have. suppress_tokens: ids never generated (e.g. those past a tokenizer's
+        vocabulary). Dropout stays as the module's mode: call eval() first. Raises ValueError
+        for right-padded prompts, bad sampling options, max_new_tokens or suppress_tokens,
+        or prompt + max_new_tokens - 1 past max_seq_len (the last new token is not fed back).
         """
         ids = check_token_ids(input_ids, self.cfg.vocab_size)
+        suppress_index(suppress_tokens, self.cfg.vocab_size, ids.device)  # checked before the prefill
         B, P = ids.shape
         if P == 0:
             raise ValueError("input_ids must hold at least one prompt token per row")
@@ -396,7 +399,7 @@ class GPT(nn.Module):
         new = decode(step, self.logits(hidden[:, -1]), max_new_tokens=max_new_tokens, do_sample=do_sample,
                      temperature=temperature, top_k=top_k, top_p=top_p,
                      eos_token_id=self.cfg.eos_token_id if eos_token_id is None else eos_token_id,
-                     pad_token_id=pad, generator=generator)
+                     pad_token_id=pad, generator=generator, suppress_tokens=suppress_tokens)
         return torch.cat([ids, new.to(ids.dtype)], dim=1)
 
 

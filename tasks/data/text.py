@@ -66,6 +66,11 @@ def stdlib_documents() -> list[Document]:
     return [read_document(os.path.join(root, f), f"stdlib/{f}") for f in files]
 
 
+def _as_list(names: Union[str, Sequence[str]]) -> list[str]:
+    """One name (a str) or several as a list: "stdlib" is one corpus, ".md" one suffix, not characters."""
+    return [names] if isinstance(names, str) else list(names)
+
+
 def local_documents(paths: Union[str, Sequence[str]], suffixes: Sequence[str] = (".txt",)) -> list[Document]:
     """One document per file of `paths`: folders (files ending in `suffixes`, recursively), files or globs.
 
@@ -73,12 +78,12 @@ def local_documents(paths: Union[str, Sequence[str]], suffixes: Sequence[str] = 
     exist, a glob that matches nothing or a folder without such files, and ValueError
     naming a file that is not UTF-8.
     """
-    paths = [paths] if isinstance(paths, str) else list(paths)
+    paths, suffixes = _as_list(paths), tuple(_as_list(suffixes))
     documents: list[Document] = []
     for path in paths:
         if os.path.isdir(path):
             files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                           if f.endswith(tuple(suffixes)))
+                           if f.endswith(suffixes))
             if not files:
                 raise FileNotFoundError(f"no text files ({', '.join(suffixes)}) under {os.path.abspath(path)!r}")
             documents += [read_document(f, os.path.relpath(f, path)) for f in files]
@@ -102,6 +107,7 @@ def load_documents(corpora: Sequence[str] = CORPORA, paths: Union[str, Sequence[
     local_documents raises.
     """
     loaders = {"pydoc_topics": pydoc_topics_documents, "stdlib": stdlib_documents}
+    corpora = _as_list(corpora)
     unknown = [c for c in corpora if c not in loaders]
     if unknown:
         raise ValueError(f"unknown corpora {unknown}; choose from {list(CORPORA)}")
@@ -168,7 +174,7 @@ class _TextDataModule(SplitDataModule):
         super().__init__(batch_size, num_workers)
         if tokenizer_kind not in ("bytes", "chars", "subword"):
             raise ValueError(f"tokenizer_kind must be one of bytes, chars, subword; got {tokenizer_kind!r}")
-        self.corpora, self.paths, self.suffixes = list(corpora), paths, list(suffixes)
+        self.corpora, self.paths, self.suffixes = _as_list(corpora), paths, _as_list(suffixes)
         self.tokenizer_kind, self.subword_vocab_size = tokenizer_kind, subword_vocab_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.tokenizer = None

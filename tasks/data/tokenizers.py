@@ -4,6 +4,9 @@ Every tokenizer has encode(str) -> list[int], decode(list[int]) -> str, vocab_si
 special ids pad_id / bos_id / eos_id / unk_id / mask_id, and state() -> dict, a plain
 (JSON-able) description from which `tokenizer_from_state` rebuilds it. The state travels
 inside checkpoints, so `zoo generate` can turn a prompt into ids and ids into text.
+encode yields no special id but CharTokenizer's <unk> (text that spells "<eos>" is text); decode drops the
+special ids and raises ValueError for an id outside the vocabulary (a model's vocabulary
+may be larger than its tokenizer's: what it emits there is not text).
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 class _Specials:
     pad_id, bos_id, eos_id, unk_id, mask_id = range(5)
     num_specials = len(SPECIALS)
+    vocab_size: int
+
+    def _text_ids(self, ids: Iterable[int]) -> list[int]:
+        """The ids of `ids` that stand for text (the specials dropped); ValueError for one outside the vocabulary."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"id {bad[0]} is outside this tokenizer's vocabulary (ids 0..{self.vocab_size - 1}); "
+                             f"a model with a larger vocabulary must not emit it")
+        return [i for i in ids if i >= self.num_specials]
 
 
 class ByteTokenizer(_Specials):
@@ -28,7 +41,7 @@ class ByteTokenizer(_Specials):
         return [b + self.num_specials for b in text.encode("utf-8")]
 
     def decode(self, ids: Iterable[int]) -> str:
-        data = bytes(i - self.num_specials for i in ids if i >= self.num_specials)
+        data = bytes(i - self.num_specials for i in self._text_ids(ids))
         return data.decode("utf-8", errors="replace")
 
     def state(self) -> dict:
@@ -55,7 +68,7 @@ class CharTokenizer(_Specials):
         return [self.stoi.get(c, self.unk_id) for c in text]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.itos[i] for i in ids if i >= self.num_specials and i < self.vocab_size)
+        return "".join(self.itos[i] for i in self._text_ids(ids))
 
     def state(self) -> dict:
         return {"kind": "chars", "alphabet": "".join(self.itos[self.num_specials:])}
@@ -66,6 +79,9 @@ class SubwordTokenizer(_Specials):
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        # Text is text: "<eos>" written in a document encodes as its bytes, not as the special id
+        # (only the task puts specials in a sequence). The flag is not part of the saved JSON.
+        tokenizer.encode_special_tokens = True
         self.vocab_size = tokenizer.get_vocab_size()
         for name, token in zip(("pad_id", "bos_id", "eos_id", "unk_id", "mask_id"), SPECIALS):
             if tokenizer.token_to_id(token) != getattr(_Specials, name):
@@ -88,7 +104,7 @@ class SubwordTokenizer(_Specials):
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i >= self.num_specials])
+        return self.tokenizer.decode(self._text_ids(ids))
 
     def state(self) -> dict:
         return {"kind": "subword", "json": self.tokenizer.to_str()}
@@ -119,3 +135,10 @@ def make_tokenizer(kind: str, texts: Optional[Iterable[str]] = None, vocab_size:
     if kind == "subword":
         return SubwordTokenizer.train(texts, vocab_size=vocab_size)
     raise ValueError(f"tokenizer must be one of bytes, chars, subword; got {kind!r}")
+
+
+def suppressed_ids(tokenizer, model_vocab_size: int) -> list[int]:
+    """The ids a model must not generate as text for `tokenizer`: the specials but <eos>, and
+    every id of the model's vocabulary past the tokenizer's (a vocabulary padded to a round size)."""
+    specials = [i for i in range(tokenizer.num_specials) if i != tokenizer.eos_id]
+    return specials + list(range(tokenizer.vocab_size, model_vocab_size))
