@@ -89,6 +89,12 @@ class SpeechRecognition(ZooTask):
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} symbols but the model's CTC head has "
                              f"{self.model.cfg.vocab_size}: set the task's vocab_size to at least "
                              f"{tokenizer.vocab_size}")
+        blank = self.model.cfg.blank_id
+        if blank == tokenizer.unk_id or tokenizer.num_specials <= blank < tokenizer.vocab_size:
+            symbol = "<unk>" if blank == tokenizer.unk_id else repr(tokenizer.decode([blank]))
+            raise ValueError(f"blank_id {blank} is the tokenizer's {symbol}, which transcripts hold: the CTC blank "
+                             f"must be an id no transcript holds (0, the pad id, or one past the tokenizer's "
+                             f"{tokenizer.vocab_size} ids)")
         self.tokenizer = tokenizer
 
     def forward(self, waveforms, lengths=None):
@@ -107,7 +113,10 @@ class SpeechRecognition(ZooTask):
     def transcribe(self, waveforms: torch.Tensor, lengths=None, tokenizer=None) -> list[str]:
         """Greedy CTC transcripts (B strings) of waveforms (B, T) with lengths (B,) samples."""
         tokenizer = tokenizer or tokenizer_for(self)
-        return [tokenizer.decode(ids) for ids in self.model.greedy_decode(waveforms, lengths)]
+        # Only text and the blank: not another special, nor an id past the tokenizer's (vocab_size may be larger).
+        blank, vocab = self.model.cfg.blank_id, self.model.cfg.vocab_size
+        banned = [i for i in (*range(tokenizer.num_specials), *range(tokenizer.vocab_size, vocab)) if i != blank]
+        return [tokenizer.decode(ids) for ids in self.model.greedy_decode(waveforms, lengths, suppress_tokens=banned)]
 
     def _evaluate(self, batch, stage: str) -> None:
         size = len(batch["lengths"])

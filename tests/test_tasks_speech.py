@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from tasks.data import speech as speech_data
-from tasks.data.speech import (SAMPLE_RATE, KeywordDataModule, collate_waveforms, read_audio, read_wav, synthesize,
-                               voice_split)
+from tasks.data.speech import (SAMPLE_RATE, KeywordDataModule, collate_waveforms, espeak_voices, group_alike,
+                               read_audio, read_wav, split_voices, synthesize, voice_split)
 from tasks.data.speech_corpora import (LIBRISPEECH_ALPHABET, LibriSpeechDataModule, SpeechCommandsDataModule,
                                        TranscriptCollate)
 from tasks.data.tokenizers import CharTokenizer
@@ -48,6 +48,17 @@ def test_a_file_that_is_not_wav_is_named(tmp_path):
         read_wav(str(path))
 
 
+def test_an_empty_or_truncated_wav_is_named(tmp_path):
+    empty, cut = tmp_path / "empty.wav", tmp_path / "cut.wav"
+    _write_wav(empty, torch.zeros(0))
+    _write_wav(cut, torch.full((100,), 0.1))
+    cut.write_bytes(cut.read_bytes()[:-1])  # half a sample missing
+    with pytest.raises(ValueError, match=re.escape(f"{empty}: the WAV file holds no samples")):
+        read_wav(str(empty))
+    with pytest.raises(ValueError, match=re.escape(f"{cut}: the WAV data is cut off")):
+        read_wav(str(cut))
+
+
 @needs_espeak
 def test_synthesis_gives_16khz_audio_of_plausible_length(tmp_path):
     for speed in (120, 220):
@@ -69,6 +80,38 @@ def test_voice_split_follows_the_shares():
     names = [f"voice{i}" for i in range(2000)]
     counts = {s: sum(voice_split(n) == s for n in names) for s in ("train", "val", "test")}
     assert abs(counts["train"] / 2000 - 0.70) < 0.05 and abs(counts["val"] / 2000 - 0.15) < 0.04
+
+
+def test_alike_voices_are_grouped_by_correlation_with_single_linkage():
+    base = torch.tensor([1.0, 4.0, 2.0, 8.0, 5.0, 7.0])
+    envelopes = {"a": base, "b": 3 * base - 2,  # correlation 1 with a: the same voice, louder
+                 "c": base + torch.tensor([0.0, 0, 0, 0, 0, 2.5]),   # close to a
+                 "d": base + torch.tensor([0.0, 0, 0, 0, 4.0, 6.5]),  # close to c only
+                 "e": base.flip(0), "f": torch.tensor([3.0, 1, 4, 1, 5, 9])}
+    corr = torch.corrcoef(torch.stack([envelopes[n] for n in "abcdef"]).double())
+    assert corr[0, 2] >= 0.9 and corr[2, 3] >= 0.9 and corr[0, 3] < 0.9  # d joins a only through c
+    assert max(corr[4, :4].max(), corr[5, :5].max()) < 0.9
+    assert group_alike(envelopes, 0.9) == [["a", "b", "c", "d"], ["e"], ["f"]]
+    assert group_alike(envelopes, 0.999) == [["a", "b"], ["c"], ["d"], ["e"], ["f"]]
+
+
+@needs_espeak
+def test_variants_that_render_the_same_audio_share_a_split():
+    """espeak-ng gives some variants the same voice under two names (caleb and klatt with 1.51):
+    whatever the version, byte-identical audio for two words must never cross splits."""
+    _, variants = espeak_voices()
+
+    def audio(variant):
+        return tuple(subprocess.run(["espeak-ng", "-v", f"en-us+{variant}", "--stdout", word], capture_output=True,
+                                    check=True).stdout for word in ("seven", "left"))
+
+    renders: dict = {}
+    for variant in variants:
+        renders.setdefault(audio(variant), []).append(variant)
+    split_of = {v: split for split, names in split_voices(variants, workers=2).items() for v in names}
+    assert sorted(split_of) == sorted(variants)
+    assert all(len({split_of[v] for v in same}) == 1 for same in renders.values())
+    assert all(split_of[v] for v in variants) and set(split_of.values()) == {"train", "val", "test"}
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +284,52 @@ def test_speech_commands_follows_the_official_lists(tmp_path):
     everything = SpeechCommandsDataModule(root=str(tmp_path), num_workers=0)
     everything.setup("fit")
     assert everything.classes == ["bed", "no", "yes"]
+
+
+def test_unknown_words_and_empty_corpora_are_refused(tmp_path):
+    folder = tmp_path / "SpeechCommands" / "speech_commands_v0.02"
+    folder.mkdir(parents=True)
+    (folder / "validation_list.txt").write_text("")
+    (folder / "testing_list.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match="no word folders under"):
+        SpeechCommandsDataModule(root=str(tmp_path), num_workers=0).setup("fit")
+    _write_wav(folder / "yes" / "aaa_nohash_0.wav", torch.full((800,), 0.1))
+    _write_wav(folder / "no" / "bbb_nohash_0.wav", torch.full((800,), 0.1))
+    with pytest.raises(ValueError, match="no word 'nope' under .*its words: no, yes"):
+        SpeechCommandsDataModule(root=str(tmp_path), words=["yes", "nope"], num_workers=0).setup("fit")
+    with pytest.raises(ValueError, match="the validation split holds no clip"):
+        SpeechCommandsDataModule(root=str(tmp_path), words=["yes", "no"], num_workers=0).setup("fit")
+    libri = tmp_path / "libri" / "LibriSpeech"
+    for name in ("train-clean-100", "dev-clean", "test-clean"):
+        (libri / name / "19" / "198").mkdir(parents=True)  # folders, but no transcripts nor audio
+    with pytest.raises(FileNotFoundError, match="LibriSpeech train-clean-100: no <speaker>/<chapter>/"):
+        LibriSpeechDataModule(root=str(tmp_path / "libri")).setup("fit")
+
+
+def test_the_ctc_blank_is_never_a_character_and_a_larger_head_never_reaches_the_text():
+    tokenizer = CharTokenizer(LIBRISPEECH_ALPHABET)
+
+    class _Tokenized(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = tokenizer
+
+    for blank in (5, tokenizer.unk_id):  # " " and <unk>: symbols a transcript holds
+        task = SpeechRecognition(model="speech_tiny", vocab_size=33, blank_id=blank,
+                                 model_args={"attn_backend": "sdpa"})
+        task.trainer = L.Trainer(accelerator="cpu", logger=False)
+        task.trainer.datamodule = _Tokenized()
+        with pytest.raises(ValueError, match=f"blank_id {blank} is the tokenizer's"):
+            task.setup("validate")
+    torch.manual_seed(0)
+    task = SpeechRecognition(model="speech_tiny", vocab_size=48, model_args={"attn_backend": "sdpa"}).eval()
+    waveforms, lengths = 0.1 * torch.randn(3, 8000), torch.tensor([8000, 6000, 3000])
+    expected = task.transcribe(waveforms, lengths, tokenizer)
+    bias = torch.zeros(48)
+    bias[[*range(1, tokenizer.num_specials), *range(tokenizer.vocab_size, 48)]] = 100.0
+    task.model.head.register_forward_hook(lambda module, args, out: out + bias)
+    assert task.transcribe(waveforms, lengths, tokenizer) == expected
+    assert any(expected)  # an untrained head says something: the comparison is not of empty strings
 
 
 def test_missing_speech_folders_and_files_are_named(tmp_path):

@@ -1,6 +1,6 @@
 """Speech encoder: log-mel front end, Whisper's convolutional stem, the shared backbone, heads.
 
-    model = zoo.create_model("speech_tiny")                 # keyword spotting, 12 classes
+    model = zoo.create_model("speech_tiny")                 # keyword spotting, 12 classes by default
     logits = model(waveforms, lengths)                       # waveforms (B, T) at 16 kHz
     encoder = zoo.create_model("whisper_tiny_encoder")       # Whisper tiny's encoder shapes
     states = encoder(log_mels)                               # log_mels (B, 80, 3000) -> (B, 1500, 384)
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .backbone import Transformer
 from .config import TransformerConfig
+from .generation import suppress, suppress_index
 from .registry import build_config, register_model
 
 MEL_NORMS = ("whisper", "log")
@@ -286,10 +287,15 @@ class SpeechCTC(SpeechEncoder):
         return F.ctc_loss(log_probs, targets, counts, target_lengths, blank=self.cfg.blank_id)
 
     @torch.no_grad()
-    def greedy_decode(self, inputs: Tensor, lengths=None) -> list[list[int]]:
-        """Best-path CTC decoding: per-frame argmax, repeats merged, blanks removed."""
+    def greedy_decode(self, inputs: Tensor, lengths=None,
+                      suppress_tokens: Optional[Sequence[int]] = None) -> list[list[int]]:
+        """Best-path CTC decoding: per-frame argmax (never one of suppress_tokens), repeats merged,
+        blanks removed. Raises ValueError for bad suppress_tokens (or one that is the blank)."""
         logits, counts = self.frame_logits(inputs, lengths)
-        best = logits.argmax(dim=-1)
+        banned = suppress_index(suppress_tokens, self.cfg.vocab_size, logits.device)
+        if banned is not None and bool((banned == self.cfg.blank_id).any()):
+            raise ValueError(f"suppress_tokens holds the CTC blank {self.cfg.blank_id}")
+        best = suppress(logits, banned).argmax(dim=-1)
         out = []
         for row, n in zip(best.tolist(), counts.tolist()):
             row = row[:n]
@@ -315,8 +321,9 @@ def _whisper_backbone(dim: int, depth: int, heads: int, frames: int = 1500) -> T
 
 @register_model
 def speech_tiny(**overrides) -> SpeechEncoder:
-    """A CPU-sized keyword spotter: 40 mels, 2 layers of width 64, 12 classes (Speech Commands'
-    10 words + silence + unknown), SpecAugment on while training."""
+    """A CPU-sized keyword spotter: 40 mels, 2 layers of width 64, SpecAugment on while training;
+    12 classes unless overridden (the classic Speech Commands benchmark: 10 words + silence +
+    unknown; SpeechCommandsDataModule has no silence class, so 10 words there give 11)."""
     backbone = _whisper_backbone(dim=64, depth=2, heads=4, frames=500)
     return speech_model(build_config(SpeechConfig, backbone, overrides, n_mels=40, num_classes=12, freq_masks=2,
                                      freq_mask_width=8, time_masks=2, time_mask_width=10))

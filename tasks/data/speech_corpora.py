@@ -62,7 +62,8 @@ class SpeechCommandsDataModule(WaveformDataModule):
             the class "_unknown_" (the last label) when unknown=True, else left out.
         shift: training time-shift augmentation, in seconds.
         batch_size, num_workers: of the loaders.
-    Raises (in setup) FileNotFoundError naming the missing folder.
+    Raises (in setup) FileNotFoundError naming a missing folder or list, ValueError naming a
+    word that has no folder or a split left without clips.
     """
 
     def __init__(self, root: str, words: Optional[list[str]] = None, unknown: bool = True, shift: float = 0.1,
@@ -85,8 +86,15 @@ class SpeechCommandsDataModule(WaveformDataModule):
         for listing in ("validation_list.txt", "testing_list.txt"):
             if not os.path.isfile(os.path.join(folder, listing)):
                 raise FileNotFoundError(f"Speech Commands split list not found: {os.path.join(folder, listing)!r}")
-        words = self.words or sorted(d for d in os.listdir(folder)
-                                     if os.path.isdir(os.path.join(folder, d)) and not d.startswith("_"))
+        present = sorted(d for d in os.listdir(folder)
+                         if os.path.isdir(os.path.join(folder, d)) and not d.startswith("_"))
+        if not present:
+            raise FileNotFoundError(f"Speech Commands: no word folders under {folder!r}")
+        missing = [w for w in self.words or () if w not in present]
+        if missing:
+            raise ValueError(f"Speech Commands has no word {', '.join(map(repr, missing))} under {folder!r}; "
+                             f"its words: {', '.join(present)}")
+        words = self.words or present
         self.classes = list(words) + (["_unknown_"] if self.words and self.unknown else [])
         index = {w: i for i, w in enumerate(words)}
         unknown = len(words) if self.words and self.unknown else None
@@ -94,6 +102,10 @@ class SpeechCommandsDataModule(WaveformDataModule):
         self.train_set, self.val_set, self.test_set = (_SpeechCommandsItems(
             torchaudio.datasets.SPEECHCOMMANDS(self.root, download=False, subset=subset), archive, index, unknown,
             self.shift if subset == "training" else 0.0) for subset in ("training", "validation", "testing"))
+        for subset, items in zip(("training", "validation", "testing"), (self.train_set, self.val_set, self.test_set)):
+            if not len(items):
+                raise ValueError(f"Speech Commands under {folder!r}: the {subset} split holds no clip of "
+                                 f"{self.classes} (see validation_list.txt and testing_list.txt)")
 
 
 # Upper-case letters, apostrophe and space: every character of LibriSpeech's transcripts.
@@ -145,7 +157,7 @@ class LibriSpeechDataModule(WaveformDataModule):
     soundfile or torchcodec installed.
     Args: root (the folder holding LibriSpeech/), train_subsets, val_subset, test_subset
     (e.g. "train-clean-100", "dev-clean", "test-clean"), batch_size, num_workers.
-    Raises (in setup) FileNotFoundError naming a missing subset folder.
+    Raises (in setup) FileNotFoundError naming a missing or empty subset folder.
     """
 
     def __init__(self, root: str, train_subsets: Sequence[str] = ("train-clean-100",), val_subset: str = "dev-clean",
@@ -163,12 +175,17 @@ class LibriSpeechDataModule(WaveformDataModule):
             return
         archive = os.path.join(self.root, "LibriSpeech")
 
+        for name in (*self.train_subsets, self.val_subset, self.test_subset):
+            require_dir(os.path.join(archive, name), f"LibriSpeech {name} (torchaudio's layout, root/LibriSpeech/"
+                                                     f"{name})")
+
         def subsets(names):
-            for name in names:
-                require_dir(os.path.join(archive, name), f"LibriSpeech {name} (torchaudio's layout, root/LibriSpeech/"
-                                                         f"{name})")
-            return _LibriSpeechItems([torchaudio.datasets.LIBRISPEECH(self.root, url=n, download=False)
-                                      for n in names], archive)
+            datasets = [torchaudio.datasets.LIBRISPEECH(self.root, url=n, download=False) for n in names]
+            for name, dataset in zip(names, datasets):
+                if not len(dataset):
+                    raise FileNotFoundError(f"LibriSpeech {name}: no <speaker>/<chapter>/*.flac under "
+                                            f"{os.path.join(archive, name)!r}")
+            return _LibriSpeechItems(datasets, archive)
 
         self.train_set = subsets(self.train_subsets)
         self.val_set, self.test_set = subsets([self.val_subset]), subsets([self.test_subset])
