@@ -229,6 +229,39 @@ def test_image_folder_evaluation_splits_keep_the_training_labels(tmp_path):
         ImageFolderDataModule(root=str(tmp_path / "b"), image_size=8, num_workers=0).setup("fit")
 
 
+def test_image_folders_read_gif_and_name_a_truncated_image(tmp_path):
+    from PIL import Image
+
+    from tasks.data.vision import ImageFolderDataModule
+
+    _image_folders(tmp_path, {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    Image.new("L", (8, 8), color=50).save(tmp_path / "train" / "dog" / "2.gif")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image: ignored")
+    broken = tmp_path / "val" / "cat" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # cut off inside the image data
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert sorted(os.path.basename(p) for p, _ in dm.train_set.samples) == ["0.png", "0.png", "1.png", "1.png",
+                                                                             "2.gif"]
+    assert dm.train_set[4][0].shape == (3, 8, 8)
+    names = [os.path.basename(p) for p, _ in dm.val_set.samples]
+    with pytest.raises(ValueError, match=re.escape(f"{broken}: cannot read this image")):
+        dm.val_set[names.index("1.png")]
+
+
+def test_a_missing_or_corrupt_cifar_file_is_named(tmp_path):
+    from tasks.data.vision import CIFAR10DataModule
+
+    folder = tmp_path / "cifar-10-batches-py"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder / 'data_batch_1'}' is missing")):
+        CIFAR10DataModule(root=str(tmp_path), num_workers=0).setup("fit")
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(b"not CIFAR")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{folder / 'data_batch_1'}' is corrupt")) as error:
+        CIFAR10DataModule(root=str(tmp_path), num_workers=0).setup("fit")
+    assert "download" not in str(error.value)  # no advice to use an option the module does not have
+
+
 def test_classifier_head_is_checked_against_the_data(tmp_path):
     _image_folders(tmp_path, {"train": ["cat", "dog", "fox"], "val": ["cat", "dog", "fox"]})
     args = ["--model=tasks.ImageClassification", "--model.init_args.model=vit_digits",

@@ -300,6 +300,15 @@ def test_bad_configs_raise():
         create_model("vit_tiny_patch16_224", img_size=100)
     with pytest.raises(TypeError, match="num_class"):
         create_model("vit_tiny_patch16_224", num_class=10)
+    for field in ("num_classes", "in_chans", "reg_tokens"):
+        with pytest.raises(ValueError, match=f"{field} must be .*got True"):
+            ViTConfig(**{field: True})
+
+
+def test_a_zero_position_init_std_starts_the_table_at_zero():
+    model = create_model("vit_digits", pos_init_std=0.0)
+    assert model.pos_embed.abs().max() == 0
+    assert create_model("vit_digits").pos_embed.std() > 0
 
 
 def test_create_model_overrides_and_reset_classifier():

@@ -68,14 +68,14 @@ class ViTConfig:
         image, patch = to_pair(self.img_size, "img_size"), to_pair(self.patch_size, "patch_size")
         need(image[0] % patch[0] == 0 and image[1] % patch[1] == 0,
              f"img_size {self.img_size!r} must be divisible by patch_size {self.patch_size!r}")
-        need(isinstance(self.in_chans, int) and self.in_chans > 0,
+        need(isinstance(self.in_chans, int) and not isinstance(self.in_chans, bool) and self.in_chans > 0,
              f"in_chans must be a positive int, got {self.in_chans!r}")
-        need(isinstance(self.num_classes, int) and self.num_classes >= 0,
+        need(isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes >= 0,
              f"num_classes must be an int >= 0, got {self.num_classes!r}")
         need(self.global_pool in POOL_TYPES,
              f"global_pool must be one of {', '.join(POOL_TYPES)}; got {self.global_pool!r}")
         need(self.class_token or self.global_pool != "token", "global_pool='token' needs class_token=True")
-        need(isinstance(self.reg_tokens, int) and self.reg_tokens >= 0,
+        need(isinstance(self.reg_tokens, int) and not isinstance(self.reg_tokens, bool) and self.reg_tokens >= 0,
              f"reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
         need(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
         need(self.pos_init_std >= 0, f"pos_init_std must be >= 0, got {self.pos_init_std}")
@@ -163,7 +163,10 @@ class VisionTransformer(nn.Module):
 
     def _init_weights(self) -> None:
         # timm's scheme: truncated-normal positions and head, tiny prefix tokens; the conv keeps torch's init.
-        nn.init.trunc_normal_(self.pos_embed, std=self.cfg.pos_init_std)
+        if self.cfg.pos_init_std > 0:
+            nn.init.trunc_normal_(self.pos_embed, std=self.cfg.pos_init_std)
+        else:  # std 0: positions start at zero (trunc_normal_ would divide by the std)
+            nn.init.zeros_(self.pos_embed)
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)

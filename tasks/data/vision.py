@@ -18,6 +18,26 @@ def require_dir(path: str, what: str) -> str:
     return path
 
 
+#: What an image folder reads: torchvision's extensions, and GIF, which PIL reads as well.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image(path: str):
+    """The RGB PIL image of the file at `path`; ValueError naming the file when it is corrupt or
+    truncated (PIL alone says "image file is truncated" without the name)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from e
+
+
 def _labelled_as(train, split):
     """An evaluation ImageFolder relabelled with the training folder's class indices.
 
@@ -116,7 +136,9 @@ class ImageFolderDataModule(SplitDataModule):
     """Images in class folders (root/train/<class>/*.png, root/val/<class>/*), torchvision's ImageFolder.
 
     Training: random resized crop and flip; evaluation: resize and center crop; ImageNet
-    normalization. Raises FileNotFoundError naming a missing folder.
+    normalization. Files ending in one of IMAGE_EXTENSIONS are read, others ignored.
+    Raises FileNotFoundError naming a missing folder, and (when read) ValueError naming a
+    corrupt or truncated image.
     """
 
     def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
@@ -134,17 +156,36 @@ class ImageFolderDataModule(SplitDataModule):
         eval_tf = T.Compose([T.Resize(int(self.image_size * 1.14)), T.CenterCrop(self.image_size), T.ToTensor(),
                              T.Normalize(mean, std)])
         folder = lambda name: require_dir(os.path.join(self.root, name), "ImageFolderDataModule")  # noqa: E731
-        self.train_set = datasets.ImageFolder(folder(self.train_dir), train_tf)
+        def images(name: str, transform):
+            return datasets.ImageFolder(folder(name), transform, loader=load_image, is_valid_file=is_image_file)
+
+        self.train_set = images(self.train_dir, train_tf)
         for split, name in (("val_set", self.val_dir), ("test_set", self.test_dir or self.val_dir)):
-            setattr(self, split, _labelled_as(self.train_set, datasets.ImageFolder(folder(name), eval_tf)))
+            setattr(self, split, _labelled_as(self.train_set, images(name, eval_tf)))
         self.classes = list(self.train_set.classes)
         self.num_classes = len(self.classes)
+
+
+def _cifar_problem(root: str) -> str:
+    """What is wrong with a CIFAR-10 folder, naming the first file missing or failing its checksum."""
+    from torchvision import datasets
+    from torchvision.datasets.utils import check_integrity
+
+    cifar = datasets.CIFAR10
+    folder = os.path.join(os.path.abspath(root), cifar.base_folder)
+    for name, md5 in [*cifar.train_list, *cifar.test_list, [cifar.meta["filename"], cifar.meta["md5"]]]:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"CIFAR-10: {path!r} is missing (expected torchvision's {cifar.base_folder} folder under {root!r})"
+        if not check_integrity(path, md5):
+            return f"CIFAR-10: {path!r} is corrupt (its MD5 is not CIFAR-10's {md5})"
+    return f"CIFAR-10 under {folder!r} could not be read"
 
 
 class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 from a local copy (torchvision's layout, download=False): 45k/5k train/val split + the test set.
 
-    Raises FileNotFoundError naming the folder when the files are not there.
+    Raises FileNotFoundError naming the file that is missing or fails its checksum.
     """
 
     def __init__(self, root: str, batch_size: int = 256, num_workers: int = 4, augment: bool = True,
@@ -164,9 +205,8 @@ class CIFAR10DataModule(SplitDataModule):
             full_train = datasets.CIFAR10(self.root, train=True, download=False, transform=train_tf)
             full_eval = datasets.CIFAR10(self.root, train=True, download=False, transform=T.Compose(base))
             self.test_set = datasets.CIFAR10(self.root, train=False, download=False, transform=T.Compose(base))
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise FileNotFoundError(f"CIFAR-10 not found or corrupted under {os.path.abspath(self.root)!r} "
-                                    f"(expected torchvision's cifar-10-batches-py folder): {e}") from e
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            raise FileNotFoundError(_cifar_problem(self.root)) from e
         self.classes = list(self.test_set.classes)
         generator = torch.Generator().manual_seed(self.split_seed)
         train_idx, val_idx = random_split(range(len(full_train)), [45000, 5000], generator=generator)
