@@ -52,12 +52,15 @@ def _grid(panels: int, size: float) -> tuple[Figure, list]:
 
 
 def token_heatmaps(probs: Tensor, query_tokens: Optional[Sequence[str]] = None,
-                   key_tokens: Optional[Sequence[str]] = None, title: str = "", max_heads: int = 8) -> Figure:
-    """Heatmaps (query rows x key columns) of the head average, then of each head (up to max_heads)."""
+                   key_tokens: Optional[Sequence[str]] = None, title: str = "",
+                   max_heads: Optional[int] = None) -> Figure:
+    """Heatmaps (query rows x key columns) of the head average, then of each head (the first
+    max_heads of them; None: all)."""
     probs = _check(probs, "probs")
     key_tokens = query_tokens if key_tokens is None else key_tokens
     heads = probs.shape[0]
-    panels = [("mean over heads", probs.mean(0))] + [(f"head {h}", probs[h]) for h in range(min(heads, max_heads))]
+    shown = heads if max_heads is None else min(heads, max_heads)
+    panels = [("mean over heads", probs.mean(0))] + [(f"head {h}", probs[h]) for h in range(shown)]
     side = 3.0 + 0.08 * min(probs.shape[-1], MAX_LABELS)
     fig, axes = _grid(len(panels), side)
     for ax, (name, values) in zip(axes, panels):
@@ -85,7 +88,7 @@ def _overlay(ax, image: Tensor, heat: Tensor, title: str) -> None:
 
 
 def vision_attention(image: Tensor, maps: Sequence[Tensor], grid: tuple[int, int], num_prefix_tokens: int,
-                     class_token: bool = True, title: str = "", max_heads: int = 8) -> Figure:
+                     class_token: bool = True, title: str = "", max_heads: Optional[int] = None) -> Figure:
     """The image, the class token's attention rollout over its patches (through the layers
     given), and the class token's attention to the patches in the last layer given, per head.
 
@@ -102,7 +105,7 @@ def vision_attention(image: Tensor, maps: Sequence[Tensor], grid: tuple[int, int
     rollout = zoo.attention_rollout([m[None] for m in maps])[0]
     source = rollout[0] if class_token else rollout[num_prefix_tokens:].mean(0)
     last = maps[-1]
-    heads = min(last.shape[0], max_heads)
+    heads = last.shape[0] if max_heads is None else min(last.shape[0], max_heads)
     fig, axes = _grid(2 + heads, 3.0)
     _show_image(axes[0], image)
     axes[0].set_title("input", fontsize=9)

@@ -19,7 +19,10 @@ class AttentionMapLogger(L.Callback):
     model trains (TensorBoard's IMAGES tab, tags attention/<figure>).
 
     Args:
-        every_n_epochs: draw after the validation of every n-th epoch (and of the last).
+        every_n_epochs: draw after the validation of every n-th epoch (and of the last). In a
+            run bounded by max_steps only (max_epochs -1, validation every val_check_interval
+            steps, often inside one long epoch): after every n-th validation, and the one at
+            max_steps.
         sample: which sample of the first validation batch (the loader is not shuffled,
             so it is the same sample every time).
     Without a TensorBoard logger (e.g. under fast_dev_run, which turns loggers off) it
@@ -34,9 +37,11 @@ class AttentionMapLogger(L.Callback):
         self.every_n_epochs, self.sample = every_n_epochs, sample
         self._batch: Optional[Any] = None
         self._enabled = False
+        self._validations = 0  # of this fit, sanity check not counted
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._enabled = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
+        self._validations = 0
         if not self._enabled:
             rank_zero_warn("AttentionMapLogger draws nothing: the trainer has no TensorBoardLogger")
 
@@ -54,10 +59,14 @@ class AttentionMapLogger(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self._enabled:
             return
-        epoch = trainer.current_epoch + 1
-        # max_epochs is -1 (or None) when only max_steps bounds the run: then no epoch is the last.
-        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs and not last:
+        self._validations += 1
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            count = trainer.current_epoch + 1
+            last = count >= trainer.max_epochs
+        else:  # only max_steps bounds the run (max_epochs -1 or None): count validations
+            count = self._validations
+            last = 0 < trainer.max_steps <= trainer.global_step
+        if count % self.every_n_epochs and not last:
             return
         batch = pl_module.transfer_batch_to_device(self._fixed_batch(trainer), pl_module.device, 0)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None

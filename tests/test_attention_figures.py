@@ -102,6 +102,41 @@ def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path):
         main(["attention-map", str(tmp_path / "nowhere.ckpt")])
 
 
+def test_callback_draws_in_a_run_bounded_by_steps_only(tmp_path):
+    """gpt_char-style: max_epochs -1, validation every 2 steps inside one epoch. every_n_epochs=3
+    then counts validations: figures after the 3rd (step 6) and the last (step 8)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tasks.cli import main
+
+    root = str(tmp_path / "runs")
+    callback = tmp_path / "callback.yaml"
+    callback.write_text("trainer:\n  callbacks:\n    - class_path: tasks.callbacks.AttentionMapLogger\n"
+                        "      init_args: {every_n_epochs: 3}\n")
+    main(["fit", "-c", "configs/text/gpt_char.yaml", "-c", str(callback), "--name", "gpt_char",
+          "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+          "--data.init_args.corpora=[pydoc_topics]", "--data.init_args.block_size=32",
+          "--model.init_args.model_args={'depth': 1, 'dim': 48, 'heads': 12}",
+          f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"])
+    (events,) = glob.glob(os.path.join(root, "gpt_char", "version_0", "**", "events.out.tfevents.*"), recursive=True)
+    accumulator = EventAccumulator(events, size_guidance={"images": 0})
+    accumulator.Reload()
+    assert [image.step for image in accumulator.Images("attention/text_attention")] == [6, 8]
+
+
+def test_figures_show_every_head():
+    """12 heads (GPT-2, BERT-base, ViT-B): the mean and all 12, not the first 8."""
+    probs = random_maps(1, 12, 5)[0]
+    axes = [ax for ax in figs.token_heatmaps(probs, list("abcde")).axes if ax.images]
+    assert [ax.get_title() for ax in axes] == ["mean over heads"] + [f"head {h}" for h in range(12)]
+    torch.testing.assert_close(shown(axes[12]), probs[11])
+    maps = random_maps(layers=1, heads=12, tokens=1 + 4)
+    axes = [ax for ax in figs.vision_attention(torch.rand(3, 4, 4), maps, (2, 2), 1).axes if ax.images]
+    assert len(axes) == 2 + 12
+    torch.testing.assert_close(shown(axes[-1]), maps[0][11, 0, 1:].view(2, 2))
+    plt.close("all")
+
+
 def test_callback_validates_its_arguments():
     from tasks.callbacks import AttentionMapLogger
 
@@ -160,7 +195,9 @@ def test_seq2seq_figure_is_the_cross_attention_of_the_models_own_output():
     batch = task.text_batch(["march 3", "tuesday 21"], tokenizer)
     fig = task.attention_figures(batch, tokenizer, sample=1, layer=0)["cross_attention"]
     src = batch["src_ids"][1:2]
-    out = task.model.generate(src, None, max_new_tokens=6, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    text_only = [tokenizer.pad_id, tokenizer.bos_id, tokenizer.unk_id, tokenizer.mask_id]  # as the task decodes
+    out = task.model.generate(src, None, max_new_tokens=6, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                              suppress_tokens=text_only)
     out = out[0].tolist()
     if tokenizer.eos_id in out[1:]:
         out = out[: out.index(tokenizer.eos_id, 1) + 1]

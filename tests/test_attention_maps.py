@@ -138,6 +138,32 @@ def test_bad_selections_raise_clear_errors():
         zoo.attention_maps(model, ids, heads=[7])
     with pytest.raises(ValueError, match="no zoo attention layers"):
         zoo.attention_maps(torch.nn.Linear(2, 2), torch.randn(1, 2))
+    with pytest.raises(ValueError, match="selects no attention module"):
+        zoo.attention_maps(model, ids, layers=[], heads=[0])
+    for heads in ([], [True], [1.0], ["0"]):
+        with pytest.raises(ValueError, match="heads must"):
+            zoo.attention_maps(model, ids, heads=heads)
+
+
+def test_heads_take_one_index_or_numpy_indices():
+    import numpy as np
+
+    model = zoo.create_model("gpt_nano").eval()
+    ids = torch.randint(0, 10, (1, 4))
+    every = zoo.attention_maps(model, ids, layers=[0])["backbone.blocks.0.attn"]
+    for heads in (1, np.int64(1), [np.int64(1)], torch.tensor(1), [-3]):
+        got = zoo.attention_maps(model, ids, layers=[0], heads=heads)["backbone.blocks.0.attn"]
+        assert torch.equal(got, every[:, 1:2]), heads
+
+
+def test_each_module_keeps_its_own_mode():
+    """A model training with one block frozen in eval mode gets that block back in eval mode."""
+    model = zoo.create_model("gpt_nano").train()
+    model.backbone.blocks[0].eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    zoo.attention_maps(model, torch.randint(0, 10, (1, 4)))
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    assert model.training and not model.backbone.blocks[0].training
 
 
 def test_heads_are_checked_against_the_selected_layers():

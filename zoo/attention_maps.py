@@ -12,6 +12,7 @@ probabilities; every other layer keeps its backend. Nothing changes on the model
 from __future__ import annotations
 
 import fnmatch
+import operator
 import re
 from typing import Any, Optional, Sequence, Union
 
@@ -64,6 +65,29 @@ def _select(names: list[str], layers, model_name: str) -> list[str]:
     return [n for n in names if n in chosen]
 
 
+def _head_indices(heads, num_heads: int) -> list[int]:
+    """heads (one index or several; numpy ints too) as a list of ints in [-num_heads, num_heads).
+    Encoder and decoder may differ in head count: num_heads is the fewest of the selected layers."""
+    def as_index(h) -> Optional[int]:
+        try:
+            return None if isinstance(h, bool) else operator.index(h)
+        except TypeError:
+            return None
+
+    if as_index(heads) is not None:  # one index
+        heads = [heads]
+    out = []
+    for h in heads:
+        index = as_index(h)
+        if index is None or not -num_heads <= index < num_heads:
+            raise ValueError(f"heads must be head indices in [0, {num_heads}) (the fewest heads of the selected "
+                             f"layers) or negative from the end, got {h!r} in {heads!r}")
+        out.append(index)
+    if not out:
+        raise ValueError("heads must hold at least one head index (None: all heads)")
+    return out
+
+
 def attention_maps(model: nn.Module, inputs: Any, layers: Optional[Sequence[Union[int, str]]] = None,
                    heads: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
     """The attention probabilities of a zoo model's self- and cross-attention layers.
@@ -76,7 +100,7 @@ def attention_maps(model: nn.Module, inputs: Any, layers: Optional[Sequence[Unio
             the end; index i selects block i of every stack, e.g. the encoder's and the
             decoder's, with their self- and cross-attention) and/or module-name patterns
             (fnmatch: "decoder.blocks.*.cross_attn").
-        heads: None for all heads, or the head indices to keep.
+        heads: None for all heads, or the head indices to keep (one index or several).
     Returns:
         {module name: float32 (B, len(heads), Sq, Sk)} in forward order. Each row is
         softmax(QK^T * scale) under the model's masks: it sums to 1 over the keys a query
@@ -90,15 +114,12 @@ def attention_maps(model: nn.Module, inputs: Any, layers: Optional[Sequence[Unio
     if not found:
         raise ValueError(f"{type(model).__name__} has no zoo attention layers (zoo.attention.Attention)")
     names = _select(list(found), layers, type(model).__name__)
+    if not names:
+        raise ValueError(f"layers={layers!r} selects no attention module of {type(model).__name__}")
     if heads is not None:
-        # Encoder and decoder may have different head counts: each selected layer must have the heads.
-        num_heads = min(found[name].heads for name in names)
-        heads = list(heads)
-        bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not -num_heads <= h < num_heads]
-        if bad or not heads:
-            raise ValueError(f"heads must be a non-empty list of head indices in [0, {num_heads}) (the fewest heads "
-                             f"of the selected layers), got {heads}")
-    was_training = model.training
+        heads = _head_indices(heads, min(found[name].heads for name in names))
+    # eval() for the forward, then every module back in its own mode (a frozen block may be in eval).
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     for name in names:
         found[name].keep_probs = True
@@ -121,7 +142,8 @@ def attention_maps(model: nn.Module, inputs: Any, layers: Optional[Sequence[Unio
         for name in names:
             found[name].keep_probs = False
             found[name].last_probs = None
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def attention_rollout(maps: Sequence[Tensor], residual: float = 0.5) -> Tensor:
