@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import runtime
 from .flash_attention import dropout_threshold
 
 # Upper bound on elements of one chunk's score tensor (float32): 64 MiB; with dropout the
@@ -296,6 +297,10 @@ def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_lef
             return None
         return causal
     pq, pk = packing
+    # The checks below read the lengths. Traced (torch.compile's fake tensors) they are unknown:
+    # a data-dependent branch breaks fullgraph, so a trace takes the general path.
+    if not runtime.concrete(pk.lengths):
+        return None
     if pq.valid.numel() == 0 or pk.valid.shape[1] == 0 or int(pk.lengths.min()) == 0:
         return None
     if causal and bottom_right and not torch.equal(pq.lengths, pk.lengths):

@@ -79,13 +79,19 @@ def shared_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def concrete(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds values Python may read (``int(t.min())``): a plain tensor outside
+    torch.compile, not a fake or functional tensor of a trace, where such a read is a graph break."""
+    return not torch.compiler.is_compiling() and type(t) in _PLAIN_TENSORS
+
+
 def eager_path(t: torch.Tensor) -> bool:
     """Whether a call on ``t`` may run its op's body directly instead of through torch.library.
 
     True for a plain tensor on the PyTorch path (``use_triton`` false) outside torch.compile
     and export tracing, which must see the op itself. Triton launches always take the op.
     """
-    return not torch.compiler.is_compiling() and type(t) in _PLAIN_TENSORS and not use_triton(t)
+    return concrete(t) and not use_triton(t)
 
 
 def _first_order(backward: Callable, name: str) -> Callable:

@@ -61,7 +61,12 @@ class ZooCLI(LightningCLI):
     def after_fit(self) -> None:
         """One line that says how the run ended: the monitored metric, last and best, and where it is."""
         checkpoint = next((c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-        if checkpoint is None or checkpoint.monitor is None or self.trainer.global_rank != 0:
+        if checkpoint is None or checkpoint.monitor is None:
+            return
+        # log_dir is a broadcast from rank 0 under DDP: every rank reads it, or rank 0 waits on a peer
+        # that has gone (gloo: "Connection closed by peer").
+        log_dir = self.trainer.log_dir if self.trainer.loggers else None
+        if self.trainer.global_rank != 0:
             return
         last = self.trainer.callback_metrics.get(checkpoint.monitor)
         best = checkpoint.best_model_score
@@ -71,7 +76,7 @@ class ZooCLI(LightningCLI):
                  else f"no {checkpoint.monitor} logged"]
         if best is not None:
             parts.append(f"best {float(best):.4f} ({checkpoint.best_model_path})")
-        logs = f"logs in {self.trainer.log_dir}" if self.trainer.loggers else "no logs (no logger, e.g. fast_dev_run)"
+        logs = f"logs in {log_dir}" if self.trainer.loggers else "no logs (no logger, e.g. fast_dev_run)"
         print("zoo fit: " + "; ".join(parts) + "; " + logs)
 
     def _warn_without_checkpoint(self) -> None:

@@ -20,7 +20,9 @@ class BlockFSDP(FSDPStrategy):
     """Lightning's FSDPStrategy wrapping (sharding) each zoo Block; activation checkpointing per Block too."""
 
     def __init__(self, activation_checkpointing: bool = False, sharding_strategy: str = "FULL_SHARD", **kwargs):
-        kwargs.setdefault("auto_wrap_policy", {Block})
-        if activation_checkpointing:
-            kwargs.setdefault("activation_checkpointing_policy", {Block})
+        # `is None`, not setdefault: LightningCLI passes every FSDPStrategy argument, the policies as None.
+        if kwargs.get("auto_wrap_policy") is None:
+            kwargs["auto_wrap_policy"] = {Block}
+        if activation_checkpointing and kwargs.get("activation_checkpointing_policy") is None:
+            kwargs["activation_checkpointing_policy"] = {Block}
         super().__init__(sharding_strategy=sharding_strategy, **kwargs)

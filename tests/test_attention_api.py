@@ -140,6 +140,27 @@ def test_compile_fullgraph_forward_backward(backend):
     torch.testing.assert_close(g, g_eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_compile_fullgraph_varlen(causal):
+    """Packed batches: the PyTorch path's checks of the lengths must not break the graph when traced."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 13, 14], dtype=torch.int32)
+    q, k, v = (torch.randn(14, 4, 16, requires_grad=True) for _ in range(3))
+
+    def loss(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, causal=causal).square().sum()
+
+    with reference_only():
+        eager = loss(q, k, v)
+        eager_grads = torch.autograd.grad(eager, (q, k, v))
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(q, k, v)
+        grads = torch.autograd.grad(compiled, (q, k, v))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_with_dropout_in_training_mode():
     torch._dynamo.reset()
     model = _TinyAttention().train()

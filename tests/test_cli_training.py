@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -465,6 +467,38 @@ def test_fsdp_strategy_parses_from_yaml(capsys):
     strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
     assert strategy["class_path"] == "tasks.strategies.BlockFSDP"
     assert strategy["init_args"]["activation_checkpointing"] is True
+
+
+def test_fsdp_strategy_from_the_cli_wraps_and_checkpoints_each_block(tmp_path):
+    """LightningCLI passes FSDPStrategy's policies as None: BlockFSDP must still put in its own."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from zoo import Block
+
+    cli = ZooCLI(args=["-c", "configs/vision/vit_digits.yaml", "--trainer.strategy=tasks.strategies.BlockFSDP",
+                       "--trainer.strategy.activation_checkpointing=true",
+                       f"--trainer.default_root_dir={tmp_path}"], run=False)
+    strategy = cli.trainer.strategy
+    wrap, checkpointed = strategy.kwargs["auto_wrap_policy"], strategy._activation_checkpointing_kwargs
+    assert isinstance(wrap, ModuleWrapPolicy) and wrap._module_classes == {Block}
+    assert checkpointed["auto_wrap_policy"]._module_classes == {Block}
+    blocks = [m for m in cli.model.modules() if isinstance(m, Block)]
+    assert len(blocks) == 4 and all(wrap._module_classes.intersection({type(b)}) for b in blocks)
+
+
+def test_zoo_fit_under_ddp_ends_cleanly_on_every_rank(tmp_path):
+    """Two gloo processes through the CLI: after_fit must not leave rank 0 waiting on a broadcast."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-m", "tasks.cli", "fit", "-c", "configs/vision/vit_digits.yaml",
+                             "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+                             "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                             f"--trainer.default_root_dir={tmp_path}"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"logs in {tmp_path}/vit_digits/version_0" in result.stdout
+    assert os.path.isfile(tmp_path / "vit_digits" / "version_0" / "checkpoints" / "last.ckpt")
 
 
 class _RecordLoss(L.Callback):

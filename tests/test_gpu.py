@@ -172,6 +172,27 @@ def test_compile_fullgraph_inductor():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_compile_fullgraph_inductor_varlen(causal):
+    torch._dynamo.reset()
+    lengths = [300, 1, 212, 511]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    q, k, v = (torch.randn(sum(lengths), 8, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+
+    def block(q, k, v):
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+        return out.float().square().mean()
+
+    eager_loss = block(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    loss = torch.compile(block, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
 def test_patch_sdpa_timm_vit_bf16_autocast():
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10).to(DEV)
