@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -63,7 +64,16 @@ def validation_batch(config_path: str, tokenizer_state: Optional[dict]) -> tuple
 
 
 def main(args: argparse.Namespace) -> int:
-    """Loads the checkpoint, builds the input, writes the task's attention figures; prints their paths."""
+    """Loads the checkpoint, builds the input, writes the task's attention figures; prints their
+    paths. 0, or 2 with a message for a missing checkpoint or bad options (as `zoo generate`)."""
+    try:
+        return _write_figures(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"zoo attention-map: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _write_figures(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     from tasks.attention_figures import save

@@ -101,8 +101,8 @@ def read_run(metrics_csv, metric: Optional[str] = None) -> dict:
     """One run's quality curve from its metrics.csv.
 
     Returns {"run", "path", "metric", "mode", "steps", "values", "seconds", "time_source"}:
-    the metric's logged values in step order, and their training seconds (None each when
-    no time could be derived). metric: a column to use instead of the monitored one.
+    the metric's logged values in step order (steps: optimizer steps done when logged), and
+    their training seconds (None each when no time could be derived). metric: a column to use instead of the monitored one.
     Raises ValueError when the CSV has no step column or no usable metric.
     """
     path = Path(metrics_csv)
@@ -123,11 +123,13 @@ def read_run(metrics_csv, metric: Optional[str] = None) -> dict:
                          f"columns: {', '.join(sorted(columns))}")
     if mode is None:
         mode = "min" if metric.endswith(("loss", "cer", "wer", "ppl", "bpc", "bpb")) else "max"
-    points = sorted((int(float(r["step"])), v) for r in rows if (v := _float(r.get(metric))) is not None)
+    # Lightning logs a training-time row (validation included) at the 0-based index of the last
+    # optimizer step: + 1 is the number of steps done, what `best (step)` and `steps` report.
+    points = sorted((int(float(r["step"])) + 1, v) for r in rows if (v := _float(r.get(metric))) is not None)
     if not points:
         raise ValueError(f"{path}: column {metric!r} holds no values")
     steps = [s for s, _ in points]
-    clock = sorted((int(float(r["step"])), t) for r in rows if (t := _float(r.get(TIME_COLUMN))) is not None)
+    clock = sorted((int(float(r["step"])) + 1, t) for r in rows if (t := _float(r.get(TIME_COLUMN))) is not None)
     seconds: list[Optional[float]] = [None] * len(steps)
     source = "none"
     if len(clock) >= 2:
@@ -140,9 +142,9 @@ def read_run(metrics_csv, metric: Optional[str] = None) -> dict:
                    ts[0] + (s - xs[0]) * slope_lo if s < xs[0] else ts[-1] + (s - xs[-1]) * slope_hi for s in steps]
         source = f"{TIME_COLUMN} (ThroughputMonitor: training seconds, validation excluded), interpolated"
     else:
-        stamps = _tensorboard_seconds(path.parent, metric)
-        if stamps and all(s in stamps for s in steps):
-            seconds, source = [stamps[s] for s in steps], "TensorBoard event wall-clock (validation included)"
+        stamps = _tensorboard_seconds(path.parent, metric)  # by the logged (0-based) step
+        if stamps and all(s - 1 in stamps for s in steps):
+            seconds, source = [stamps[s - 1] for s in steps], "TensorBoard event wall-clock (validation included)"
     run = f"{path.parent.parent.name}/{path.parent.name}"
     return {"run": run, "path": str(path), "metric": metric, "mode": mode, "steps": steps,
             "values": [v for _, v in points], "seconds": seconds, "time_source": source}

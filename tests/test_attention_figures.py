@@ -70,7 +70,7 @@ def test_token_heatmaps_alignment_and_speech_panels():
     plt.close("all")
 
 
-def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path):
+def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tasks.cli import main
@@ -94,12 +94,16 @@ def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path):
     assert os.listdir(out) == ["vision_attention.png"]
     image = plt.imread(os.path.join(out, "vision_attention.png"))
     assert image.shape[0] > 100 and image.std() > 0.01  # a drawn figure, not a blank canvas
-    with pytest.raises(ValueError, match="--sample 300 is not in the first validation batch \\(samples 0 to 63\\)"):
-        main(["attention-map", os.path.join(run_dir, "checkpoints", "last.ckpt"), "--sample", "300"])
-    with pytest.raises(ValueError, match="--text needs a text model"):
-        main(["attention-map", os.path.join(run_dir, "checkpoints", "last.ckpt"), "--text", "hi"])
-    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
-        main(["attention-map", str(tmp_path / "nowhere.ckpt")])
+    # Usage errors: status 2 and one line that says what was wrong, as `zoo generate`.
+    for args, message in (([run_dir + "/checkpoints/last.ckpt", "--sample", "300"],
+                           "--sample 300 is not in the first validation batch (samples 0 to 63)"),
+                          ([run_dir + "/checkpoints/last.ckpt", "--text", "hi"], "--text needs a text model"),
+                          ([run_dir + "/checkpoints/last.ckpt", "--layer", "9"], "out of range"),
+                          ([str(tmp_path / "nowhere.ckpt")], f"checkpoint not found: {tmp_path}/nowhere.ckpt")):
+        capsys.readouterr()
+        assert main(["attention-map", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("zoo attention-map: error: ") and message in err and "Traceback" not in err
 
 
 def test_callback_draws_in_a_run_bounded_by_steps_only(tmp_path):

@@ -9,6 +9,7 @@ for the runs' wall time. No timing is asserted: only that each measurement exist
 import csv
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -301,10 +302,11 @@ def test_read_run_takes_the_monitored_metric_and_training_time(tmp_path):
     [path] = compare_runs.find_metrics_files([str(tmp_path / "digits")])
     run = compare_runs.read_run(path)
     assert (run["run"], run["metric"], run["mode"]) == ("digits/version_0", "val/acc", "max")
-    assert run["steps"] == [15, 20, 25] and run["values"] == [0.5, 0.75, 0.7]
-    # train/time: 2 s at step 10, 4 s at step 20 -> 3 s at 15; past the end at the last rate (0.2 s/step).
+    # Lightning logs the 0-based index of the last step: the steps done are one more.
+    assert run["steps"] == [16, 21, 26] and run["values"] == [0.5, 0.75, 0.7]
+    # train/time: 2 s at step 11, 4 s at step 21 -> 3 s at 16; past the end at the last rate (0.2 s/step).
     assert run["seconds"] == pytest.approx([3.0, 4.0, 5.0])
-    assert compare_runs.best(run) == (0.75, 20)
+    assert compare_runs.best(run) == (0.75, 21)
 
 
 def test_read_run_fallbacks(tmp_path):
@@ -314,7 +316,7 @@ def test_read_run_fallbacks(tmp_path):
     assert (run["metric"], run["mode"]) == ("val/acc", "max")  # the first of PREFERRED_METRICS present
     assert run["seconds"] == [None, None, None] and run["time_source"] == "none"
     loss = compare_runs.read_run(tmp_path / "a" / "version_3" / "metrics.csv", metric="val/loss")
-    assert loss["mode"] == "min" and compare_runs.best(loss) == (0.9, 25)
+    assert loss["mode"] == "min" and compare_runs.best(loss) == (0.9, 26)
     # With TensorBoard events, their wall-clock stamps give the time (seconds since the first event).
     from torch.utils.tensorboard import SummaryWriter
 
@@ -325,6 +327,24 @@ def test_read_run_fallbacks(tmp_path):
     writer.close()
     timed = compare_runs.read_run(tmp_path / "a" / "version_3" / "metrics.csv")
     assert timed["seconds"] == pytest.approx([3.0, 10.0, 12.5]) and "TensorBoard" in timed["time_source"]
+
+
+def test_read_run_counts_the_steps_a_real_run_took(tmp_path):
+    """The oracle is the trainer: 3 optimizer steps, validated at the end, read back as step 3."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tasks import ImageClassification
+    from tasks.data.vision import DigitsDataModule
+
+    task = ImageClassification("vit_digits", model_args={"depth": 1, "attn_backend": "sdpa"})
+    logger = CSVLogger(str(tmp_path), name="digits")
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, val_check_interval=3, limit_val_batches=1, logger=logger,
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(task, DigitsDataModule(batch_size=16))
+    run = compare_runs.read_run(os.path.join(logger.log_dir, "metrics.csv"))
+    assert run["steps"] == [trainer.global_step] == [3]
 
 
 # --------------------------------------------------------------------------------------
