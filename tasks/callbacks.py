@@ -8,9 +8,10 @@ import os
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class AttentionMapLogger(L.Callback):
@@ -55,7 +56,8 @@ class AttentionMapLogger(L.Callback):
                 raise ValueError(f"sample {self.sample} is past the first validation batch ({size} samples)")
         return self._batch
 
-    @rank_zero_only
+    # Every rank runs the forward, not rank 0 alone: under FSDP it gathers the sharded weights,
+    # a collective that would wait forever for the other ranks. Only rank 0 logs.
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self._enabled:
             return
@@ -74,7 +76,7 @@ class AttentionMapLogger(L.Callback):
         import matplotlib.pyplot as plt
 
         for name, figure in figures.items():
-            for logger in trainer.loggers:
+            for logger in trainer.loggers if trainer.is_global_zero else ():
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_figure(f"attention/{name}", figure, trainer.global_step, close=False)
             plt.close(figure)
@@ -101,6 +103,7 @@ class PredictionWriter(BasePredictionWriter):
         self.written: Optional[str] = None  # the file of the last run
         self._file = None
         self._counts = {"records": 0, "judged": 0, "correct": 0, "tokens": 0, "loss": 0.0}
+        self._ranks = 1  # the processes whose files the counts cover (summed in on_predict_end)
 
     def _target(self, trainer: L.Trainer) -> str:
         path = self.path or os.path.join(trainer.log_dir or trainer.default_root_dir, "predictions.jsonl")
@@ -114,6 +117,7 @@ class PredictionWriter(BasePredictionWriter):
         os.makedirs(os.path.dirname(os.path.abspath(self.written)), exist_ok=True)
         self._file = open(self.written, "w", encoding="utf-8")
         self._counts = dict.fromkeys(self._counts, 0)
+        self._ranks = 1
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
@@ -133,9 +137,13 @@ class PredictionWriter(BasePredictionWriter):
         self._file.flush()
 
     def summary(self) -> str:
-        """One line: how many records, where, and the summarized fields."""
+        """One line: how many records, where, and the summarized fields (of every rank's file)."""
         counts = self._counts
-        parts = [f"{counts['records']} predictions in {self.written}"]
+        where = self.written
+        if self._ranks > 1:
+            stem, suffix = os.path.splitext(self.written)
+            where = f"{stem.rsplit('.rank', 1)[0]}.rank*{suffix} ({self._ranks} files, one per rank)"
+        parts = [f"{counts['records']} predictions in {where}"]
         if counts["judged"]:
             parts.append(f"{counts['correct']}/{counts['judged']} correct "
                          f"({100 * counts['correct'] / counts['judged']:.2f}%)")
@@ -151,6 +159,12 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close()
+        if trainer.world_size > 1:  # the summary is of the whole split, not of one rank's share
+            keys = list(self._counts)
+            local = torch.tensor([float(self._counts[k]) for k in keys], dtype=torch.float64, device=pl_module.device)
+            total = trainer.strategy.reduce(local, reduce_op="sum").tolist()
+            self._counts = {k: v if k == "loss" else int(round(v)) for k, v in zip(keys, total)}
+            self._ranks = trainer.world_size
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._close()

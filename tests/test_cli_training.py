@@ -498,7 +498,20 @@ def test_zoo_fit_under_ddp_ends_cleanly_on_every_rank(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"logs in {tmp_path}/vit_digits/version_0" in result.stdout
-    assert os.path.isfile(tmp_path / "vit_digits" / "version_0" / "checkpoints" / "last.ckpt")
+    checkpoint = tmp_path / "vit_digits" / "version_0" / "checkpoints" / "last.ckpt"
+    assert os.path.isfile(checkpoint)
+    # zoo predict on both ranks: the printed summary is of the whole test split (270 digits), not rank 0's half.
+    result = subprocess.run([sys.executable, "-m", "tasks.cli", "predict", "-c", "configs/vision/vit_digits.yaml",
+                             "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+                             f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={tmp_path}"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for path in glob.glob(str(tmp_path / "vit_digits" / "version_1" / "predictions.rank*"))
+               for line in open(path)]
+    correct = sum(r["correct"] for r in records)
+    assert len(records) == 270
+    summary = rf"270 predictions in .*predictions\.rank\*\.jsonl \(2 files, one per rank\); {correct}/270 correct"
+    assert re.search(summary, result.stdout), result.stdout
 
 
 class _RecordLoss(L.Callback):
