@@ -158,10 +158,28 @@ def test_positions_past_the_table_raise():
     (dict(checkpointing=1), "checkpointing must be a bool, got 1"),
     (dict(dim=4, heads=1, mlp_ratio=0.1), "rounds the MLP width to 0"),
     (dict(positions="rotary", rotary_base=-1.0), "rotary_base must be positive"),
+    (dict(heads=4, kv_heads=2.0), "kv_heads must be an int or None, got 2.0"),
+    (dict(head_dim=8.0), "head_dim must be an int or None, got 8.0"),
+    (dict(mlp_hidden=64.0), "mlp_hidden must be an int or None, got 64.0"),
+    (dict(depth=True), "depth must be a positive int, got True"),
 ])
 def test_bad_configs_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TransformerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "eager"])
+def test_key_padding_masks_are_checked_alike_on_every_backend(backend):
+    """A float 0/1 mask would be a bias to torch's SDPA (a wrong result, no error): every backend refuses it."""
+    model = Transformer(TransformerConfig(dim=16, depth=1, heads=2, attn_backend=backend)).eval()
+    x = torch.randn(2, 5, 16)
+    good = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with kernels.reference_only():
+        model(x, key_padding_mask=good)
+        with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+            model(x, key_padding_mask=good.float())
+        with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seqlen_k\) = \(2, 5\)"):
+            model(x, key_padding_mask=good[:, :1])
 
 
 def test_registry_names_and_close_matches():

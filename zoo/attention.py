@@ -52,8 +52,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = Fals
            alibi_slopes: Optional[Tensor] = None, return_probs: bool = False):
     """Attention of q (B, Sq, H, D) over k, v (B, Sk, Hk, D); returns (B, Sq, H, D).
 
-    With return_probs (eager backend only) returns (out, probs (B, H, Sq, Sk)).
+    key_padding_mask: bool (B, Sk), True for the keys to attend (checked on every backend: a
+    float mask would be a bias to torch's SDPA). With return_probs (eager backend only)
+    returns (out, probs (B, H, Sq, Sk)).
     """
+    if key_padding_mask is not None:
+        shape = (q.shape[0], k.shape[1])
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != shape:
+            raise ValueError(f"key_padding_mask must have shape (batch, seqlen_k) = {shape}, "
+                             f"got {tuple(key_padding_mask.shape)}")
     if backend == "triton" and not return_probs:
         return kernels.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                  alibi_slopes=alibi_slopes)

@@ -54,8 +54,13 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig: {message}")
 
         for name in ("dim", "depth", "heads", "max_seq_len"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
+                 and getattr(self, name) > 0,
                  f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("kv_heads", "head_dim", "mlp_hidden", "rotary_dim"):
+            value = getattr(self, name, None)
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                 f"{name} must be an int or None, got {value!r}")
         need(self.head_dim is not None or self.dim % self.heads == 0,
              f"heads ({self.heads}) must divide dim ({self.dim}), or set head_dim")
         need(self.head_dim is None or self.head_dim > 0, f"head_dim must be positive, got {self.head_dim}")

@@ -4,7 +4,10 @@ With kernel_ops (TransformerConfig.kernel_ops, the default) the norms, the MLP's
 activations, rotary positions and the token loss run tritonzoo's kernels (kernels/:
 Triton on CUDA, their PyTorch path on CPU); without, torch's own ops. Both compute the
 same function with the same parameters, so a checkpoint loads into either. Tensors of a
-dtype the kernels do not take (float64) use torch's ops either way.
+dtype the kernels do not take (float64) use torch's ops either way, but a float64 model is
+not float64 throughout: RMSNorm's statistics, rotary's angles, the sinusoidal table and the
+"eager" attention scores are float32, as on the other dtypes (the "triton" backend refuses
+float64; "sdpa" keeps it).
 """
 
 from __future__ import annotations
