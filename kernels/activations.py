@@ -216,6 +216,9 @@ def _act_reference(x: Tensor, act: int) -> Tensor:
 def _act_backward_reference(grad: Tensor, x: Tensor, act: int) -> Tensor:
     """grad * act'(x), by torch's fused backward of the activation."""
     if act == SILU:
+        if torch.is_grad_enabled():  # a backward with create_graph: aten.silu_backward has no derivative
+            s = torch.sigmoid(x)
+            return grad * s * (1 + x * (1 - s))
         return torch.ops.aten.silu_backward(grad, x)
     return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if act == GELU_TANH else "none")
 
@@ -317,7 +320,63 @@ def _glu_backward(ctx, dout):
     return dx, dy if y is not None else None, None
 
 
-# Their backward ops carry their own autograd formulas: second derivatives are exact.
+def _act_derivatives(u: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(act(u), act'(u), act''(u)) of float32 u, in torch ops: the backward ops' own derivatives."""
+    if act == SILU:
+        s = torch.sigmoid(u)
+        return u * s, s * (1 + u * (1 - s)), s * (1 - s) * (2 + u * (1 - 2 * s))
+    if act == GELU_ERF:
+        pdf = torch.exp(-0.5 * u * u) * (1.0 / math.sqrt(2.0 * math.pi))
+        cdf = 0.5 * (1.0 + torch.erf(u * (1.0 / math.sqrt(2.0))))
+        return u * cdf, cdf + u * pdf, pdf * (2.0 - u * u)
+    k, c = math.sqrt(2.0 / math.pi), 0.044715
+    t = torch.tanh(k * (u + c * u * u * u))
+    dz, d2z, sech2 = k * (1.0 + 3.0 * c * u * u), 6.0 * k * c * u, 1.0 - t * t
+    second = sech2 * (dz + 0.5 * u * (d2z - 2.0 * t * dz * dz))
+    return 0.5 * u * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * u * sech2 * dz, second
+
+
+def _gelu_bwd_setup(ctx, inputs, output):
+    dy, x, bias, act = inputs
+    ctx.save_for_backward(dy, x, bias)
+    ctx.act = act
+
+
+def _gelu_bwd_backward(ctx, gdx, gdb):
+    """Of (dx, dbias) = (dy * g'(u), sum_rows(dy * g'(u))), u = x + bias."""
+    dy, x, bias = ctx.saved_tensors
+    u = x.float() + bias.float() if bias is not None else x.float()
+    _, d1, d2 = _act_derivatives(u, ctx.act)
+    g = gdx.float() + gdb.float() if bias is not None else gdx.float()
+    gx = g * dy.float() * d2
+    return (g * d1).to(dy.dtype), gx.to(x.dtype), gx.sum(0).to(bias.dtype) if bias is not None else None, None
+
+
+def _glu_bwd_setup(ctx, inputs, output):
+    dout, x, y, act = inputs
+    ctx.save_for_backward(dout, x, y)
+    ctx.act = act
+
+
+def _glu_bwd_backward(ctx, gdx, gdy):
+    """Of (da, db) = (dout * b * g'(a), dout * g(a)); packed (y None): dx = [da, db]."""
+    dout, x, y = ctx.saved_tensors
+    a, b = _halves(x, y)
+    gda, gdb = _halves(gdx, gdy if y is not None else None)
+    af, bf, do, gda, gdb = a.float(), b.float(), dout.float(), gda.float(), gdb.float()
+    g0, g1, g2 = _act_derivatives(af, ctx.act)
+    g_dout = gda * bf * g1 + gdb * g0
+    g_a = do * (gda * bf * g2 + gdb * g1)
+    g_b = do * gda * g1
+    if y is not None:
+        return g_dout.to(dout.dtype), g_a.to(x.dtype), g_b.to(y.dtype), None
+    return g_dout.to(dout.dtype), torch.cat((g_a, g_b), dim=1).to(x.dtype), None, None
+
+
+# The backward ops carry their own autograd formulas (analytic, in torch ops), so second
+# derivatives are exact on every path: the op (Triton, torch.compile) and the eager body.
+gelu_bwd.register_autograd(_gelu_bwd_backward, setup_context=_gelu_bwd_setup)
+glu_bwd.register_autograd(_glu_bwd_backward, setup_context=_glu_bwd_setup)
 _call_gelu_fwd = eager_op(gelu_fwd, _gelu_fwd, _gelu_setup, _gelu_backward, double_backward=True)
 _call_glu_fwd = eager_op(glu_fwd, _glu_fwd, _glu_setup, _glu_backward, double_backward=True)
 

@@ -93,6 +93,53 @@ def test_gated(backend, shape, kind, packed):
         check(ours, lambda x, y: act(x) * y, [x, y], device, ctx)
 
 
+def _second_derivatives(fn, inputs, device, ctx, compiled=False):
+    """Gradients of <v, d/dinputs <w, fn(inputs)>>: a Hessian-vector product, every input's."""
+    xs = [t.to(device).requires_grad_() for t in inputs]
+    g = torch.Generator().manual_seed(1)
+    with ctx():
+        # backend "eager": torch.compile with aot_autograd has no double backward at all (torch 2.11)
+        f = torch.compile(fn, fullgraph=True, backend="eager") if compiled else fn
+        out = f(*xs)
+        w = torch.randn(out.shape, generator=g).to(device, out.dtype)
+        first = torch.autograd.grad(out, xs, w, create_graph=True)
+        v = [torch.randn(t.shape, generator=g).to(device, t.dtype) for t in first]
+        return torch.autograd.grad(first, xs, v), w, v
+
+
+GATED = {"gelu": lambda x, b: gelu_formula(x + b, "none"), "gelu_tanh": lambda x, b: gelu_formula(x + b, "tanh"),
+         "swiglu": lambda x, y: silu_formula(x) * y, "geglu": lambda x, y: gelu_formula(x, "none") * y,
+         "geglu_tanh": lambda x, y: gelu_formula(x, "tanh") * y}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", list(GATED))
+@pytest.mark.parametrize("packed", [False, True])
+def test_second_derivatives(backend, kind, packed, compiled):
+    """Through the op (the Triton path, and torch.compile) as through the eager body: against float64."""
+    device, ctx = backend
+    if compiled and ctx is contextlib.nullcontext and device == "cpu":
+        pytest.skip("the Triton interpreter does not run under torch.compile (fake tensors): compiled on a GPU")
+    torch._dynamo.reset()
+    ours = {"gelu": lambda x, b: gelu(x, b), "gelu_tanh": lambda x, b: gelu(x, b, "tanh"), "swiglu": swiglu,
+            "geglu": geglu, "geglu_tanh": lambda x, y=None: geglu(x, y, approximate="tanh")}[kind]
+    formula = GATED[kind]
+    x, other = torch.randn(7, 33) * 2, torch.randn(33 if kind.startswith("gelu") else (7, 33))
+    if packed and kind.startswith("gelu"):
+        pytest.skip("gelu takes no packed input")
+    if packed:
+        inputs = [torch.cat([x, other], dim=1)]
+        fn, ref_fn = (lambda p: ours(p)), (lambda p: formula(p[:, :33], p[:, 33:]))
+    else:
+        inputs, fn, ref_fn = [x, other], ours, formula
+    got, w, v = _second_derivatives(fn, inputs, device, ctx, compiled)
+    ref_in = [t.double().requires_grad_() for t in inputs]
+    first = torch.autograd.grad(ref_fn(*ref_in), ref_in, w.cpu().double(), create_graph=True)
+    expected = torch.autograd.grad(first, ref_in, [t.cpu().double() for t in v])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.cpu().double(), e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(backend, dtype):
     device, ctx = backend
