@@ -102,7 +102,8 @@ def read_run(metrics_csv, metric: Optional[str] = None) -> dict:
 
     Returns {"run", "path", "metric", "mode", "steps", "values", "seconds", "time_source"}:
     the metric's logged values in step order (steps: optimizer steps done when logged), and
-    their training seconds (None each when no time could be derived). metric: a column to use instead of the monitored one.
+    their training seconds (None each when no time could be derived). metric: a column to
+    use instead of the monitored one.
     Raises ValueError when the CSV has no step column or no usable metric.
     """
     path = Path(metrics_csv)

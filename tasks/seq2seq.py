@@ -12,7 +12,7 @@ import zoo
 from zoo.layers import token_cross_entropy
 
 from .base import ZooTask
-from .data.tokenizers import suppressed_ids
+from .data.tokenizers import suppressed_ids, warn_unknown
 
 
 def tokenizer_for(task) -> Any:
@@ -142,6 +142,7 @@ class Seq2Seq(ZooTask):
         tokenizer = tokenizer or tokenizer_for(self)
         if isinstance(sources, str) or not sources:
             raise ValueError("sources must hold at least one string (a list of them, not one string)")
+        warn_unknown(tokenizer, sources, "sources")
         ids = [tokenizer.encode(s) for s in sources]
         if any(not row for row in ids):
             raise ValueError("every source must have at least one token (got an empty string)")

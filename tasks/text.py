@@ -27,7 +27,7 @@ import zoo
 from zoo.layers import token_cross_entropy
 
 from .base import ZooTask
-from .data.tokenizers import suppressed_ids
+from .data.tokenizers import suppressed_ids, warn_unknown
 
 IGNORE_INDEX = -100
 
@@ -147,6 +147,7 @@ class _LanguageModelTask(ZooTask):
         (for `zoo attention-map --text`)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
+        warn_unknown(tokenizer, texts, "text_batch")
         encoded = [self._frame(tokenizer.encode(text), tokenizer) for text in texts]
         width = max(map(len, encoded))
         ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long)
@@ -317,6 +318,7 @@ class CausalLM(_LanguageModelTask):
                              f"{model.cfg.vocab_size}")
         if not prompts:
             return []
+        warn_unknown(tokenizer, prompts, "generate_text")
         encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
         width = max(map(len, encoded))
         ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long, device=self.device)
@@ -423,6 +425,7 @@ class MaskedLM(_LanguageModelTask):
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         model = self._built_model()
+        warn_unknown(tokenizer, [text.replace(marker, "") for text in texts], "fill_mask")
         encoded = []
         for text in texts:
             pieces = text.split(marker)

@@ -231,6 +231,11 @@ def test_only_text_and_eos_are_decoded_from_a_larger_model_vocabulary(num_beams)
     assert all(len(text) == 12 for text in expected)  # untrained: no <eos> within 12 tokens, nothing dropped
 
 
+def test_sources_with_characters_outside_the_alphabet_warn():
+    with pytest.warns(UserWarning, match="sources: 1 character\\(s\\) outside the tokenizer's alphabet .* '€'"):
+        _task().text_batch(["3 March 2021 €"], CharTokenizer(DATE_ALPHABET))
+
+
 def test_generate_text_without_a_tokenizer_says_what_is_missing():
     with pytest.raises(RuntimeError, match="tokenizer"):
         _task().generate_text(["3 March 2021"])

@@ -144,8 +144,22 @@ def test_a_model_vocabulary_padded_past_the_tokenizer_never_reaches_the_text(mon
 def test_fill_mask_keeps_the_text_the_tokenizer_cannot_spell():
     bert = MaskedLM("bert_tiny", vocab_size=40, model_args=TINY_BERT)
     text = "Naïve café: [MASK] ok!"
-    filled = bert.fill_mask([text], CharTokenizer("abcdefghijklmnopqrstuvwxyz "))[0]
+    with pytest.warns(UserWarning, match="fill_mask: 5 character\\(s\\) outside the tokenizer's alphabet .* '!:Néï'"):
+        filled = bert.fill_mask([text], CharTokenizer("abcdefghijklmnopqrstuvwxyz "))[0]
     assert filled.startswith("Naïve café: ") and filled.endswith(" ok!") and len(filled) == len(text) - 5
+
+
+def test_prompts_with_characters_outside_the_alphabet_warn_naming_them(recwarn):
+    tok = CharTokenizer("abc ")
+    gpt = CausalLM("gpt_nano", vocab_size=tok.vocab_size, model_args=TINY_GPT)
+    with pytest.warns(UserWarning, match="generate_text: 2 character\\(s\\) .* as <unk>: 'XZ'"):
+        gpt.generate_text(["abZ", "X c"], tok, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="text_batch: 1 character"):
+        gpt.text_batch(["a-b"], tok)
+    recwarn.clear()
+    gpt.generate_text(["abc"], tok, max_new_tokens=2)
+    assert ByteTokenizer().unknown("any text ☃") == []
+    assert not [w for w in recwarn if "alphabet" in str(w.message)]  # nothing to say: no warning
 
 
 def test_unigram_baseline_by_hand():

@@ -22,6 +22,10 @@ class _Specials:
     num_specials = len(SPECIALS)
     vocab_size: int
 
+    def unknown(self, text: str) -> list[str]:
+        """The characters of `text` this tokenizer encodes as <unk> (sorted; none but for CharTokenizer)."""
+        return []
+
     def _text_ids(self, ids: Iterable[int]) -> list[int]:
         """The ids of `ids` that stand for text (the specials dropped); ValueError for one outside the vocabulary."""
         ids = [int(i) for i in ids]
@@ -66,6 +70,9 @@ class CharTokenizer(_Specials):
 
     def encode(self, text: str) -> list[int]:
         return [self.stoi.get(c, self.unk_id) for c in text]
+
+    def unknown(self, text: str) -> list[str]:
+        return sorted(set(text) - self.stoi.keys())
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.itos[i] for i in self._text_ids(ids))
@@ -142,3 +149,14 @@ def suppressed_ids(tokenizer, model_vocab_size: int) -> list[int]:
     every id of the model's vocabulary past the tokenizer's (a vocabulary padded to a round size)."""
     specials = [i for i in range(tokenizer.num_specials) if i != tokenizer.eos_id]
     return specials + list(range(tokenizer.vocab_size, model_vocab_size))
+
+
+def warn_unknown(tokenizer, texts: Iterable[str], what: str) -> None:
+    """Warns (naming them) when `texts` hold characters the tokenizer encodes as <unk>: the model
+    then sees <unk> where the text has something else."""
+    unknown = sorted({c for text in texts for c in tokenizer.unknown(text)}) if hasattr(tokenizer, "unknown") else []
+    if unknown:
+        import warnings
+
+        warnings.warn(f"{what}: {len(unknown)} character(s) outside the tokenizer's alphabet are fed to the model "
+                      f"as <unk>: {''.join(unknown)[:40]!r}", stacklevel=3)
