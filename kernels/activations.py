@@ -336,9 +336,10 @@ def _act_derivatives(u: Tensor, act: int) -> tuple[Tensor, Tensor, Tensor]:
     return 0.5 * u * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * u * sech2 * dz, second
 
 
-def _gelu_bwd_setup(ctx, inputs, output):
-    dy, x, bias, act = inputs
-    ctx.save_for_backward(dy, x, bias)
+def _bwd_setup(ctx, inputs, output):
+    """Of gelu_bwd (dy, x, bias, act) and glu_bwd (dout, x, y, act): the three tensors and act."""
+    *tensors, act = inputs
+    ctx.save_for_backward(*tensors)
     ctx.act = act
 
 
@@ -350,12 +351,6 @@ def _gelu_bwd_backward(ctx, gdx, gdb):
     g = gdx.float() + gdb.float() if bias is not None else gdx.float()
     gx = g * dy.float() * d2
     return (g * d1).to(dy.dtype), gx.to(x.dtype), gx.sum(0).to(bias.dtype) if bias is not None else None, None
-
-
-def _glu_bwd_setup(ctx, inputs, output):
-    dout, x, y, act = inputs
-    ctx.save_for_backward(dout, x, y)
-    ctx.act = act
 
 
 def _glu_bwd_backward(ctx, gdx, gdy):
@@ -375,8 +370,8 @@ def _glu_bwd_backward(ctx, gdx, gdy):
 
 # The backward ops carry their own autograd formulas (analytic, in torch ops), so second
 # derivatives are exact on every path: the op (Triton, torch.compile) and the eager body.
-gelu_bwd.register_autograd(_gelu_bwd_backward, setup_context=_gelu_bwd_setup)
-glu_bwd.register_autograd(_glu_bwd_backward, setup_context=_glu_bwd_setup)
+gelu_bwd.register_autograd(_gelu_bwd_backward, setup_context=_bwd_setup)
+glu_bwd.register_autograd(_glu_bwd_backward, setup_context=_bwd_setup)
 _call_gelu_fwd = eager_op(gelu_fwd, _gelu_fwd, _gelu_setup, _gelu_backward, double_backward=True)
 _call_glu_fwd = eager_op(glu_fwd, _glu_fwd, _glu_setup, _glu_backward, double_backward=True)
 

@@ -162,11 +162,15 @@ def test_compile_fullgraph_inductor():
     def block(q, k, v):
         return flash_attn_func(q, k, v, causal=True).float().square().mean()
 
-    q, k, v = _inputs(2, 512, 512, 8, 8, 64, torch.bfloat16)
-    eager_loss = block(q, k, v)
-    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
-    loss = torch.compile(block, fullgraph=True)(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
+    _check_compiled(block, _inputs(2, 512, 512, 8, 8, 64, torch.bfloat16))
+
+
+def _check_compiled(block, inputs):
+    """block(*inputs) (a scalar loss) compiled with inductor, fullgraph: its loss and gradients as eager's."""
+    eager_loss = block(*inputs)
+    eager_grads = torch.autograd.grad(eager_loss, inputs)
+    loss = torch.compile(block, fullgraph=True)(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
     torch.testing.assert_close(loss, eager_loss)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
@@ -184,13 +188,7 @@ def test_compile_fullgraph_inductor_varlen(causal):
         out = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
         return out.float().square().mean()
 
-    eager_loss = block(q, k, v)
-    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
-    loss = torch.compile(block, fullgraph=True)(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    torch.testing.assert_close(loss, eager_loss)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
+    _check_compiled(block, (q, k, v))
 
 
 def test_patch_sdpa_timm_vit_bf16_autocast():
