@@ -131,6 +131,14 @@ def test_tsv_module_holds_out_lines_and_restores_its_tokenizer(tmp_path):
     dm.setup("fit")
     assert len(dm.train_set) == 90 and len(dm.val_set) == 10
     assert not set(dm.train_set) & set(dm.val_set)
+    # Repeated pairs and a second translation of one source: held out with all their lines.
+    lines += ["red 0\tRED 0", "red 0\tROUGE 0", "green 1\tGREEN 1"] * 3
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    again = TSVDataModule(train_path=str(path), tokenizer="chars", val_fraction=0.3, seed=3)
+    again.setup("fit")
+    train_sources, val_sources = {s for s, _ in again.train_set}, {s for s, _ in again.val_set}
+    assert not train_sources & val_sources and len(val_sources) == 30
+    assert sorted(again.train_set + again.val_set) == sorted(tuple(line.split("\t")) for line in lines)
     restored = TSVDataModule(train_path=str(path))
     restored.load_state_dict(dm.state_dict())
     for source, target in dm.val_set:

@@ -109,8 +109,8 @@ class TSVDataModule(PairsDataModule):
 
     Args:
         train_path: training pairs.
-        val_path: validation pairs; None holds out `val_fraction` of the training lines
-            (a seeded shuffle) instead.
+        val_path: validation pairs; None holds out `val_fraction` of the training file's
+            distinct sources (a seeded shuffle), each with all its lines, instead.
         test_path: test pairs (None: the validation pairs).
         tokenizer: "subword" (byte-level BPE), "chars" or "bytes"; subword and chars are
             built from the training split (both sides).
@@ -142,15 +142,17 @@ class TSVDataModule(PairsDataModule):
         if self.val_path is not None:
             val = read_tsv(self.val_path)
         else:
-            order = list(range(len(train)))
-            random.Random(self.seed).shuffle(order)
-            n_val = max(1, int(len(train) * self.val_fraction))
-            if n_val >= len(train):
-                raise ValueError(f"{self.train_path}: {len(train)} line(s) are too few to hold out a validation "
-                                 f"share; pass val_path")
-            held = set(order[:n_val])
-            val = [train[i] for i in sorted(held)]
-            train = [p for i, p in enumerate(train) if i not in held]
+            # Held out by source sentence: every line of a held-out source (a repeated pair, another
+            # translation) goes to validation, so that validation never scores a source seen in training.
+            sources = list(dict.fromkeys(source for source, _ in train))
+            random.Random(self.seed).shuffle(sources)
+            n_val = max(1, int(len(sources) * self.val_fraction))
+            if n_val >= len(sources):
+                raise ValueError(f"{self.train_path}: {len(sources)} distinct source(s) are too few to hold out "
+                                 f"a validation share; pass val_path")
+            held = set(sources[:n_val])
+            val = [p for p in train if p[0] in held]
+            train = [p for p in train if p[0] not in held]
         test = read_tsv(self.test_path) if self.test_path is not None else val
         if self.tokenizer is None:  # else restored by load_state_dict
             texts = (side for pair in train for side in pair)
