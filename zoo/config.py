@@ -12,6 +12,11 @@ POSITION_TYPES = ("learned", "sinusoidal", "rotary", "alibi", "none")
 ATTENTION_BACKENDS = ("triton", "sdpa", "eager")
 
 
+def is_int(value) -> bool:
+    """An int that is not a bool (True would pass isinstance(value, int) as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class TransformerConfig:
     """Every variant of the backbone is a field here; the defaults are a GPT-style block."""
@@ -54,12 +59,11 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig: {message}")
 
         for name in ("dim", "depth", "heads", "max_seq_len"):
-            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool)
-                 and getattr(self, name) > 0,
+            need(is_int(getattr(self, name)) and getattr(self, name) > 0,
                  f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("kv_heads", "head_dim", "mlp_hidden", "rotary_dim"):
             value = getattr(self, name, None)
-            need(value is None or (isinstance(value, int) and not isinstance(value, bool)),
+            need(value is None or is_int(value),
                  f"{name} must be an int or None, got {value!r}")
         need(self.head_dim is not None or self.dim % self.heads == 0,
              f"heads ({self.heads}) must divide dim ({self.dim}), or set head_dim")

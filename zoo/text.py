@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
-from .config import TransformerConfig
+from .config import TransformerConfig, is_int
 from .generation import TokenIds, check_max_new_tokens, check_sampling, decode, suppress_index
 from .layers import KERNEL_DTYPES, fused_linear_gelu, make_norm, token_cross_entropy
 from .registry import build_config, register_model
@@ -67,7 +67,7 @@ def _activation(kind: str):
 def _positive(config, *names):
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ValueError(f"{type(config).__name__}: {name} must be a positive int, got {value!r}")
 
 
@@ -274,7 +274,7 @@ class GPTConfig:
             raise ValueError("GPTConfig: backbone must be causal self-attention (causal=True, cross_attention=False)")
 
         def token(value):
-            return not isinstance(value, bool) and isinstance(value, int) and 0 <= value < self.vocab_size
+            return is_int(value) and 0 <= value < self.vocab_size
 
         if self.pad_token_id is not None and not token(self.pad_token_id):
             raise ValueError(f"GPTConfig: pad_token_id must be an int in [0, {self.vocab_size}) or None, "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import Transformer
-from .config import TransformerConfig
+from .config import TransformerConfig, is_int
 from .layers import make_norm
 from .registry import build_config, register_model
 
@@ -32,7 +32,7 @@ def to_pair(value: Size, name: str) -> tuple[int, int]:
         pair = (value, value) if isinstance(value, int) else tuple(value)
     except TypeError:
         pair = ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+    if len(pair) != 2 or not all(is_int(v) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair
 
@@ -68,14 +68,14 @@ class ViTConfig:
         image, patch = to_pair(self.img_size, "img_size"), to_pair(self.patch_size, "patch_size")
         need(image[0] % patch[0] == 0 and image[1] % patch[1] == 0,
              f"img_size {self.img_size!r} must be divisible by patch_size {self.patch_size!r}")
-        need(isinstance(self.in_chans, int) and not isinstance(self.in_chans, bool) and self.in_chans > 0,
+        need(is_int(self.in_chans) and self.in_chans > 0,
              f"in_chans must be a positive int, got {self.in_chans!r}")
-        need(isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes >= 0,
+        need(is_int(self.num_classes) and self.num_classes >= 0,
              f"num_classes must be an int >= 0, got {self.num_classes!r}")
         need(self.global_pool in POOL_TYPES,
              f"global_pool must be one of {', '.join(POOL_TYPES)}; got {self.global_pool!r}")
         need(self.class_token or self.global_pool != "token", "global_pool='token' needs class_token=True")
-        need(isinstance(self.reg_tokens, int) and not isinstance(self.reg_tokens, bool) and self.reg_tokens >= 0,
+        need(is_int(self.reg_tokens) and self.reg_tokens >= 0,
              f"reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
         need(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
         need(self.pos_init_std >= 0, f"pos_init_std must be >= 0, got {self.pos_init_std}")
