@@ -315,6 +315,8 @@ def test_default_stop_token_comes_from_the_hf_config():
         expected = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
     assert torch.equal(got, expected) and (got[0, 9 + 3:] == 1).all()
+    with torch.no_grad():  # eos_token_id=[]: no stop token for this call, the config's included
+        assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]), greedy)
     # An eos outside the vocabulary (GPT-2's 50256 in a tiny config) can never stop a row: none is kept.
     assert zoo.weights.from_hf(transformers.GPT2LMHeadModel(transformers.GPT2Config(
         **GPT2_CONFIGS["2x32_4heads"]))).cfg.eos_token_id is None
@@ -340,6 +342,18 @@ def test_hf_stop_token_lists_and_pad_ids_outside_the_vocabulary():
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
     assert torch.equal(got, expected)
     assert (got[0, 9 + 3:] == eos[0]).all()  # finished: pads with the first stop token
+
+
+def test_stop_and_pad_tokens_outside_the_vocabulary_are_refused(gpt_pair):
+    """A stop token the model cannot emit would never stop a row; a pad id past the vocabulary is no token."""
+    _, ours = gpt_pair
+    ids, mask, _ = left_padded(64, [9, 4, 6])
+    for options, message in [(dict(eos_token_id=64), "eos_token_id holds 64, outside"),
+                             (dict(eos_token_id=[3, -1]), "eos_token_id holds -1, outside"),
+                             (dict(eos_token_id=3, pad_token_id=64), "pad_token_id 64 is outside"),
+                             (dict(eos_token_id="3"), "must be an int or a list of ints")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            ours.generate(ids, attention_mask=mask, max_new_tokens=2, **options)
 
 
 def test_suppressed_tokens_are_never_generated_as_in_hf(gpt_pair):

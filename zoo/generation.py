@@ -94,14 +94,17 @@ def choose_tokens(logits: Tensor, *, do_sample: bool = False, temperature: float
 def stop_token_tensor(eos_token_id: TokenIds, device) -> Optional[Tensor]:
     """eos_token_id (an int, a list of ints or None) as a 1-D int64 tensor, or None.
 
-    Raises TypeError for anything else.
+    None and an empty list both mean "no stop token" (GPT.generate reads an empty list as
+    "none for this call", overriding the config's). Raises TypeError for anything else.
     """
     if eos_token_id is None:
         return None
+    if isinstance(eos_token_id, (str, bytes)) or not isinstance(eos_token_id, (int, list, tuple)):
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-        raise TypeError(f"eos_token_id must be an int or a non-empty list of ints, got {eos_token_id!r}")
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
 def suppress_index(suppress_tokens: Optional[Sequence[int]], vocab_size: int, device) -> Optional[Tensor]:
@@ -147,13 +150,20 @@ def decode(step: Callable[[Tensor], Tensor], logits: Tensor, *, max_new_tokens: 
     that emits one of eos_token_id is finished and emits pad_token_id (default: the
     first stop token) from then on; decoding ends early once every row is finished.
     The ids of suppress_tokens are never chosen. Raises ValueError for max_new_tokens < 0,
-    bad sampling options or bad suppress_tokens (see suppress_index).
+    bad sampling options, bad suppress_tokens (see suppress_index), or a stop or pad token
+    outside the vocabulary.
     """
     check_max_new_tokens(max_new_tokens)
     check_sampling(do_sample, temperature, top_k, top_p)
     banned = suppress_index(suppress_tokens, logits.shape[-1], logits.device)
     eos = stop_token_tensor(eos_token_id, logits.device)
     pad = resolve_pad_token(pad_token_id, eos)
+    vocab = logits.shape[-1]
+    outside = [] if eos is None else [i for i in eos.tolist() if not 0 <= i < vocab]
+    if outside:  # a stop token the model cannot emit would never stop anything
+        raise ValueError(f"eos_token_id holds {outside[0]}, outside the model's vocabulary [0, {vocab})")
+    if pad is not None and not 0 <= pad < vocab:
+        raise ValueError(f"pad_token_id {pad} is outside the model's vocabulary [0, {vocab})")
     B = logits.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
     new_tokens = []

@@ -356,9 +356,9 @@ class GPT(nn.Module):
         then decodes one token per step with the KV cache (on the "triton" backend, one
         kernels.flash_attn_with_kvcache call per layer and step): greedy, or sampling with
         temperature / top_k / top_p drawn from `generator`. Rows that emit a token of
-        eos_token_id (int or list; default: cfg.eos_token_id) emit pad_token_id (default:
-        cfg.pad_token_id, else the first stop token) afterwards; decoding stops once all
-        rows have. suppress_tokens: ids never generated (e.g. those past a tokenizer's
+        eos_token_id (int or list; default: cfg.eos_token_id; [] for none, so that every
+        row gets max_new_tokens) emit pad_token_id (default: cfg.pad_token_id, else the
+        first stop token) afterwards; decoding stops once all rows have. suppress_tokens: ids never generated (e.g. those past a tokenizer's
         vocabulary). Dropout stays as the module's mode: call eval() first. Raises ValueError
         for right-padded prompts, bad sampling options, max_new_tokens or suppress_tokens,
         or prompt + max_new_tokens - 1 past max_seq_len (the last new token is not fed back).
