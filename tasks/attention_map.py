@@ -19,8 +19,7 @@ import os
 import sys
 from typing import Any, Optional
 
-import torch
-import yaml
+# torch and yaml are imported inside the functions: `zoo --help` builds this parser and should not pay for them.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +49,8 @@ def run_config(checkpoint: str, config: Optional[str]) -> str:
 
 def validation_batch(config_path: str, tokenizer_state: Optional[dict]) -> tuple[Any, Any]:
     """(first validation batch, the data module's tokenizer or None) from the data module in a run config."""
+    import yaml
+
     with open(config_path) as f:
         data = (yaml.safe_load(f) or {}).get("data")
     if not isinstance(data, dict) or "class_path" not in data:
@@ -76,6 +77,8 @@ def main(args: argparse.Namespace) -> int:
 def _write_figures(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    import torch
+
     from tasks.attention_figures import save
     from tasks.data.tokenizers import tokenizer_from_state
     from tasks.lightning_cli import batch_size_of

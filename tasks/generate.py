@@ -15,13 +15,15 @@ import importlib
 import inspect
 import sys
 
-import torch
-
-from tasks.data.tokenizers import tokenizer_from_state
+# torch is imported inside the functions: `zoo --help` builds this parser and should not pay for it.
 
 
 def load(checkpoint_path: str, device: str = "cpu"):
     """(task, tokenizer) from a checkpoint written by a tritonzoo text task."""
+    import torch
+
+    from tasks.data.tokenizers import tokenizer_from_state
+
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     if "zoo_task" not in checkpoint:
         raise SystemExit(f"{checkpoint_path}: not a tritonzoo task checkpoint (no 'zoo_task' entry)")
@@ -44,6 +46,8 @@ def generate(checkpoint_path: str, prompts: list[str], device: str = "cpu", **op
     if unknown:
         raise SystemExit(f"{type(task).__name__}.generate_text does not take {', '.join(unknown)}")
     kwargs = {k: v for k, v in options.items() if v is not None}
+    import torch
+
     with torch.no_grad():
         return task.generate_text(prompts, tokenizer, **kwargs)
 
@@ -58,15 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
 def main(args: argparse.Namespace) -> int:
     """Prints each prompt's text; 0, or 2 with a message for a missing checkpoint or bad options."""
     prompts = args.prompt or [""]
     options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "seed")}
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        texts = generate(args.checkpoint, prompts, args.device, **options)
+        texts = generate(args.checkpoint, prompts, device, **options)
     except (ValueError, TypeError, FileNotFoundError) as error:  # bad options, a prompt too long, no such file
         print(f"zoo generate: error: {error}", file=sys.stderr)
         return 2

@@ -85,6 +85,17 @@ def test_cli_usage_errors_exit_2(argv, capsys):
     assert "usage: zoo" in capsys.readouterr().err
 
 
+def test_help_does_not_import_torch():
+    """`zoo --help` (and every subcommand's parser) builds without importing torch, as cli.py promises."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tasks.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'lightning', 'yaml', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("target", ["attention", "decode", "ops", "generate"])
 def test_out_naming_a_file_is_refused_before_measuring(target, tmp_path, capsys, monkeypatch):
     import importlib

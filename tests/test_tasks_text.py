@@ -324,6 +324,7 @@ def test_causal_lm_learns_below_unigram_and_round_trips(tmp_path):
     from tasks import cli
 
     assert cli.main(["generate", path, "--prompt", "The ", "--temperature", "0", "--device", "cpu"]) == 0
+    assert cli.main(["generate", path, "--prompt", "The ", "--temperature", "0"]) == 0  # default device
     assert cli.main(["generate", path, "--prompt", "x", "--top_p", "1.5", "--device", "cpu"]) == 2
     assert cli.main(["generate", str(tmp_path / "missing.ckpt"), "--device", "cpu"]) == 2
 
