@@ -278,18 +278,18 @@ class Packing:
 # --------------------------------------------------------------------------------------
 
 
-def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right, bottom_right,
-                        packing: Optional[tuple["Packing", "Packing"]] = None) -> Optional[bool]:
+def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right,
+                        bottom_right, packing: Optional[tuple["Packing", "Packing"]] = None) -> Optional[bool]:
     """is_causal for torch's CPU flash attention when it computes exactly this call, else None.
 
     It covers no mask and causal with the diagonal at the keys' start (torch's is_causal),
     which is also FlashAttention-2's bottom-right diagonal where a sequence has as many
     queries as keys. Packed batches (packing = their Packing of q and k) run padded, with
     an additive mask over the padded keys; every sequence must have a key, so that every
-    row does.
+    row does. A scale <= 0 takes the general path: torch's kernel returns NaN for it with causal.
     """
     if (q.device.type != "cpu" or bias is not None or alibi_slopes is not None or dropout_p > 0 or softcap > 0
-            or window_left >= 0 or window_right > 0 or q.shape[0] == 0):
+            or softmax_scale <= 0 or window_left >= 0 or window_right > 0 or q.shape[0] == 0):
         return None
     causal = window_right == 0
     if packing is None:
@@ -340,16 +340,16 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
             dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.forward."""
     if cu_seqlens_q is None:
-        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
-                                     bottom_right)
+        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                                     window_right, bottom_right)
         if causal is not None:
             return _torch_flash_forward(q, k, v, softmax_scale, causal)
         return forward_padded(q, k, v, None, None, bias, alibi_slopes, seed, dropout_p, softmax_scale,
                               softcap, window_left, window_right, bottom_right)
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
     pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
-    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
-                                 bottom_right, (pq, pk))
+    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                                 window_right, bottom_right, (pq, pk))
     if causal is not None:  # rows past a sequence's queries compute garbage that packing drops
         out, lse = _torch_flash_forward(pq.pad(q), pk.pad(k), pk.pad(v), softmax_scale, causal, _key_padding_mask(pk))
     else:
@@ -364,8 +364,8 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
              alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.backward."""
     if cu_seqlens_q is None:
-        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
-                                     bottom_right)
+        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                                     window_right, bottom_right)
         if causal is not None and dlse is None:
             return _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal)
         return backward_padded(dout, dlse, q, k, v, out, lse, None, None, bias, alibi_slopes, seed, dropout_p,
@@ -373,8 +373,8 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
     pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
     lse_pad = pq.pad(lse.transpose(0, 1)).transpose(1, 2)  # (B, H, max_q)
-    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softcap, window_left, window_right,
-                                 bottom_right, (pq, pk))
+    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                                 window_right, bottom_right, (pq, pk))
     if causal is not None and dlse is None:
         # Padding rows read packed row 0: a zero output gradient and an lse of +inf (no
         # probability mass) make them add nothing to dk and dv.

@@ -121,6 +121,28 @@ def test_softcap_and_scale(backend, causal):
                causal=causal, softcap=5.0, scale=0.37)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.25])
+@pytest.mark.parametrize("causal", [False, True])
+def test_zero_and_negative_scale(backend, causal, scale):
+    """Any finite scale is accepted: 0 averages v over the visible keys. (torch's CPU flash kernel,
+    which the PyTorch path uses for plain calls, returns NaN for causal with a scale <= 0.)"""
+    device, ctx = backend
+    q, k, v = _inputs(2, 17, 17, 2, 2, 16, torch.float32, device)
+    with ctx():
+        _check(lambda *a: flash_attn_func(*a, causal=causal, softmax_scale=scale), q, k, v,
+               causal=causal, scale=scale)
+        # Packed, two sequences with as many queries as keys (the case the PyTorch path ran fused).
+        packed = [x[0].detach().requires_grad_() for x in (q, k, v)]
+        cu = torch.tensor([0, 5, 17], dtype=torch.int32, device=device)
+        out = flash_attn_varlen_func(*packed, cu, cu, 12, 12, causal=causal, softmax_scale=scale)
+        grads = torch.autograd.grad(out.sum(), packed)
+    cpu = [x.detach().cpu().double().requires_grad_() for x in packed]
+    ref, _ = oracle.attention_varlen(*cpu, cu.cpu(), cu.cpu(), causal=causal, scale=scale)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(ref.sum(), cpu)):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=0, atol=1e-4)
+
+
 def test_returned_lse_and_its_gradient(backend):
     device, ctx = backend
     q, k, v = _inputs(2, 40, 20, 2, 2, 16, torch.float32, device)
