@@ -118,18 +118,58 @@ class ZooTask(L.LightningModule):
         with it. Each domain task implements it."""
         raise NotImplementedError(f"{type(self).__name__} does not draw attention maps")
 
+    def _use_fused_adamw(self) -> bool:
+        """torch's fused AdamW on CUDA, unless the run scales its loss (16-mixed): then Lightning
+        unscales the gradients before clipping, which it cannot do for a fused optimizer."""
+        return self.device.type == "cuda" and getattr(self.trainer.precision_plugin, "scaler", None) is None
+
     def configure_optimizers(self):
         hp = self.hparams
-        fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
-                                      fused=fused)
-        total = int(self.trainer.estimated_stepping_batches)
-        if not math.isfinite(total) or total <= 0:
-            raise ValueError("the warmup + cosine schedule needs a finite training length "
-                             "(set max_epochs or max_steps)")
-        warmup = int(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
+                                      fused=self._use_fused_adamw())
+        estimated = float(self.trainer.estimated_stepping_batches)
+        if not math.isfinite(estimated) or estimated <= 0:
+            raise ValueError(f"the warmup + cosine schedule needs a finite training length (set max_epochs or "
+                             f"max_steps); the trainer's estimate of the optimizer steps is {estimated}")
+        total = int(estimated)
+        warmup = round(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
         scheduler = warmup_cosine(optimizer, total, warmup, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resumed run gets back the optimizer's learning rates of its last step, and a LambdaLR
+        # recomputes them only at its next step: the first step would use the old schedule's rate
+        # (with a new max_steps, not this run's curve). Set them from the schedule now.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, plus two cases its precision plugins refuse (the CLI clips by
+        default): norm clipping under FSDP, which needs the sharded module's clip_grad_norm_ (the
+        norm over all shards), and a fused optimizer under bf16-mixed, where no loss scaling means
+        the gradients are final when clipped."""
+        if not gradient_clip_val:
+            return
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        algorithm = gradient_clip_algorithm or "norm"
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, FullyShardedDataParallel) and algorithm == "norm":
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, GradClipAlgorithmType(algorithm))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
 
 class ClassificationTask(ZooTask):

@@ -371,6 +371,97 @@ def test_learning_rate_schedule_and_a_longer_resumed_run():
     assert all(a >= b for a, b in zip(after, after[1:]))
 
 
+class _RecordLR(L.Callback):
+    """The learning rate each optimizer step uses (read as its batch starts)."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_a_longer_resumed_run_uses_the_new_curve_from_its_first_step(tmp_path):
+    """Lightning restores the optimizer's last learning rate; the first resumed step must still use
+    the longer schedule's (the formula of warmup_cosine: warmup 2 steps, floor 0.01 x 3e-3)."""
+    def expected(step, total, warmup=2, lr=3e-3, floor=0.01):
+        if step < warmup:
+            return lr * (1e-3 + (1 - 1e-3) * step / warmup)
+        return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2)
+
+    with kernels.reference_only():
+        _trainer(tmp_path, max_steps=6, limit_val_batches=0, enable_checkpointing=True, callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(
+            _task(warmup=2), DigitsDataModule(batch_size=64, shuffle=False))
+        record = _RecordLR()
+        _trainer(tmp_path / "resumed", max_steps=12, limit_val_batches=0, callbacks=[record]).fit(
+            _task(warmup=2), DigitsDataModule(batch_size=64, shuffle=False), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert record.lrs == pytest.approx([expected(t, 12) for t in range(6, 12)], rel=1e-9, abs=0)
+
+
+def test_training_length_and_warmup_fraction(monkeypatch):
+    """An unbounded run is refused by name; a warmup fraction rounds (0.29 x 100 is 28.999... in floats)."""
+    from types import SimpleNamespace
+
+    task = _task(warmup=0.29)
+    task._trainer = SimpleNamespace(estimated_stepping_batches=100, precision_plugin=None)
+    factor = task.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert factor(28) < 1.0 and factor(29) == 1.0  # 29 warmup steps: the peak at step 29
+    task._trainer = SimpleNamespace(estimated_stepping_batches=math.inf, precision_plugin=None)
+    with pytest.raises(ValueError, match="needs a finite training length"):
+        task.configure_optimizers()
+
+
+def test_fused_adamw_is_clipped_under_bf16_mixed(tmp_path, monkeypatch):
+    """The CLI's GPU defaults, bf16-mixed + gradient clipping, with the fused AdamW of CUDA runs
+    (fused AdamW runs on CPU too): Lightning refuses to clip a fused optimizer; the task clips it
+    and trains exactly as with the foreach one that Lightning clips itself."""
+    from tasks.base import ZooTask
+
+    states = []
+    for fused in (False, True):
+        monkeypatch.setattr(ZooTask, "_use_fused_adamw", lambda self, fused=fused: fused)
+        torch.manual_seed(0)
+        task = _task()
+        with kernels.reference_only():
+            _trainer(tmp_path, max_steps=3, limit_val_batches=0, precision="bf16-mixed", gradient_clip_val=0.05,
+                     enable_checkpointing=False).fit(task, DigitsDataModule(batch_size=64, shuffle=False))
+        assert task.optimizers().optimizer.defaults["fused"] is fused
+        states.append(task.state_dict())
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_norm_clipping_under_fsdp_uses_the_sharded_norm(tmp_path):
+    """Lightning's FSDP precision plugin refuses norm clipping; the task calls the FSDP module's
+    clip_grad_norm_ (here FSDP on one CPU process, gloo), which clips as torch's clip_grad_norm_."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.manual_seed(0)
+    task, reference = _task(), _task()
+    reference.load_state_dict(task.state_dict())
+    images = torch.randn(8, 1, 8, 8)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(task, device_id=torch.device("cpu"), use_orig_params=True)
+        task._trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped), gradient_clip_val=1e-3,
+                                        gradient_clip_algorithm="norm", precision_plugin=FSDPPrecision("32-true"))
+        wrapped(images).square().mean().backward()
+        task.configure_gradient_clipping(None, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
+        grads = {name: p.grad.clone() for name, p in task.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    reference(images).square().mean().backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e-3)
+    assert norm > 1e-2  # the clip bites
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-9, msg=name)
+
+
 def test_last_checkpoint_holds_the_final_step_and_schedule_options_are_checked(tmp_path):
     """With validation every 3 steps and 5 steps in all, last.ckpt is written at step 5, not 3."""
     from tasks.callbacks import FinalCheckpoint
@@ -523,8 +614,10 @@ class _RecordLoss(L.Callback):
 
 
 @pytest.mark.gpu
-def test_fsdp_trains_like_single_device(tmp_path):
-    """FSDP with each Block as a unit (and checkpointed) gives the loss curve of plain training."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fsdp_trains_like_single_device(tmp_path, precision):
+    """FSDP with each Block as a unit (and checkpointed) gives the loss curve of plain training,
+    with the CLI's clipping (and, on the plain run, the fused AdamW of CUDA)."""
     from tasks.strategies import BlockFSDP
 
     torch.manual_seed(0)
@@ -534,7 +627,7 @@ def test_fsdp_trains_like_single_device(tmp_path):
     for task, strategy in ((plain, "auto"), (sharded, BlockFSDP(activation_checkpointing=True))):
         record = _RecordLoss()
         L.Trainer(max_steps=10, limit_val_batches=0, enable_checkpointing=False, accelerator="cuda", devices=1,
-                  logger=False, enable_progress_bar=False, strategy=strategy, callbacks=[record]).fit(
-            task, DigitsDataModule(batch_size=64, shuffle=False))
+                  logger=False, enable_progress_bar=False, strategy=strategy, callbacks=[record],
+                  precision=precision, gradient_clip_val=0.5).fit(task, DigitsDataModule(batch_size=64, shuffle=False))
         curves.append(torch.tensor(record.losses))
-    torch.testing.assert_close(curves[1], curves[0], rtol=0, atol=1e-3)
+    torch.testing.assert_close(curves[1], curves[0], rtol=0, atol=1e-3 if precision == "32-true" else 3e-2)
