@@ -34,6 +34,8 @@ from .runtime import INTERPRET, unit_stride
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+#: The Triton interpreter (fixed for the process, like INTERPRET): see _dot.
+_INTERPRETED = tl.constexpr(INTERPRET)
 
 #: Dropout compares the top 24 bits of a Philox draw with this many steps.
 DROPOUT_RESOLUTION = 1 << 24
@@ -48,6 +50,12 @@ DROPOUT_RESOLUTION = 1 << 24
 def _dot(a, b, acc, FP32: tl.constexpr):
     # fp32 inputs are computed in fp32 (ieee), not tf32: that is what a caller passing
     # fp32 asked for.
+    if _INTERPRETED:
+        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+            # Triton 3.6's interpreter gets tl.dot of bf16 tiles wrong (errors ~1e10). The products
+            # of bf16 numbers are exact in fp32, so an fp32 dot of the upcast tiles is what a GPU's
+            # bf16 MMA with fp32 accumulation computes.
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if FP32:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:

@@ -1,10 +1,11 @@
 """The Triton kernels on a CUDA GPU at real sizes (run with `pytest -m gpu` on the device).
 
-bf16 is checked here: the Triton interpreter's bf16 dot is broken, so the CPU suite
-covers fp32/fp16 only. Each launch configuration is a compile of about 2 seconds, so
-the cases are chosen to cover features and shapes without compiling the same thing
-twice: .ci/gpu-report runs these with TRITONZOO_AUTOTUNE=first (one candidate per key),
-and test_every_autotune_candidate runs each candidate once.
+bf16 at real sizes is checked here (the CPU suite runs bf16 in the interpreter at small
+sizes only, where the kernels' dots upcast bf16 tiles: its bf16 tl.dot is broken). Each
+launch configuration is a compile of about 2 seconds, so the cases are chosen to cover
+features and shapes without compiling the same thing twice: .ci/gpu-report runs these
+with TRITONZOO_AUTOTUNE=first (one candidate per key), and test_every_autotune_candidate
+runs each candidate once.
 """
 
 from __future__ import annotations

@@ -118,7 +118,6 @@ def test_generate_through_the_interpreted_decoding_kernel():
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3), expected)
 
 
-@pytest.mark.usefixtures("reference_attention")  # bf16 dots are broken in the Triton 3.6 interpreter
 @pytest.mark.parametrize("positions", ["alibi", "rotary"])
 def test_half_precision_models_keep_float32_position_buffers(positions):
     """model.to(bfloat16) casts buffers; ALiBi slopes and rotary frequencies stay float32 (the kernels
