@@ -315,7 +315,8 @@ def test_rotary(backend, interleaved, rotary_dim, causal):
 
 
 @pytest.mark.parametrize("options", [dict(window_size=(3, 0)), dict(window_size=(4, 2)),
-                                     dict(softcap=2.5, softmax_scale=0.9), dict(alibi="per_row", causal=True)])
+                                     dict(softcap=2.5, softmax_scale=0.9), dict(softcap=1e4),
+                                     dict(alibi="per_row", causal=True)])
 def test_masks_softcap_alibi(backend, options):
     device, ctx = backend
     B, H, Hk, D = 2, 4, 2, 16

@@ -111,14 +111,17 @@ def test_alibi(backend, per_batch, causal):
                causal=causal, alibi_slopes=slopes)
 
 
+@pytest.mark.parametrize("softcap", [5.0, 1e4])
 @pytest.mark.parametrize("causal", [False, True])
-def test_softcap_and_scale(backend, causal):
+def test_softcap_and_scale(backend, causal, softcap):
+    """A cap that bites, and a large one (scores near tanh's 0, where it must not lose precision)."""
     device, ctx = backend
     q, k, v = _inputs(2, 21, 34, 2, 2, 16, torch.float32, device)
-    q.data *= 4  # large scores, so the cap bites
+    if softcap == 5.0:
+        q.data *= 4  # large scores, so the cap bites
     with ctx():
-        _check(lambda *a: flash_attn_func(*a, causal=causal, softcap=5.0, softmax_scale=0.37), q, k, v,
-               causal=causal, softcap=5.0, scale=0.37)
+        _check(lambda *a: flash_attn_func(*a, causal=causal, softcap=softcap, softmax_scale=0.37), q, k, v,
+               causal=causal, softcap=softcap, scale=0.37)
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.25])
