@@ -108,8 +108,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (it is updated in place)")
     if k_cache.shape != v_cache.shape or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache and v_cache must have the same shape (..., nheads_k, {D}), "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(f"k_cache and v_cache must have the same shape (..., nheads_k, {D}), {D} being q's "
+                         f"head dim; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     Hk = k_cache.shape[2]
     if Hk == 0 or H % Hk != 0:
         raise ValueError(f"nheads ({H}) must be a multiple of nheads_k ({Hk}) for grouped-query attention")

@@ -401,6 +401,8 @@ def _small():
     (dict(k_cache=torch.randn(2, 10, 2, 16).half()), TypeError, "k_cache is torch.float16"),
     (dict(k_cache=torch.randn(2, 10, 2, 32)[..., ::2]), ValueError, "k_cache must have a contiguous last dim"),
     (dict(k_cache=torch.randn(3, 10, 2, 16), v_cache=torch.randn(3, 10, 2, 16)), ValueError, "pass cache_batch_idx"),
+    (dict(q=torch.randn(2, 1, 4, 8)), ValueError,
+     r"\(\.\.\., nheads_k, 8\), 8 being q's head dim; got \(2, 10, 2, 16\)"),
     (dict(k=torch.randn(2, 1, 2, 16)), ValueError, "k and v must be given together"),
     (dict(k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16), cache_seqlens=0), ValueError,
      r"k must have shape \(batch, seqlen_new, nheads_k, headdim\) = \(2, n, 2, 16\)"),
