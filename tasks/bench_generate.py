@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
@@ -83,10 +83,10 @@ def build_models(model_config: dict, device: str, dtype: torch.dtype):
     try:
         hf = reference_for(template).build().eval()
         # GPT-2's config names token 50256 as bos/eos: generate would stop there (or index past a
-        # small vocabulary). Every row generates exactly N tokens instead.
+        # small vocabulary). Every row generates exactly N tokens instead; from_hf reads the
+        # generation config, so the zoo model has no stop token either.
         hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
         ours = zoo.from_hf(hf).eval()
-        ours.cfg = replace(ours.cfg, eos_token_id=None)  # from_hf copies HF's stop token
         hf_missing = None
     except ImportError as exc:  # transformers is optional: then zoo's two backends only
         hf, ours, hf_missing = None, template.eval(), f"transformers is not installed ({exc})"

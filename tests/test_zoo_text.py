@@ -322,6 +322,58 @@ def test_default_stop_token_comes_from_the_hf_config():
         **GPT2_CONFIGS["2x32_4heads"]))).cfg.eos_token_id is None
 
 
+def test_stop_and_pad_tokens_come_from_the_generation_config(tmp_path):
+    """transformers' generate() reads its defaults from model.generation_config (a folder's
+    generation_config.json), which a fine-tuned checkpoint may set apart from config.json."""
+    probe = hf_gpt2(**GPT2_CONFIGS["2x32_4heads"])
+    ids, mask, _ = left_padded(64, [9, 4, 6])
+    with torch.no_grad():
+        greedy = zoo.weights.from_hf(probe).generate(ids, attention_mask=mask, max_new_tokens=12)
+    stop = int(greedy[0, 9 + 2])  # row 0 emits it as its third new token
+    never = next(t for t in range(64) if t not in greedy.tolist()[0] + greedy.tolist()[1] + greedy.tolist()[2])
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIGS["2x32_4heads"], eos_token_id=never,
+                                                              bos_token_id=never, pad_token_id=never))
+    hf.load_state_dict(probe.state_dict())
+    hf.eval().generation_config.eos_token_id = stop
+    hf.generation_config.pad_token_id = 1
+    hf.save_pretrained(tmp_path)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected = loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        assert torch.equal(hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False),
+                           expected)
+        for source in (hf, str(tmp_path)):
+            ours = zoo.weights.from_hf(source)
+            assert (ours.cfg.eos_token_id, ours.cfg.pad_token_id) == (stop, 1)
+            assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=12), expected)
+    assert (expected[0, 9 + 3:] == 1).all()  # row 0 stopped at `stop`, then padded
+
+
+def test_dropout_the_zoo_model_cannot_reproduce_is_named():
+    """Dropout only acts in training mode: an import whose source drops where the zoo model cannot
+    still converts (eval outputs are equal) but warns, naming the option."""
+    import timm
+
+    with pytest.warns(UserWarning, match=r"GPT-2 import: embd_pdrop=0.3 .* is not reproduced"):
+        zoo.weights.from_hf(hf_gpt2(**GPT2_CONFIGS["2x32_4heads"], embd_pdrop=0.3, resid_pdrop=0.1))
+    whisper = transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=16,
+        vocab_size=50, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        activation_dropout=0.2))
+    with pytest.warns(UserWarning, match=r"Whisper import: activation_dropout=0.2 is not reproduced"):
+        zoo.weights.from_hf(whisper)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, proj_drop_rate=0.1)
+    with pytest.warns(UserWarning, match=r"timm ViT import: the MLP's dropout after its activation \(p=0.1\)"):
+        zoo.from_timm(vit)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the usual checkpoints (equal rates, no inner dropout) convert silently
+        zoo.weights.from_hf(hf_gpt2(**GPT2_CONFIGS["2x32_4heads"]))
+        zoo.from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1))
+
+
 def test_hf_stop_token_lists_and_pad_ids_outside_the_vocabulary():
     """transformers takes a list of stop tokens (any of them ends a row) and only warns on a pad id
     outside the vocabulary: the import keeps the list and drops that pad id."""

@@ -66,12 +66,16 @@ def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module
     source: a transformers PreTrainedModel, a state dict (then `config`, a transformers
     config or its dict, is required), or a local checkpoint folder (config.json plus
     weights; nothing is downloaded). overrides go to the zoo model (e.g. attn_backend).
+    A GPT-2's default stop and pad tokens come from its generation config, as transformers'
+    generate() takes them: the module's `generation_config`, a folder's
+    generation_config.json, else the model config.
     The model comes back in the source module's mode (training or eval), and in eval mode
     from a folder or a state dict, as `from_pretrained` gives it.
     Raises ValueError for an unsupported model type or architecture (the class, or
     config.architectures: HF_ARCHITECTURES lists what each converter reproduces) and
     FileNotFoundError for a folder without config or weights.
     """
+    generation = None  # what generate() defaults to: {"eos_token_id": ..., "pad_token_id": ...}
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         config_path = os.path.join(path, "config.json")
@@ -79,9 +83,15 @@ def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module
             raise FileNotFoundError(f"no config.json in {path}")
         with open(config_path) as f:
             config = json.load(f)
+        generation_path = os.path.join(path, "generation_config.json")
+        if os.path.isfile(generation_path):
+            with open(generation_path) as f:
+                generation = json.load(f)
         state_dict = _load_local_state_dict(path)
     elif isinstance(source, nn.Module):
         state_dict, config = source.state_dict(), source.config
+        if getattr(source, "generation_config", None) is not None:
+            generation = source.generation_config.to_dict()
     elif isinstance(source, dict):
         if config is None:
             raise ValueError("from_hf(state_dict) needs config= (the transformers config or its dict)")
@@ -103,7 +113,10 @@ def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module
     else:
         _check_architecture(model_type, list(getattr(config, "architectures", None) or []), "config.architectures")
     module = importlib.import_module(f"{__name__}.{HF_CONVERTERS[model_type]}")
-    model = module.convert(state_dict, config, **overrides)
+    if model_type == "gpt2":
+        model = module.convert(state_dict, config, generation=generation, **overrides)
+    else:
+        model = module.convert(state_dict, config, **overrides)
     return model.train(source.training if isinstance(source, nn.Module) else False)
 
 

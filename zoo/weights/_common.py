@@ -3,9 +3,17 @@ result into a zoo model only when every tensor has found its place."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 from torch import Tensor, nn
+
+
+def warn_not_reproduced(source: str, what: str) -> None:
+    """Warns that a training-only option of the source (a dropout) has no place in the zoo model:
+    outputs in eval mode are unaffected; training mode differs from the source's."""
+    warnings.warn(f"{source} import: {what} is not reproduced; eval-mode outputs are the same, "
+                  f"training-mode regularization differs", UserWarning, stacklevel=3)
 
 
 class StateReader:

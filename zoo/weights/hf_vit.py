@@ -74,7 +74,8 @@ def rename_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             raise ValueError(f"Hugging Face ViT weight {key!r} has no counterpart in the zoo VisionTransformer")
     for (layer, kind), parts in qkv.items():
         if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(f"layer {layer} has {kind}s for {sorted(parts)} of the q/k/v projections, not all three")
+            plural = "biases" if kind == "bias" else "weights"
+            raise ValueError(f"layer {layer} has {plural} for {sorted(parts)} of the q/k/v projections, not all three")
         out[f"backbone.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..config import TransformerConfig
 from ..registry import build_config
 from ..speech import SpeechConfig, SpeechEncoder, speech_model
-from ._common import load_exactly
+from ._common import load_exactly, warn_not_reproduced
 
 # Hugging Face activation names -> the backbone's MLP types.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -41,6 +41,9 @@ def convert(state_dict: dict[str, Tensor], config, **overrides) -> SpeechEncoder
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported Whisper activation_function {activation!r}; supported: "
                          f"{', '.join(_ACTIVATIONS)}")
+    for name in ("activation_dropout", "encoder_layerdrop"):
+        if getattr(config, name, 0.0):
+            warn_not_reproduced("Whisper", f"{name}={getattr(config, name)}")
     backbone = TransformerConfig(
         dim=config.d_model, depth=config.encoder_layers, heads=config.encoder_attention_heads,
         mlp=_ACTIVATIONS[activation], mlp_hidden=config.encoder_ffn_dim, norm="layernorm", norm_eps=1e-5,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import TransformerConfig
 from ..registry import build_config
 from ..vision import ViTConfig, VisionTransformer
-from ._common import load_exactly
+from ._common import load_exactly, warn_not_reproduced
 
 _BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "ls1.gamma", "norm2", "mlp.fc1", "mlp.fc2", "ls2.gamma")
 _RENAMES = [
@@ -122,6 +122,15 @@ def _config_from_module(vit: nn.Module) -> tuple[TransformerConfig, dict]:
     norm = vit.blocks[0].norm1
     dim = vit.embed_dim
     drop_paths = [getattr(b.drop_path1, "drop_prob", 0.0) for b in vit.blocks]
+    # Dropout rates only matter in training; mapped onto the zoo's nearest options, with a
+    # warning where those differ (the zoo drops embeddings and residual branches at one rate).
+    inner = getattr(getattr(mlp, "drop1", None), "p", 0.0)
+    if inner:
+        warn_not_reproduced("timm ViT", f"the MLP's dropout after its activation (p={inner})")
+    pos_drop = getattr(getattr(vit, "pos_drop", None), "p", 0.0)
+    if pos_drop != attn.proj_drop.p:
+        warn_not_reproduced("timm ViT", f"pos_drop_rate={pos_drop} (the zoo model drops the embeddings at "
+                                        f"proj_drop_rate={attn.proj_drop.p})")
     backbone = TransformerConfig(
         dim=dim, depth=len(vit.blocks), heads=attn.num_heads,
         head_dim=None if attn.head_dim * attn.num_heads == dim else attn.head_dim,
@@ -130,7 +139,6 @@ def _config_from_module(vit: nn.Module) -> tuple[TransformerConfig, dict]:
         final_norm=not (isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity)),
         input_norm=not isinstance(vit.norm_pre, nn.Identity), positions="none",
         qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None, mlp_bias=mlp.fc1.bias is not None,
-        # Dropout rates only matter in training; mapped onto the zoo's nearest options.
         dropout=attn.proj_drop.p, attn_dropout=attn.attn_drop.p, drop_path=max(drop_paths),
         layer_scale=float(block.ls1.gamma.detach().flatten()[0]) if hasattr(block.ls1, "gamma") else None,
     )
