@@ -190,6 +190,7 @@ def _lse_of(s: Tensor) -> Tensor:
     return lse.masked_fill(lse == -math.inf, math.inf)
 
 
+@runtime.without_autocast
 def forward_padded(q, k, v, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p, softmax_scale,
                    softcap, window_left, window_right, bottom_right):
     """Attention on padded tensors; returns (out (B, Sq, H, D), lse (B, H, Sq) float32, float64
@@ -212,6 +213,7 @@ def forward_padded(q, k, v, seqlens_q, seqlens_k, bias, alibi_slopes, seed, drop
     return out.to(q.dtype), lse
 
 
+@runtime.without_autocast
 def backward_padded(dout, dlse, q, k, v, out, lse, seqlens_q, seqlens_k, bias, alibi_slopes, seed, dropout_p,
                     softmax_scale, softcap, window_left, window_right, bottom_right):
     """Gradients of forward_padded; returns (dq, dk, dv) in the inputs' dtypes."""
@@ -310,7 +312,8 @@ def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, soft
 
 def _key_padding_mask(pk: "Packing") -> Tensor:
     """(B, 1, 1, max_k) float32: 0 for a sequence's keys, -inf for the padding after them."""
-    return torch.zeros(pk.valid.shape, device=pk.valid.device).masked_fill(~pk.valid, -math.inf)[:, None, None]
+    return torch.zeros(pk.valid.shape, dtype=torch.float32, device=pk.valid.device).masked_fill(
+        ~pk.valid, -math.inf)[:, None, None]
 
 
 def _bhsd32(x: Tensor, groups: int = 1) -> Tensor:
@@ -336,6 +339,7 @@ def _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal, mask=N
     return dq.transpose(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+@runtime.without_autocast
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes, seed,
             dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.forward."""
@@ -360,6 +364,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     return pq.pack(out), lse_packed.transpose(0, 1).contiguous()
 
 
+@runtime.without_autocast
 def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias,
              alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.backward."""
@@ -397,6 +402,7 @@ def _covered(p: Packing) -> Tensor:
     return covered[: p.total]
 
 
+@runtime.without_autocast
 def probabilities(q, k, seqlens_q, seqlens_k, bias, alibi_slopes, softmax_scale, softcap, window_left, window_right,
                   bottom_right) -> Tensor:
     """Attention probabilities (B, H, Sq, Sk) float32 of padded q, k; rows with no key are 0."""

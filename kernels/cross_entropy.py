@@ -143,7 +143,9 @@ def ce_rows_reference(logits, grad, target, n_valid, row_scale, ignore_index, sm
         loss = (1 - smoothing) * loss - smoothing * logp.mean(1)
     loss = torch.where(ignored, 0.0, loss)
     if grad is not None:
-        scale = torch.where(ignored, 0.0, 1.0 / n_valid if mean else 1.0)
+        scale = (~ignored).to(torch.float32)  # float32, whatever the default dtype (bf16-true sets it)
+        if mean:
+            scale = scale / n_valid
         if row_scale is not None:
             scale = scale * row_scale.float()
         g = logp.exp_().mul_(scale[:, None])
@@ -167,18 +169,31 @@ def _reduce(loss_rows: Tensor, n_valid: Tensor, reduction: int) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+#: A float16 gradient is stored times this (and unscaled in the backward, in float32): softmax
+#: entries of a large vocabulary (1e-5) over N tokens fall below float16's subnormals, while
+#: |softmax - onehot| <= 1 times 2^14 stays below its largest value. A power of two: exact.
+FP16_GRAD_SCALE = 2.0 ** 14
+
+
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, reduction: int,
                        compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """(loss: float32, () or (N,) by reduction; dlogits for grad_output 1, or empty)."""
+    """(loss: float32, () or (N,) by reduction; dlogits for grad_output 1, or empty).
+
+    In float16, dlogits is stored unreduced and times FP16_GRAD_SCALE (see _stored_scale).
+    """
     triton_path = use_triton(logits)
     rows = ce_rows_triton if triton_path else ce_rows_reference
     n_valid = _n_valid(target, ignore_index)
+    mean = reduction == REDUCTIONS["mean"]
+    row_scale = None
     if compute_grad:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if logits.dtype == torch.float16:
+            row_scale = torch.full((logits.shape[0],), FP16_GRAD_SCALE, dtype=torch.float32, device=logits.device)
     else:
         grad = logits.new_empty(0)
-    loss_rows = rows(logits, grad if compute_grad else None, target, n_valid, None, ignore_index, label_smoothing,
-                     reduction == REDUCTIONS["mean"])
+    loss_rows = rows(logits, grad if compute_grad else None, target, n_valid, row_scale, ignore_index,
+                     label_smoothing, mean and row_scale is None)
     return _reduce(loss_rows, n_valid, reduction), grad
 
 
@@ -186,9 +201,10 @@ cross_entropy_fwd = torch.library.triton_op("tritonzoo::cross_entropy_fwd", _cro
 
 
 def _ce_setup(ctx, inputs, output):
-    _, target, ignore_index, _, reduction, compute_grad = inputs
+    logits, target, ignore_index, _, reduction, compute_grad = inputs
     ctx.per_row = reduction == REDUCTIONS["none"]
-    ctx.save_for_backward(output[1], target if ctx.per_row else None)
+    ctx.fp16_mean = logits.dtype == torch.float16 and reduction == REDUCTIONS["mean"]
+    ctx.save_for_backward(output[1], target if ctx.per_row or ctx.fp16_mean else None)
     ctx.ignore_index = ignore_index
     ctx.compute_grad = compute_grad
     # The gradient outputs are internal (the public functions drop them): no (N, V) zeros
@@ -203,7 +219,12 @@ def _ce_backward(ctx, grad_loss, _grad_dlogits):
     if not ctx.compute_grad:
         raise RuntimeError("cross_entropy ran without computing its gradient (no input required grad then); "
                            "call it with logits that require grad to differentiate it")
-    return scale_gradient(dlogits, grad_loss, target, ctx.ignore_index), None, None, None, None, None
+    if dlogits.dtype == torch.float16:  # stored times FP16_GRAD_SCALE, and unreduced (_cross_entropy_fwd)
+        grad_loss = grad_loss.float() / FP16_GRAD_SCALE
+        if ctx.fp16_mean:
+            grad_loss = grad_loss / _n_valid(target, ctx.ignore_index)[0]
+    per_row_target = target if ctx.per_row else None
+    return scale_gradient(dlogits, grad_loss, per_row_target, ctx.ignore_index), None, None, None, None, None
 
 
 def scale_gradient(grad: Tensor, grad_loss: Tensor, target: Optional[Tensor], ignore_index: int) -> Tensor:

@@ -414,7 +414,10 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         max_keys = min(max_keys, window_left + Sq + max(window_right, 0) + 1)
     if Sq == 1:
         window_right = -1  # one query sits on the diagonal: no key lies right of it, so skip the mask
-    splits = num_splits or choose_num_splits(B * Hk * m_blocks, max_keys, sm_count(q.device))
+    if num_splits:  # as FlashAttention-2, at most MAX_SPLITS; and no split without a key to hold
+        splits = max(1, min(num_splits, MAX_SPLITS, max_keys))
+    else:
+        splits = choose_num_splits(B * Hk * m_blocks, max_keys, sm_count(q.device))
     dummy = q
     if splits > 1:
         out_part = torch.empty((B * Hk, splits, n_rows, D), dtype=torch.float32, device=q.device)

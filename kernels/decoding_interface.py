@@ -84,7 +84,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     as if it were not padded, as zoo's generate needs.
     causal / window_size / softcap / alibi_slopes / softmax_scale: as flash_attn_func,
     aligned bottom-right against the keys after the append. num_splits: key splits per
-    (row, kv-head), 0 picks by the shape (choose_num_splits).
+    (row, kv-head), 0 picks by the shape (choose_num_splits); at most 128, as FlashAttention-2
+    (the result is the same for any count).
 
     Returns out (batch, seqlen_q, nheads, headdim), and with return_softmax_lse also
     softmax_lse (batch, nheads, seqlen_q) float32 (+inf for a row with no key). No

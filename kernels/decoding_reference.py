@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .runtime import without_autocast
+
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
     """x (B, S, heads, D) with its first rotary_dim = 2 * cos.shape[1] dims turned by the
@@ -52,6 +54,7 @@ def _slots(k_cache: Tensor, block_table: Optional[Tensor], cache_batch_idx: Opti
     return rows.view(-1, 1).expand(B, capacity), torch.arange(capacity, device=dev).expand(B, capacity), capacity
 
 
+@without_autocast
 def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, alibi_slopes, softmax_scale, softcap, window_left, window_right, rotary_interleaved,
             rotary_per_token, rotary_from_leftpad, num_splits):

@@ -53,6 +53,22 @@ def reference_only():
         _state.reference_only = previous
 
 
+def without_autocast(fn: Callable) -> Callable:
+    """fn run with torch.autocast off (CPU and CUDA) when it is on.
+
+    A PyTorch path that upcasts to float32 on purpose (attention scores, the log-sum-exp)
+    would otherwise have its matmuls cast back down to the autocast dtype: autocast stays on
+    inside a custom op's body. The kernels compute in the dtypes they choose; so does fn.
+    """
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
 def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """t, or a contiguous copy of it when its last dimension is not at unit stride; None stays None.
 

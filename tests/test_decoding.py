@@ -191,12 +191,13 @@ def test_slots_outside_the_keys_may_hold_nan(backend, paged):
 
 
 def test_num_splits_give_the_same_result(device):
-    """Split-K + combine equals one pass; more splits than key tiles leave some empty."""
+    """Split-K + combine equals one pass; more splits than key tiles leave some empty; a count
+    past FA2's cap of 128 (and past the keys) is capped, not launched as a million programs."""
     B, cap, H, Hk, D = 2, 70, 4, 1, 16
     q, kc, vc = (_rand(*shape, device=device) for shape in ((B, 2, H, D), (B, cap, Hk, D), (B, cap, Hk, D)))
     k, v = _rand(B, 2, Hk, D, device=device), _rand(B, 2, Hk, D, device=device)
     lens = torch.tensor([66, 23], dtype=torch.int32, device=device)
-    outs = [_run_and_check(q, kc, vc, k, v, lens, causal=True, num_splits=n) for n in (1, 3, 8)]
+    outs = [_run_and_check(q, kc, vc, k, v, lens, causal=True, num_splits=n) for n in (1, 3, 8, 10 ** 6)]
     for out, lse in outs[1:]:
         torch.testing.assert_close(out, outs[0][0], rtol=0, atol=2e-6)
         torch.testing.assert_close(lse, outs[0][1], rtol=0, atol=2e-6)
@@ -361,6 +362,19 @@ def test_bfloat16(path):
         n = int(lens[b]) + 1
         pt, _ = oracle.attention(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], dtype=dt)
         oracle.assert_fa2_close(out[b:b + 1], ref[b:b + 1], pt, f"row {b}")
+
+
+def test_reference_path_computes_the_same_under_autocast():
+    """autocast stays on inside the op: the PyTorch path's float32 scores must not drop to bf16."""
+    dt = torch.bfloat16
+    q, kc, vc = (torch.randn(*shape, dtype=dt) for shape in ((2, 1, 4, 32), (2, 40, 2, 32), (2, 40, 2, 32)))
+    lens = torch.tensor([39, 12], dtype=torch.int32)
+    with reference_only():
+        plain = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, return_softmax_lse=True)
+        with torch.autocast("cpu", dtype=dt):
+            autocast = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, return_softmax_lse=True)
+    for a, b in zip(autocast, plain):
+        assert torch.equal(a, b)
 
 
 def test_lse_is_the_float64_logsumexp(backend):

@@ -450,6 +450,37 @@ def test_reference_path_plain_attention_runs_torchs_flash(monkeypatch, dtype, ca
         _check(lambda *a: flash_attn_func(*a, causal=causal), q, k, v, causal=causal)
 
 
+def test_reference_path_computes_the_same_under_autocast():
+    """autocast stays on inside a custom op's body: the PyTorch path's float32 scores and
+    log-sum-exp must not drop to bf16 there (they did: 10x torch's error). Inputs of one dtype
+    go in unchanged (bf16 here), so the results are bit for bit those without autocast; also
+    packed batches under a half default dtype (Lightning's bf16-true), whose mask took that dtype."""
+    q, k, v = _inputs(2, 33, 40, 4, 2, 16, torch.bfloat16, "cpu")
+    cu_q, cu_k = torch.tensor([0, 30, 60], dtype=torch.int32), torch.tensor([0, 30, 70], dtype=torch.int32)
+
+    def packed(q, k, v):  # two sequences of as many queries as keys, and of 30 queries over 40 keys
+        return flash_attn_varlen_func(q.flatten(0, 1)[:60], k.flatten(0, 1)[:70], v.flatten(0, 1)[:70], cu_q, cu_k,
+                                      30, 40, causal=True)
+
+    calls = {"chunked (softcap)": lambda *a: flash_attn_func(*a, softcap=20.0, causal=True), "packed": packed}
+    with reference_only():
+        for name, call in calls.items():
+            plain = call(q, k, v)
+            plain_grads = torch.autograd.grad(plain.float().square().sum(), (q, k, v))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = call(q, k, v)
+            grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+            assert torch.equal(out, plain), name
+            for g, p in zip(grads, plain_grads):
+                assert torch.equal(g, p), name
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                assert torch.equal(call(q, k, v), plain), name
+            finally:
+                torch.set_default_dtype(default)
+
+
 def test_autocast_casts_like_sdpa():
     q, k, v = _inputs(1, 16, 16, 2, 2, 16, torch.float32, "cpu")
     with reference_only(), torch.autocast("cpu", dtype=torch.bfloat16):

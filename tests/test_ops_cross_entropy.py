@@ -111,6 +111,54 @@ def test_float16_gradient_under_a_loss_scale(backend):
         torch.testing.assert_close(ours.cpu().double(), expected, rtol=4e-3, atol=expected.abs().max().item() * 4e-3)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float16_gradient_of_many_tokens(backend, reduction):
+    """Mean over N tokens divides each softmax entry (~1/V) by N: stored that way in float16 it
+    fell into the subnormals, losing bits (at 4096 x 4096 the small entries were off by 3e-3).
+    The gradient is stored times 2^14 and unscaled in float32: as accurate as float16 allows
+    (torch's fp32 gradient rounded to fp16 is off by ~2^-12 on average)."""
+    device, ctx = backend
+    N, V = (128, 2048) if ctx is contextlib.nullcontext and device == "cpu" else (4096, 4096)  # interpreter: small
+    logits = (2 * torch.randn(N, V)).half()
+    target = targets(N, V)
+    weights = torch.rand(N) if reduction == "none" else None
+    x = logits.to(device).clone().requires_grad_()
+    with ctx():
+        loss = cross_entropy(x, target.to(device), reduction=reduction)
+    ((loss * weights.to(device)).sum() if weights is not None else loss).mul(65536.0).backward()
+    ref = logits.double().requires_grad_()
+    expected = F.cross_entropy(ref, target, reduction=reduction)
+    ((expected * weights.double()).sum() if weights is not None else expected).mul(65536.0).backward()
+    small = torch.ones(N, V, dtype=torch.bool)  # the entries off the target (and off ignored rows)
+    small[torch.arange(N), target.clamp_min(0)] = False
+    error = (x.grad.cpu().double() - ref.grad)[small].norm() / ref.grad[small].norm()
+    assert error < 4e-4, f"relative gradient error off the targets {error:.2e}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_half_default_dtype_changes_nothing(backend, reduction):
+    """Lightning's bf16-true / 16-true set torch's default dtype around each step: float32 logits
+    must give the same losses and gradients (a scale built from Python floats took that dtype)."""
+    device, ctx = backend
+    logits, target = torch.randn(12, 50, device=device), targets(12, 50).to(device)
+    hidden, weight = torch.randn(12, 8, device=device), torch.randn(50, 8, device=device)
+    results = []
+    for default in (torch.float32, torch.bfloat16):
+        x, h, w = (t.clone().requires_grad_() for t in (logits, hidden, weight))
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            with ctx():
+                losses = (cross_entropy(x, target, reduction=reduction),
+                          fused_linear_cross_entropy(h, w, target, reduction=reduction))
+                sum(loss.sum() for loss in losses).backward()
+        finally:
+            torch.set_default_dtype(previous)
+        results.append([*losses, x.grad, h.grad, w.grad])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_ignored_rows_get_zero_gradient_whatever_their_weight(backend):
     """reduction="none" weighted per row, with inf (1 / length for an empty row) on ignored rows: 0, not NaN."""
     device, ctx = backend

@@ -182,6 +182,20 @@ def test_key_padding_masks_are_checked_alike_on_every_backend(backend):
             model(x, key_padding_mask=good[:, :1])
 
 
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_attention_computes_the_same_under_autocast(backend):
+    """The eager backend's float32 scores (and the triton backend's PyTorch path, masked here)
+    stay float32 under torch.autocast, which would run their matmuls in bf16 (10x the error)."""
+    from zoo.attention import attend
+
+    q, k, v = (torch.randn(2, 9, 4, 16, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+    with kernels.reference_only():
+        plain = attend(q, k, v, backend=backend, key_padding_mask=mask, causal=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(attend(q, k, v, backend=backend, key_padding_mask=mask, causal=True), plain)
+
+
 def test_registry_names_and_close_matches():
     names = zoo.list_models()
     for expected in ("bert_tiny", "bert_base", "gpt_nano", "gpt2", "gpt2_medium", "seq2seq_tiny", "transformer_base",

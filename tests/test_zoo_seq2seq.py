@@ -130,6 +130,27 @@ def test_beam_search_finds_the_best_sequence_by_enumeration(alpha):
         assert torch.equal(out[row, 1:], expected), (row, out[row].tolist(), best)
 
 
+def test_beam_scores_stay_float32_under_a_half_default_dtype():
+    """Lightning's bf16-true sets torch's default dtype around validation steps; beam scores made
+    with torch.full took it and summed log-probabilities in bf16, which reorders near ties
+    (a shrunken random model: near-uniform log-probabilities, so near ties at every step)."""
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = create_model("seq2seq_tiny").eval()
+        src = torch.randint(4, 40, (8, 12))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.3)
+            expected = model.generate(src, max_new_tokens=20, num_beams=4)
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                got = model.generate(src, max_new_tokens=20, num_beams=4)
+            finally:
+                torch.set_default_dtype(default)
+        assert torch.equal(got, expected), seed
+
+
 def test_source_padding_is_masked():
     model = tiny()
     src, mask = padded_sources([6, 3], 16, S=8)

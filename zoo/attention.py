@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels.runtime import without_autocast
 from kernels.sdpa import torch_sdpa
 
 from .cache import LayerCache
@@ -77,12 +78,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = Fals
         out = torch_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                          dropout_p=dropout_p, enable_gqa=Hk != H)
         return out.transpose(1, 2)
-    # eager
-    scale = D ** -0.5
+    return _eager(q, k, v, allowed, bias, dropout_p, return_probs)
+
+
+@without_autocast  # float32 scores also under torch.autocast, whose matmuls would run in its dtype
+def _eager(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], bias: Optional[Tensor], dropout_p: float,
+           return_probs: bool):
+    """softmax(q k^T / sqrt(D) + bias, masked to `allowed`) v with float32 scores; (out, probs) or out."""
+    D, H, Hk = q.shape[-1], q.shape[2], k.shape[2]
     qh = q.transpose(1, 2).float()
     kh = k.transpose(1, 2).float().repeat_interleave(H // Hk, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
-    scores = (qh @ kh.transpose(-1, -2)) * scale
+    scores = (qh @ kh.transpose(-1, -2)) * D ** -0.5
     if bias is not None:
         scores = scores + bias
     if allowed is not None:

@@ -287,7 +287,7 @@ class Seq2SeqTransformer(nn.Module):
         cache = self.decoder.new_cache(capacity=1 + max_new_tokens)
         seqs = torch.full((B * K, 1), bos, dtype=torch.long, device=device)
         # Only beam 0 is live at the start, so the first step does not pick K copies of one token.
-        scores = torch.full((B, K), -math.inf, device=device)
+        scores = torch.full((B, K), -math.inf, dtype=torch.float32, device=device)  # whatever the default dtype
         scores[:, 0] = 0.0
         hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         done = [False] * B
@@ -306,7 +306,7 @@ class Seq2SeqTransformer(nn.Module):
             top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)
             next_beam = torch.arange(K, device=device).repeat(B, 1)
             next_token = torch.full((B, K), self.cfg.pad_id, dtype=torch.long, device=device)
-            next_scores = torch.full((B, K), -math.inf, device=device)
+            next_scores = torch.full((B, K), -math.inf, dtype=torch.float32, device=device)
             for b in range(B):
                 if done[b]:
                     continue

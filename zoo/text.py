@@ -358,10 +358,12 @@ class GPT(nn.Module):
         temperature / top_k / top_p drawn from `generator`. Rows that emit a token of
         eos_token_id (int or list; default: cfg.eos_token_id; [] for none, so that every
         row gets max_new_tokens) emit pad_token_id (default: cfg.pad_token_id, else the
-        first stop token) afterwards; decoding stops once all rows have. suppress_tokens: ids never generated (e.g. those past a tokenizer's
-        vocabulary). Dropout stays as the module's mode: call eval() first. Raises ValueError
-        for right-padded prompts, bad sampling options, max_new_tokens or suppress_tokens,
-        or prompt + max_new_tokens - 1 past max_seq_len (the last new token is not fed back).
+        first stop token) afterwards; decoding stops once all rows have. suppress_tokens:
+        ids never generated (e.g. those past a tokenizer's vocabulary). Dropout stays as the
+        module's mode: call eval() first. Raises ValueError for right-padded prompts, bad
+        sampling options, max_new_tokens, suppress_tokens or stop/pad ids outside the
+        vocabulary, or prompt + max_new_tokens - 1 past max_seq_len (the last new token is
+        not fed back).
         """
         ids = check_token_ids(input_ids, self.cfg.vocab_size)
         suppress_index(suppress_tokens, self.cfg.vocab_size, ids.device)  # checked before the prefill
