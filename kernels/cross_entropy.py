@@ -179,7 +179,7 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
                        compute_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss: float32, () or (N,) by reduction; dlogits for grad_output 1, or empty).
 
-    In float16, dlogits is stored unreduced and times FP16_GRAD_SCALE (see _stored_scale).
+    In float16, dlogits is stored unreduced and times FP16_GRAD_SCALE; _ce_backward undoes both.
     """
     triton_path = use_triton(logits)
     rows = ce_rows_triton if triton_path else ce_rows_reference
