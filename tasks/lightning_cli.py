@@ -10,6 +10,7 @@ and prints what it holds. A config's own trainer.logger / callbacks are used as 
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Any, Optional
@@ -30,6 +31,22 @@ def batch_size_of(batch) -> int:
     while not isinstance(batch, torch.Tensor):
         batch = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
     return batch.shape[0]
+
+
+def strategy_of(strategy: Any) -> Any:
+    """A strategy given as a bare class path (`--trainer.strategy=tasks.strategies.BlockFSDP`),
+    which jsonargparse leaves a string and Lightning would refuse as an unknown name, built
+    with its defaults; anything else unchanged."""
+    from lightning.pytorch.strategies import Strategy, StrategyRegistry
+
+    if not isinstance(strategy, str) or "." not in strategy or strategy.lower() in StrategyRegistry:
+        return strategy
+    module, _, name = strategy.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return strategy  # Lightning names what it cannot resolve
+    return found() if isinstance(found, type) and issubclass(found, Strategy) else strategy
 
 
 def next_version(root: str, name: str) -> int:
@@ -103,6 +120,7 @@ class ZooCLI(LightningCLI):
         return type(self.model).__name__.lower()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        config["strategy"] = strategy_of(config.get("strategy"))
         root = config.get("default_root_dir") or "runs"
         if config.get("logger") in (None, True) and not config.get("fast_dev_run"):
             name = self._run_name()

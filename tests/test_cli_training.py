@@ -577,6 +577,27 @@ def test_fsdp_strategy_from_the_cli_wraps_and_checkpoints_each_block(tmp_path):
     assert len(blocks) == 4 and all(wrap._module_classes.intersection({type(b)}) for b in blocks)
 
 
+def test_a_strategy_given_as_a_bare_class_path_is_built(tmp_path):
+    """jsonargparse leaves `--trainer.strategy=tasks.strategies.BlockFSDP` (no init args) a string,
+    which Lightning refused as an unknown strategy name; registered names stay names."""
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from tasks.lightning_cli import strategy_of
+    from tasks.strategies import BlockFSDP
+    from zoo import Block
+
+    cli = ZooCLI(args=["-c", "configs/vision/vit_digits.yaml", "--trainer.strategy=tasks.strategies.BlockFSDP",
+                       f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert isinstance(cli.trainer.strategy, BlockFSDP)
+    wrap = cli.trainer.strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(wrap, ModuleWrapPolicy) and wrap._module_classes == {Block}
+    assert strategy_of("ddp") == "ddp" and strategy_of("auto") == "auto"
+    assert strategy_of("tasks.strategies.NoSuchStrategy") == "tasks.strategies.NoSuchStrategy"  # Lightning names it
+    assert strategy_of("zoo.Block") == "zoo.Block"  # importable, but not a strategy
+    assert isinstance(strategy_of("lightning.pytorch.strategies.DDPStrategy"), DDPStrategy)
+
+
 def test_zoo_fit_under_ddp_ends_cleanly_on_every_rank(tmp_path):
     """Two gloo processes through the CLI: after_fit must not leave rank 0 waiting on a broadcast."""
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
