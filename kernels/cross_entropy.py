@@ -48,6 +48,8 @@ _MAX_BLOCK_V = 256 if INTERPRET else GPU_MAX_BLOCK_V
 def _ce_kernel(Logits, Grad, Target, Loss, NValid, RowScale, V, stride_l, stride_g, ignore_index, smoothing,
                HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, SMOOTH: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
                BLOCK_V: tl.constexpr):
+    # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
+    smoothing = tl.cast(smoothing, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
     l_row = Logits + row * stride_l

@@ -147,6 +147,10 @@ def _kvcache_attn_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     bh = tl.program_id(0)
     mb = tl.program_id(1)
     split = tl.program_id(2)

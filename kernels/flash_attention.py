@@ -289,6 +289,11 @@ def _attn_fwd(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -479,6 +484,11 @@ def _attn_bwd_dkdv(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -597,6 +607,11 @@ def _attn_bwd_dq(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    dropout_scale = tl.cast(dropout_scale, tl.float32)
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)

@@ -56,6 +56,8 @@ _TILE_ELEMENTS = 4096
 def _fwd_fused(X, R, W, B, Y, S, Mean, Rstd, M, N, stride_x, stride_r, stride_y, stride_s, eps,
                IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M

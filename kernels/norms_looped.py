@@ -11,6 +11,8 @@ import triton.language as tl
 def _fwd_looped(X, R, W, B, Y, S, Mean, Rstd, M, N, stride_x, stride_r, stride_y, stride_s, eps,
                 IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 BLOCK_N: tl.constexpr):
+    # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     x_row = X + row * stride_x

@@ -334,7 +334,7 @@ def test_imported_models_bf16_parity_on_gpu(source):
         ref = transformers.WhisperModel(transformers.WhisperConfig(
             d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024, num_mel_bins=80,
             max_source_positions=750, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256,
-            vocab_size=100)).get_encoder()
+            vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).get_encoder()
         ours = zoo.from_hf(ref)
         inputs = (torch.randn(2, 80, 1500),)
 
