@@ -125,7 +125,10 @@ def _glu_fwd_kernel(X, Yg, Out, M, N, stride_x, stride_y, stride_o, y_col,
 
 @triton.jit
 def _glu_bwd_kernel(DO, X, Yg, DX, DYg, M, N, stride_do, stride_x, stride_y, stride_dx, stride_dy, y_col,
-                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    ACT: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # PACKED: both gradients go to DX (the gate's at column y_col) and DYg is not written.
+    # One tensor passed as two written arguments would break torch.compile: functionalization
+    # clones each written argument on its own, and one clone's half would be lost.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -135,7 +138,10 @@ def _glu_bwd_kernel(DO, X, Yg, DX, DYg, M, N, stride_do, stride_x, stride_y, str
     do = tl.load(DO + r64 * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     fa, dfa = _act(a, ACT)
     tl.store(DX + r64 * stride_dx + cols[None, :], (do * b * dfa).to(DX.dtype.element_ty), mask=mask)
-    tl.store(DYg + r64 * stride_dy + y_col + cols[None, :], (do * fa).to(DYg.dtype.element_ty), mask=mask)
+    if PACKED:
+        tl.store(DX + r64 * stride_dx + y_col + cols[None, :], (do * fa).to(DX.dtype.element_ty), mask=mask)
+    else:
+        tl.store(DYg + r64 * stride_dy + y_col + cols[None, :], (do * fa).to(DYg.dtype.element_ty), mask=mask)
 
 
 def _launch(kernel):
@@ -195,10 +201,11 @@ def glu_triton_bwd(dout, x, y, act):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dy = torch.empty_like(y, memory_format=torch.contiguous_format) if y is not None else x.new_empty(0)
     if dout.numel():
-        gate, dgate = (y, dy) if y is not None else (x, dx)
+        packed = y is None
+        gate, dgate = (x, dout) if packed else (y, dy)  # packed: dgate is an unwritten placeholder
         _launch(_glu_bwd_kernel)[_grid(M, N)](dout, x, gate, dx, dgate, M, N, dout.stride(0), x.stride(0),
                                              gate.stride(0), dx.stride(0), dgate.stride(0),
-                                             0 if y is not None else N, ACT=act, **_TILE)
+                                             N if packed else 0, ACT=act, PACKED=packed, **_TILE)
     return dx, dy
 
 

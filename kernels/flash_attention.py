@@ -110,24 +110,28 @@ def _load_tile(ptrs, offs_r, n_r, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl
 
 
 @triton.jit
-def _dropout_keep(seed, rng_row, offs_m, offs_n, dropout_thresh):
-    """Keep-mask of a (BLOCK_M, BLOCK_N) tile: Philox(seed; key j, query i, row, 0)."""
-    c0 = offs_n[None, :] + offs_m[:, None] * 0
-    c1 = offs_m[:, None] + offs_n[None, :] * 0
+def _dropout_keep(seed, rng_row, qi, kj, dropout_thresh):
+    """Keep-mask of a tile: Philox(seed; key j, query i, row, 0). qi and kj are the query and
+    key indices as 2-D tensors that broadcast to the tile (queries x keys, or keys x queries)."""
+    c0 = kj + qi * 0
+    c1 = qi + kj * 0
     r, _, _, _ = tl.philox(seed, c0, c1, c0 * 0 + rng_row, c0 * 0)
     return (r >> 8).to(tl.int32) >= dropout_thresh
 
 
 @triton.jit
-def _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
+def _scores(qk, qi, kj, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
             bias_ptrs, window_left, window_right,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
             BIAS_IS_BOOL: tl.constexpr, MASK: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Scores of a tile of raw q.k products, in log2 units, and tanh of the softcap.
 
-    Order as FlashAttention-2: scale, softcap, + ALiBi, + bias, then the masks.
-    MASK applies the key bound and the causal/window masks (edge blocks only).
+    qi and kj are the query and key indices as 2-D tensors that broadcast to the tile:
+    (offs_m[:, None], offs_n[None, :]) for queries x keys, the other way round for the
+    backward's keys x queries tiles. Order as FlashAttention-2: scale, softcap, + ALiBi,
+    + bias, then the masks. MASK applies the key bound and the causal/window masks (edge
+    blocks only).
     """
     if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
         if HAS_SOFTCAP:
@@ -137,10 +141,10 @@ def _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap,
             t = qk
             s = qk * sm_scale
         if HAS_ALIBI:
-            rel = offs_m[:, None] + diag - offs_n[None, :]
+            rel = qi + diag - kj
             s = s - slope * tl.abs(rel).to(tl.float32)
         if HAS_BIAS:
-            in_bounds = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+            in_bounds = (qi < q_len) & (kj < k_len)
             if BIAS_IS_BOOL:
                 keep = tl.load(bias_ptrs, mask=in_bounds, other=1)
                 s = tl.where(keep != 0, s, float("-inf"))
@@ -157,11 +161,11 @@ def _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap,
         t = qk
         s = qk * qk_scale
     if MASK:
-        valid = offs_n[None, :] < k_len
+        valid = kj < k_len
         if HAS_RIGHT:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag + window_right)
+            valid = valid & (kj <= qi + diag + window_right)
         if HAS_LEFT:
-            valid = valid & (offs_n[None, :] >= offs_m[:, None] + diag - window_left)
+            valid = valid & (kj >= qi + diag - window_left)
         s = tl.where(valid, s, float("-inf"))
     return s, t
 
@@ -247,7 +251,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, bias_rows
         k = _load_tile(K_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d,
                        MASK, HEAD_DIM, BLOCK_D)
         qk = _dot(q, tl.trans(k), None, FP32)
-        s, t = _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap,
+        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, sm_scale, qk_scale, softcap,
                        slope, bias_rows + offs_n[None, :] * stride_bn, window_left, window_right,
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, MASK, HAS_LEFT, HAS_RIGHT)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -261,7 +265,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, bias_rows
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, rng_row, offs_m, offs_n, dropout_thresh), p, 0.0)
+            p = tl.where(_dropout_keep(seed, rng_row, offs_m[:, None], offs_n[None, :], dropout_thresh), p, 0.0)
         v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, k_len, offs_d,
                        MASK, HEAD_DIM, BLOCK_D)
         acc = _dot(p.to(v.dtype), v, acc, FP32)
@@ -423,42 +427,52 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, stride_qm, stride_dom, Lse_ba
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Adds query blocks [lo, hi) to this key block's dK and dV.
+
+    The tiles are keys x queries (S^T = K Q^T, P^T, dP^T, dS^T), so that every dot has the
+    key block as its M dimension and takes loaded tiles, or a dot's result as it stands, as
+    operands: no dot result is transposed in registers. The queries x keys form, with
+    dK += tl.trans(dS) @ Q, came out wrong on an H100 (Triton 3.6, wgmma) for several block
+    shapes (docs/kernel-notes.md, "The dK bug").
+    """
     offs_d = tl.arange(0, BLOCK_D)
+    kj = offs_n[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        qi = offs_m[None, :]
         q = _load_tile(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d,
                        MASK, HEAD_DIM, BLOCK_D)
         do = _load_tile(DO_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, q_len, offs_d,
                         MASK, HEAD_DIM, BLOCK_D)
         if MASK:
-            # Rows past q_len: lse = +inf makes p exactly 0, so they add nothing.
+            # Queries past q_len: lse = +inf makes p exactly 0, so they add nothing.
             lse = tl.load(Lse_base + offs_m, mask=offs_m < q_len, other=float("inf"))
             delta = tl.load(Delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         else:
             lse = tl.load(Lse_base + offs_m)
             delta = tl.load(Delta_base + offs_m)
-        qk = _dot(q, tl.trans(k), None, FP32)
-        s, t = _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
-                       bias_cols + offs_m[:, None] * stride_bm, window_left, window_right,
+        qk = _dot(k, tl.trans(q), None, FP32)
+        s, t = _scores(qk, qi, kj, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
+                       bias_cols + qi * stride_bm, window_left, window_right,
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, MASK, HAS_LEFT, HAS_RIGHT)
         if HAS_BIAS and not BIAS_IS_BOOL:
             lse_hi, lse_lo = _log2_split(lse)
-            p = tl.math.exp2((s - lse_hi[:, None]) - lse_lo[:, None])
+            p = tl.math.exp2((s - lse_hi[None, :]) - lse_lo[None, :])
         else:
-            p = tl.math.exp2(s - lse[:, None] * LOG2E)
-        dp = _dot(do, tl.trans(v), None, FP32)
+            p = tl.math.exp2(s - lse[None, :] * LOG2E)
+        dp = _dot(v, tl.trans(do), None, FP32)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rng_row, offs_m, offs_n, dropout_thresh)
+            keep = _dropout_keep(seed, rng_row, qi, kj, dropout_thresh)
             p_dropped = tl.where(keep, p * dropout_scale, 0.0)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         else:
             p_dropped = p
-        dv = _dot(tl.trans(p_dropped.to(do.dtype)), do, dv, FP32)
-        ds = p * (dp - delta[:, None])
+        dv = _dot(p_dropped.to(do.dtype), do, dv, FP32)
+        ds = p * (dp - delta[None, :])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, FP32)
+        dk = _dot(ds.to(q.dtype), q, dk, FP32)
     return dk, dv
 
 
@@ -522,7 +536,7 @@ def _attn_bwd_dkdv(
         Q_base = Q + b64 * stride_qb + q_start * stride_qm + h64 * stride_qh
         DO_base = DO + b64 * stride_dob + q_start * stride_dom + h64 * stride_doh
         l_off = b64 * stride_lb + h64 * stride_lh + q_start
-        bias_cols = Bias + b64 * stride_bb + h64 * stride_bh + offs_n[None, :] * stride_bn
+        bias_cols = Bias + b64 * stride_bb + h64 * stride_bh + offs_n[:, None] * stride_bn
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + b64 * stride_ab + h).to(tl.float32)
@@ -568,8 +582,8 @@ def _bwd_dq_inner(dq, q, do, lse, lse_lo, delta, K_base, V_base, stride_kn, stri
         v = _load_tile(V_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, k_len, offs_d,
                        MASK, HEAD_DIM, BLOCK_D)
         qk = _dot(q, tl.trans(k), None, FP32)
-        s, t = _scores(qk, offs_m, offs_n, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
-                       bias_rows + offs_n[None, :] * stride_bn, window_left, window_right,
+        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, sm_scale, qk_scale, softcap,
+                       slope, bias_rows + offs_n[None, :] * stride_bn, window_left, window_right,
                        HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, MASK, HAS_LEFT, HAS_RIGHT)
         if HAS_BIAS and not BIAS_IS_BOOL:
             p = tl.math.exp2((s - lse[:, None]) - lse_lo[:, None])  # lse, lse_lo: _log2_split's hi, lo
@@ -577,7 +591,7 @@ def _bwd_dq_inner(dq, q, do, lse, lse_lo, delta, K_base, V_base, stride_kn, stri
             p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), None, FP32)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rng_row, offs_m, offs_n, dropout_thresh)
+            keep = _dropout_keep(seed, rng_row, offs_m[:, None], offs_n[None, :], dropout_thresh)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -686,7 +700,7 @@ def _dropout_mask_kernel(Mask, Seed, nheads, seqlen_q, seqlen_k, dropout_thresh,
     base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     for start_n in range(0, seqlen_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, b * nheads + h, offs_m, offs_n, dropout_thresh)
+        keep = _dropout_keep(seed, b * nheads + h, offs_m[:, None], offs_n[None, :], dropout_thresh)
         tl.store(base + offs_m[:, None] * stride_mm + offs_n[None, :], keep,
                  mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
@@ -716,9 +730,10 @@ _FWD_CANDIDATES = {
     256: [(64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2), (128, 64, 8, 2)],
     "fp32": [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
 }
+# dK/dV tiles are keys x queries (_bwd_dkdv_inner): block_n is every dot's M dimension.
 _DKDV_CANDIDATES = {
-    64: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 2), (64, 32, 8, 3)],
-    128: [(32, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 3), (64, 32, 8, 3)],
+    64: [(32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (16, 128, 8, 2), (64, 32, 8, 3)],
+    128: [(32, 64, 8, 2), (16, 64, 8, 3), (16, 128, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)],
     256: [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],  # 128x32 needs 289 KiB of shared memory
     "fp32": [(16, 32, 4, 2), (16, 16, 4, 1), (32, 16, 4, 1)],
 }
@@ -830,6 +845,16 @@ def _scalars(geo, softmax_scale, softcap, dropout_p, window_left, window_right):
             _bucket(geo.seqlen_q), _bucket(geo.seqlen_k))
 
 
+def _index_placeholder(q):
+    """The kernels' CuQ / CuK argument when the batch is not packed (never read).
+
+    Not q: under torch.compile, torch's analysis of a wrapped kernel counts these pointers
+    as written (they reach a helper whose results feed store addresses) and copies them on
+    every launch; a one-element index tensor keeps that copy negligible.
+    """
+    return torch.empty(1, dtype=torch.int32, device=q.device)
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes, seed,
             dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Runs the forward kernel. Inputs are validated by the caller; returns (out, lse).
@@ -850,11 +875,12 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     if out.numel() == 0:
         return out, lse
     dummy = q
+    cu_dummy = _index_placeholder(q)
     args = (q, k, v, out, lse,
             bias if bias is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
             seed if seed is not None else dummy,
-            cu_seqlens_q if cu_seqlens_q is not None else dummy,
-            cu_seqlens_k if cu_seqlens_k is not None else dummy,
+            cu_seqlens_q if cu_seqlens_q is not None else cu_dummy,
+            cu_seqlens_k if cu_seqlens_k is not None else cu_dummy,
             *geo.bsh(q, geo.varlen), *geo.bsh(k, geo.varlen), *geo.bsh(v, geo.varlen), *geo.bsh(out, geo.varlen),
             *geo.lse_strides(lse), *geo.bias_strides, geo.alibi_stride,
             *_scalars(geo, softmax_scale, softcap, dropout_p, window_left, window_right))
@@ -888,8 +914,8 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         dout = dout.contiguous()
     delta = torch.empty(lse.shape, device=lse.device, dtype=torch.float32)
     dummy = q
-    cu_q = cu_seqlens_q if cu_seqlens_q is not None else dummy
-    cu_k = cu_seqlens_k if cu_seqlens_k is not None else dummy
+    cu_q = cu_seqlens_q if cu_seqlens_q is not None else _index_placeholder(q)
+    cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_q
     pre_block = 64 if geo.block_d <= 128 else 32
     pre = _launcher(_attn_bwd_preprocess)
     pre[(triton.cdiv(geo.seqlen_q, pre_block), geo.nheads, geo.batch)](
