@@ -27,9 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
+from .runtime import cdiv, launch, eager_op, INTERPRET, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Activation codes of the kernels (constexpr ACT).
@@ -144,14 +143,8 @@ def _glu_bwd_kernel(DO, X, Yg, DX, DYg, M, N, stride_do, stride_x, stride_y, str
         tl.store(DYg + r64 * stride_dy + y_col + cols[None, :], (do * fa).to(DYg.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel):
-    # wrap_triton lets torch.compile see the kernel; interpreted kernels are not
-    # JITFunctions, which wrap_triton refuses, so they launch directly.
-    return kernel if INTERPRET else wrap_triton(kernel)
-
-
 def _grid(M, N):
-    return (triton.cdiv(M, _TILE["BLOCK_M"]), triton.cdiv(N, _TILE["BLOCK_N"]))
+    return (cdiv(M, _TILE["BLOCK_M"]), cdiv(N, _TILE["BLOCK_N"]))
 
 
 # --------------------------------------------------------------------------------------
@@ -164,7 +157,7 @@ def gelu_triton_fwd(x, bias, act):
     M, N = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     if y.numel():
-        _launch(_gelu_fwd_kernel)[_grid(M, N)](x, bias if bias is not None else x, y, M, N, x.stride(0),
+        launch(_gelu_fwd_kernel)[_grid(M, N)](x, bias if bias is not None else x, y, M, N, x.stride(0),
                                               y.stride(0), ACT=act, HAS_B=bias is not None, **_TILE)
     return y
 
@@ -173,10 +166,10 @@ def gelu_triton_bwd(dy, x, bias, act):
     """(dx, float32 dbias or empty) of gelu(x + bias)."""
     M, N = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    tiles = triton.cdiv(M, _TILE["BLOCK_M"])
+    tiles = cdiv(M, _TILE["BLOCK_M"])
     db_part = x.new_zeros((tiles, N), dtype=torch.float32) if bias is not None else x.new_empty(0)
     if dx.numel():
-        _launch(_gelu_bwd_kernel)[_grid(M, N)](dy, x, bias if bias is not None else x, dx,
+        launch(_gelu_bwd_kernel)[_grid(M, N)](dy, x, bias if bias is not None else x, dx,
                                               db_part if bias is not None else dx, M, N, dy.stride(0), x.stride(0),
                                               dx.stride(0), ACT=act, HAS_B=bias is not None, **_TILE)
     db = db_part.sum(0) if bias is not None else x.new_empty(0, dtype=torch.float32)
@@ -190,7 +183,7 @@ def glu_triton_fwd(x, y, act):
     out = x.new_empty((M, N))
     if out.numel():
         gate = y if y is not None else x
-        _launch(_glu_fwd_kernel)[_grid(M, N)](x, gate, out, M, N, x.stride(0), gate.stride(0), out.stride(0),
+        launch(_glu_fwd_kernel)[_grid(M, N)](x, gate, out, M, N, x.stride(0), gate.stride(0), out.stride(0),
                                              0 if y is not None else N, ACT=act, **_TILE)
     return out
 
@@ -203,7 +196,7 @@ def glu_triton_bwd(dout, x, y, act):
     if dout.numel():
         packed = y is None
         gate, dgate = (x, dout) if packed else (y, dy)  # packed: dgate is an unwritten placeholder
-        _launch(_glu_bwd_kernel)[_grid(M, N)](dout, x, gate, dx, dgate, M, N, dout.stride(0), x.stride(0),
+        launch(_glu_bwd_kernel)[_grid(M, N)](dout, x, gate, dx, dgate, M, N, dout.stride(0), x.stride(0),
                                              gate.stride(0), dx.stride(0), dgate.stride(0),
                                              N if packed else 0, ACT=act, PACKED=packed, **_TILE)
     return dx, dy

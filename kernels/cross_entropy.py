@@ -32,9 +32,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
+from .runtime import cdiv, launch, eager_op, INTERPRET, next_power_of_2, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -94,12 +93,6 @@ def _ce_kernel(Logits, Grad, Target, Loss, NValid, RowScale, V, stride_l, stride
             tl.store(g_row + cols, (g * scale).to(Grad.dtype.element_ty), mask=cols < V)
 
 
-def _launch(kernel):
-    # wrap_triton lets torch.compile see the kernel; interpreted kernels are not
-    # JITFunctions, which wrap_triton refuses, so they launch directly.
-    return kernel if INTERPRET else wrap_triton(kernel)
-
-
 def _n_valid(target: Tensor, ignore_index: int) -> Tensor:
     """Rows not ignored, as a float32 tensor of one element (no host sync)."""
     return (target != ignore_index).sum().to(torch.float32).reshape(1)
@@ -115,9 +108,9 @@ def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoot
     loss = logits.new_empty(N, dtype=torch.float32)
     if N == 0:
         return loss
-    block_v = min(_MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+    block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(V)))
     dummy = logits
-    _launch(_ce_kernel)[(N,)](
+    launch(_ce_kernel)[(N,)](
         logits, grad if grad is not None else dummy, target, loss, n_valid,
         row_scale if row_scale is not None else loss, V, logits.stride(0),
         grad.stride(0) if grad is not None else 0, ignore_index, smoothing,
@@ -259,9 +252,9 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     """Tokens per chunk: a chunk's logits hold about as many elements as the hidden states
     (Liger-Kernel's rule), rounded up to a power of two, at least MIN_CHUNK_TOKENS, and at
     most n_tokens rounded up to a power of two."""
-    n = triton.next_power_of_2(max(n_tokens, 1))
-    chunks = triton.cdiv(vocab, max(hidden, 1))
-    return min(n, max(MIN_CHUNK_TOKENS, triton.next_power_of_2(triton.cdiv(n_tokens, chunks))))
+    n = next_power_of_2(max(n_tokens, 1))
+    chunks = cdiv(vocab, max(hidden, 1))
+    return min(n, max(MIN_CHUNK_TOKENS, next_power_of_2(cdiv(n_tokens, chunks))))
 
 
 def flce_chunks(hidden, weight, bias, target, ignore_index, smoothing, mean, row_scale, grad_hidden, grad_weight,

@@ -29,11 +29,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from . import autotune, decoding_reference
 from .flash_attention import LN2, LOG2E, _dot, _tanh
-from .runtime import INTERPRET, eager_op, shared_layout, unit_stride, use_triton
+from .runtime import cdiv, launch, eager_op, INTERPRET, next_power_of_2, shared_layout, unit_stride, use_triton
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -353,11 +352,6 @@ _kvcache_attn_tuned = _kvcache_attn_kernel if INTERPRET else autotune.autotune(
     _configs(), _AUTOTUNE_KEY, _prune)(_kvcache_attn_kernel)
 
 
-def _launch(kernel):
-    # The interpreter's kernels are not JITFunctions, which wrap_triton refuses.
-    return kernel if INTERPRET else wrap_triton(kernel)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -409,10 +403,10 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     if B == 0:
         return out, lse
     n_rows = Sq * G
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     # tl.dot needs 16 rows; a query block of 64 rows (32 at head dim 256) bounds registers.
-    block_m = min(max(16, triton.next_power_of_2(n_rows)), 64 if block_d <= 128 else 32)
-    m_blocks = triton.cdiv(n_rows, block_m)
+    block_m = min(max(16, next_power_of_2(n_rows)), 64 if block_d <= 128 else 32)
+    m_blocks = cdiv(n_rows, block_m)
     max_keys = _capacity(k_cache, block_table)
     if window_left >= 0:
         max_keys = min(max_keys, window_left + Sq + max(window_right, 0) + 1)
@@ -445,7 +439,7 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
             Sq, k.shape[1] if k is not None else 0, G, Hk, k_cache.shape[1] if block_table is not None else 1,
             2 * rotary_cos.shape[1] if rotary_cos is not None else 0, splits,
             softmax_scale, softmax_scale * 1.4426950408889634, softcap, window_left, window_right,
-            triton.next_power_of_2(max(1, max_keys // splits)))
+            next_power_of_2(max(1, max_keys // splits)))
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, FP32=q.dtype == torch.float32,
                  PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
                  HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW=k is not None, HAS_ROTARY=rotary_cos is not None,
@@ -457,10 +451,10 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     if INTERPRET:
         _kvcache_attn_kernel[grid](*args, **flags, BLOCK_N=_INTERPRET_BLOCK_N)
     else:
-        _launch(_kvcache_attn_tuned)[grid](*args, **flags)
+        launch(_kvcache_attn_tuned)[grid](*args, **flags)
     if splits > 1:
-        combine_m = min(triton.next_power_of_2(n_rows), 16)
-        _launch(_combine_kernel)[(B * Hk, triton.cdiv(n_rows, combine_m))](
+        combine_m = min(next_power_of_2(n_rows), 16)
+        launch(_combine_kernel)[(B * Hk, cdiv(n_rows, combine_m))](
             out_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
             lse.stride(1), n_rows, G, Hk, splits, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=combine_m)
     return out, lse
@@ -495,4 +489,4 @@ def _kvcache_attention(
 kvcache_attention = torch.library.triton_op("tritonzoo::kvcache_attention", _kvcache_attention,
                                             mutates_args=("k_cache", "v_cache"))
 #: How callers run the op: the op, or its body directly (kernels.runtime.eager_op).
-call_kvcache_attention = eager_op(kvcache_attention, _kvcache_attention)
+call_kvcache_attention = eager_op(kvcache_attention, _kvcache_attention, mutated=(1, 2))

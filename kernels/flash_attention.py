@@ -27,10 +27,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import autotune
-from .runtime import INTERPRET, unit_stride
+from .runtime import cdiv, launch, INTERPRET, next_power_of_2, unit_stride
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -776,19 +775,13 @@ _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _DKDV_CANDIDATES)
 _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _DQ_CANDIDATES)
 
 
-def _launcher(kernel):
-    # wrap_triton lets torch.compile see the kernel; the interpreter's kernels are not
-    # JITFunctions, which wrap_triton refuses, so they launch directly.
-    return kernel if INTERPRET else wrap_triton(kernel)
-
-
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 16))
+    return next_power_of_2(max(int(n), 16))
 
 
 def dropout_threshold(dropout_p: float) -> int:
@@ -810,7 +803,7 @@ class _Geometry:
             self.nheads_k = k.shape[2]
         self.seqlen_q, self.seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
         self.group = self.nheads // self.nheads_k
-        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
+        self.block_d = max(16, next_power_of_2(self.head_dim))
         self.bias_strides = tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
         self.alibi_stride = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
 
@@ -887,12 +880,12 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     flags = _flags(geo, q, bias, alibi_slopes, dropout_p, softcap, window_left, window_right, bottom_right)
 
     def grid(meta):
-        return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.nheads, geo.batch)
+        return (cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.nheads, geo.batch)
 
     if INTERPRET:
         _attn_fwd[grid](*args, **flags, **_INTERPRET_FWD)
     else:
-        _launcher(_attn_fwd_tuned)[grid](*args, **flags)
+        launch(_attn_fwd_tuned)[grid](*args, **flags)
     return out, lse
 
 
@@ -917,8 +910,8 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else _index_placeholder(q)
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_q
     pre_block = 64 if geo.block_d <= 128 else 32
-    pre = _launcher(_attn_bwd_preprocess)
-    pre[(triton.cdiv(geo.seqlen_q, pre_block), geo.nheads, geo.batch)](
+    pre = launch(_attn_bwd_preprocess)
+    pre[(cdiv(geo.seqlen_q, pre_block), geo.nheads, geo.batch)](
         out, dout, dlse if dlse is not None else lse, delta, cu_q,
         *geo.bsh(out, geo.varlen), *geo.bsh(dout, geo.varlen), *geo.lse_strides(lse), geo.seqlen_q,
         HEAD_DIM=geo.head_dim, BLOCK_D=geo.block_d, IS_VARLEN=geo.varlen, HAS_DLSE=dlse is not None,
@@ -936,19 +929,19 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
                  *geo.bsh(dk, geo.varlen), *geo.bsh(dv, geo.varlen), *common_tail)
 
     def dkdv_grid(meta):
-        return (triton.cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.nheads_k, geo.batch)
+        return (cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.nheads_k, geo.batch)
 
     dq_args = (q, k, v, dout, lse, delta, dq, *common_ptrs, *qkv_strides, *geo.bsh(dq, geo.varlen), *common_tail)
 
     def dq_grid(meta):
-        return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.nheads, geo.batch)
+        return (cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.nheads, geo.batch)
 
     if INTERPRET:
         _attn_bwd_dkdv[dkdv_grid](*dkdv_args, **flags, **_INTERPRET_DKDV)
         _attn_bwd_dq[dq_grid](*dq_args, **flags, **_INTERPRET_DQ)
     else:
-        _launcher(_attn_bwd_dkdv_tuned)[dkdv_grid](*dkdv_args, **flags)
-        _launcher(_attn_bwd_dq_tuned)[dq_grid](*dq_args, **flags)
+        launch(_attn_bwd_dkdv_tuned)[dkdv_grid](*dkdv_args, **flags)
+        launch(_attn_bwd_dq_tuned)[dq_grid](*dq_args, **flags)
     return dq, dk, dv
 
 
@@ -958,7 +951,7 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, dropout_p, device):
     if mask.numel() == 0:
         return mask
     block_m, block_n = _DROPOUT_MASK_BLOCK
-    _launcher(_dropout_mask_kernel)[(triton.cdiv(seqlen_q, block_m), nheads, batch)](
+    launch(_dropout_mask_kernel)[(cdiv(seqlen_q, block_m), nheads, batch)](
         mask, seed, nheads, seqlen_q, seqlen_k, dropout_threshold(dropout_p),
         mask.stride(0), mask.stride(1), mask.stride(2), BLOCK_M=block_m, BLOCK_N=block_n)
     return mask

@@ -30,10 +30,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .norms_looped import _bwd_looped, _fwd_looped
-from .runtime import INTERPRET, eager_op, run_backward, unit_stride, use_triton
+from .runtime import cdiv, launch, eager_op, INTERPRET, next_power_of_2, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size accepted (the looped kernels have no limit of their own).
@@ -142,12 +141,6 @@ def _bwd_fused(X, W, DY, DS, DX, Mean, Rstd, DW, DB, M, N, stride_x, stride_dy, 
 # --------------------------------------------------------------------------------------
 
 
-def _launch(kernel):
-    # wrap_triton lets torch.compile see the kernel; interpreted kernels are not
-    # JITFunctions, which wrap_triton refuses, so they launch directly.
-    return kernel if INTERPRET else wrap_triton(kernel)
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -165,7 +158,7 @@ def _plan(n: int) -> tuple[bool, int, int, int]:
 
     The backward keeps more tensors live per element: it runs twice the warps.
     """
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = max(16, next_power_of_2(n))
     if block_n <= MAX_FUSED_BLOCK:
         block_m = max(1, min(64, _TILE_ELEMENTS // block_n))
         tile = block_m * block_n
@@ -198,9 +191,9 @@ def norm_triton_fwd(x, residual, weight, bias, eps, is_rms):
     flags = dict(IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
                  BLOCK_N=block_n, num_warps=warps)
     if fused:
-        _launch(_fwd_fused)[(triton.cdiv(M, block_m),)](*args, BLOCK_M=block_m, **flags)
+        launch(_fwd_fused)[(cdiv(M, block_m),)](*args, BLOCK_M=block_m, **flags)
     else:
-        _launch(_fwd_looped)[(M,)](*args, **flags)
+        launch(_fwd_looped)[(M,)](*args, **flags)
     return y, s, mean, rstd
 
 
@@ -209,8 +202,8 @@ def norm_triton_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
     M, N = src.shape
     dx = torch.empty_like(src, memory_format=torch.contiguous_format)
     fused, block_m, block_n, warps = _plan(N)
-    rows_per_program = block_m * triton.cdiv(triton.cdiv(M, _programs(src.device)), block_m)
-    programs = triton.cdiv(M, rows_per_program) if M else 0
+    rows_per_program = block_m * cdiv(cdiv(M, _programs(src.device)), block_m)
+    programs = cdiv(M, rows_per_program) if M else 0
     has_w = weight is not None
     # Each fused program writes its whole partial row; the looped ones accumulate into it.
     partial = functools.partial(src.new_empty if fused else src.new_zeros, dtype=torch.float32)
@@ -225,9 +218,9 @@ def norm_triton_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
         flags = dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, HAS_DS=ds is not None, BLOCK_N=block_n,
                      num_warps=min(16, 2 * warps))
         if fused:
-            _launch(_bwd_fused)[(programs,)](*args, BLOCK_M=block_m, **flags)
+            launch(_bwd_fused)[(programs,)](*args, BLOCK_M=block_m, **flags)
         else:
-            _launch(_bwd_looped)[(programs,)](*args, **flags)
+            launch(_bwd_looped)[(programs,)](*args, **flags)
     # The second, deterministic reduction of the per-program partial sums.
     return dx, dw_part.sum(0) if has_w else _empty(src), db_part.sum(0) if has_bias else _empty(src)
 

@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .runtime import INTERPRET, eager_op, run_backward, shared_layout, unit_stride, use_triton
+from .runtime import (cdiv, launch, eager_op, INTERPRET, next_power_of_2, run_backward, shared_layout,
+                      unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
@@ -107,12 +107,6 @@ def _rotary_kernel(X, Out, Cos, Sin, Offsets, Pos,
                 tl.store(o_base + offs_t[None, :], tail, mask=mask_t)
 
 
-def _launch(kernel):
-    # wrap_triton lets torch.compile see the kernel; interpreted kernels are not
-    # JITFunctions, which wrap_triton refuses, so they launch directly.
-    return kernel if INTERPRET else wrap_triton(kernel)
-
-
 def rotary_triton(x, out, cos, sin, seqlen_offsets, offset, position_ids, interleaved, conjugate, inplace):
     """Writes the rotation of x (B, S, H, D) into out (x itself when inplace)."""
     B, S, H, D = x.shape
@@ -120,13 +114,13 @@ def rotary_triton(x, out, cos, sin, seqlen_offsets, offset, position_ids, interl
     if x.numel() == 0:
         return
     seqlen_offsets = unit_stride(seqlen_offsets)  # read as Offsets + b
-    block_half = max(triton.next_power_of_2(half), 2)
+    block_half = max(next_power_of_2(half), 2)
     # About 1024 rotated pairs per tile: 8 per thread over 4 warps, no register spills.
     block_s = max(1, min(_MAX_BLOCK_S, 1024 // block_half))
     copy_tail = not inplace and 2 * half < D
     dummy = cos
-    grid = (triton.cdiv(S, block_s), triton.cdiv(H, _HEADS_PER_PROGRAM), B)
-    _launch(_rotary_kernel)[grid](
+    grid = (cdiv(S, block_s), cdiv(H, _HEADS_PER_PROGRAM), B)
+    launch(_rotary_kernel)[grid](
         x, out, cos, sin, seqlen_offsets if seqlen_offsets is not None else dummy,
         position_ids if position_ids is not None else dummy,
         S, H, D, half, offset, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -187,7 +181,7 @@ def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tenso
 
 rotary = torch.library.triton_op("tritonzoo::rotary", _rotary, mutates_args=())
 rotary_ = torch.library.triton_op("tritonzoo::rotary_", _rotary_, mutates_args=("x",))
-_call_rotary_ = eager_op(rotary_, _rotary_)
+_call_rotary_ = eager_op(rotary_, _rotary_, mutated=(0,))
 
 
 def _setup_context(ctx, inputs, output):

@@ -6,10 +6,12 @@ before `kernels` is imported): then the Triton kernels run on CPU tensors too,
 which is how the kernels are tested on machines without a GPU.
 
 Every op is a torch.library ``triton_op`` (torch.compile traces through it without graph
-breaks). Eager calls on the PyTorch path skip torch.library's dispatch layers: ``eager_op``
-runs the op's body under an ``autograd.Function`` with the op's own autograd formulas, the
-same computation without about 0.15 ms of dispatch per call, which on the CPU is more than
-a small op's own work.
+breaks). Eager calls skip torch.library's dispatch layers: ``eager_op`` runs the op's body
+under an ``autograd.Function`` with the op's own autograd formulas, the same computation
+without about 0.15 ms of dispatch per call, which on the CPU is more than a small op's own
+work. On the Triton path the body then launches its kernels directly, not through
+``wrap_triton``'s higher-order op (which costs more again); the dispatch cost of the op
+was most of the ~450 us a decoding call took on an H100 (docs/kernel-notes.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import threading
 from typing import Callable, Optional
 
 import torch
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+from torch.library import wrap_triton
 
 #: True when the Triton interpreter is on. Triton reads the variable when a kernel is
 #: decorated, so it is fixed for the life of the process.
@@ -82,6 +86,21 @@ def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for ints and SymInts: triton.cdiv without its constexpr_function wrapper,
+    which costs about 5 us a call on the host (a decoding step makes several)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n, for ints n >= 1 and SymInts; as cdiv, a plain function
+    in place of triton.next_power_of_2."""
+    n -= 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        n |= n >> shift
+    return n + 1
+
+
 def shared_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a and b with unit stride in their last dimension and the same strides (copied when not).
 
@@ -104,10 +123,37 @@ def concrete(t: torch.Tensor) -> bool:
 def eager_path(t: torch.Tensor) -> bool:
     """Whether a call on ``t`` may run its op's body directly instead of through torch.library.
 
-    True for a plain tensor on the PyTorch path (``use_triton`` false) outside torch.compile
-    and export tracing, which must see the op itself. Triton launches always take the op.
+    True for a plain tensor outside torch.compile and export tracing, which must see the op
+    itself. On the Triton path also only while no dispatch mode is active: make_fx and the
+    like (FlopCounterMode too) see the op, not kernel launches they cannot record. (On the
+    PyTorch path such a mode sees the body's aten ops, which it can.)
     """
-    return concrete(t) and not use_triton(t)
+    if not concrete(t):
+        return False
+    return not use_triton(t) or torch._C._len_torch_dispatch_stack() == 0
+
+
+def launch(kernel):
+    """What to index with the grid to launch ``kernel``: ``wrap_triton(kernel)``, through which
+    torch.compile and make_fx see the launch, or the kernel itself where nothing traces
+    (inside run_direct and torch.library's own eager dispatch of a triton_op, which switch
+    wrap_triton off) and in the interpreter (whose kernels wrap_triton refuses)."""
+    if INTERPRET or not is_wrap_triton_enabled():
+        return kernel
+    return wrap_triton(kernel)
+
+
+def run_direct(body: Callable, args: tuple, mutated: tuple = ()):
+    """``body(*args)`` outside the op: Triton kernels launch directly (not through the
+    wrap_triton higher-order op), and the tensors at positions ``mutated``, written in
+    place by a kernel, get their autograd version bumped as the op's dispatch would."""
+    if not use_triton(args[0]):
+        return body(*args)
+    with set_wrap_triton_enabled(False):
+        out = body(*args)
+    for i in mutated:
+        torch.autograd.graph.increment_version(args[i])
+    return out
 
 
 def _first_order(backward: Callable, name: str) -> Callable:
@@ -124,7 +170,8 @@ def _first_order(backward: Callable, name: str) -> Callable:
 
 
 def eager_op(op, body: Callable, setup_context: Optional[Callable] = None,
-             backward: Optional[Callable] = None, double_backward: bool = False) -> Callable:
+             backward: Optional[Callable] = None, double_backward: bool = False,
+             mutated: tuple = ()) -> Callable:
     """Registers ``backward`` / ``setup_context`` on the triton_op ``op`` (when given) and
     returns the function to call it with: ``op`` itself, or, where ``eager_path`` holds
     for the first argument, ``body`` (the plain function ``op`` was made from).
@@ -136,7 +183,8 @@ def eager_op(op, body: Callable, setup_context: Optional[Callable] = None,
     with create_graph=True raises: the formula treats saved statistics or a gradient
     precomputed in the forward as constants, so its second derivatives would be wrong
     without a word (torch's once_differentiable only catches the case where the incoming
-    gradient requires grad, not a penalty on the gradient itself).
+    gradient requires grad, not a penalty on the gradient itself). ``mutated``: the positions
+    of the arguments the op writes in place (its ``mutates_args``).
     """
     function = None
     if backward is not None:
@@ -149,7 +197,7 @@ def eager_op(op, body: Callable, setup_context: Optional[Callable] = None,
         class _Eager(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):
-                output = body(*args)
+                output = run_direct(body, args)
                 setup_context(ctx, args, output)
                 ctx.eager = True
                 return output
@@ -163,8 +211,9 @@ def eager_op(op, body: Callable, setup_context: Optional[Callable] = None,
 
     def call(*args):
         if eager_path(args[0]):
-            if not torch.is_grad_enabled():
-                return body(*args)
+            if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad
+                                                      for a in args):
+                return run_direct(body, args, mutated)
             if function is not None:
                 return function(*args)
         return op(*args)
@@ -181,8 +230,9 @@ def run_backward(ctx, op, body: Callable, *args):
     path, which the backward then takes too, on whichever thread autograd runs it. After
     an ``eager_op`` forward (``ctx.eager``) the backward op's ``body`` runs directly.
     """
-    fn = body if getattr(ctx, "eager", False) else op
     if ctx.reference:
         with reference_only():
-            return fn(*args)
-    return fn(*args)
+            return (body if getattr(ctx, "eager", False) else op)(*args)
+    if getattr(ctx, "eager", False):
+        return run_direct(body, args)
+    return op(*args)

@@ -1,5 +1,6 @@
-"""kernels.runtime's eager shortcut: on the PyTorch path, eager calls run each op's body
-under an autograd.Function instead of going through torch.library's dispatch.
+"""kernels.runtime's eager shortcut: eager calls run each op's body under an
+autograd.Function instead of going through torch.library's dispatch; on the Triton path
+the body launches its kernels directly (not through wrap_triton's higher-order op).
 
 The oracle is the op itself: every public op is run both ways on the same inputs (the
 shortcut switched off by patching ``runtime.eager_path``), and outputs, in-place cache
@@ -101,6 +102,35 @@ def _run(case, eager: bool, monkeypatch):
     return outs, grads, log.tritonzoo()
 
 
+def _run_triton(case, eager: bool, monkeypatch):
+    """As _run on the Triton path (the interpreter); the route is counted at run_direct,
+    since a dispatch mode would itself send the calls through the op."""
+    torch.manual_seed(0)
+    leaves, fn = CASES[case]()
+    direct = []
+    with monkeypatch.context() as m:
+        if not eager:
+            m.setattr(runtime, "eager_path", lambda t: False)
+        real = runtime.run_direct
+        m.setattr(runtime, "run_direct", lambda body, *a: direct.append(body.__name__) or real(body, *a))
+        outs = [o for o in fn() if o.is_floating_point()]
+        loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, leaves)
+    return outs, grads, direct
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="the Triton path on CPU needs the interpreter")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_shortcut_on_the_triton_path_matches_the_op_bit_for_bit(case, monkeypatch):
+    outs, grads, direct = _run_triton(case, True, monkeypatch)
+    outs_op, grads_op, direct_op = _run_triton(case, False, monkeypatch)
+    # Forward and backward bodies ran directly in the first run, never in the second.
+    assert direct and not direct_op, (direct, direct_op)
+    for a, b in zip(outs + list(grads), outs_op + list(grads_op)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_eager_shortcut_matches_the_op_bit_for_bit(case, monkeypatch):
     outs, grads, ops = _run(case, True, monkeypatch)
@@ -135,6 +165,30 @@ def test_kvcache_decoding_without_grad_skips_dispatch(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not kernels.INTERPRET, reason="the Triton path on CPU needs the interpreter")
+def test_kvcache_direct_launch_bumps_the_cache_versions_as_the_op_does(monkeypatch):
+    """The kernel writes the caches in place: autograd's version counters must see that
+    (a cache saved for a backward and then written would otherwise go unnoticed)."""
+    def decode(eager):
+        torch.manual_seed(0)
+        k_cache, v_cache = torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+        q, k, v = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+        versions = k_cache._version, v_cache._version
+        with monkeypatch.context() as m:
+            if not eager:
+                m.setattr(runtime, "eager_path", lambda t: False)
+            with torch.no_grad():
+                out = kernels.flash_attn_with_kvcache(q, k_cache, v_cache, k, v,
+                                                      cache_seqlens=torch.tensor([3, 9], dtype=torch.int32))
+        return (out, k_cache, v_cache), (k_cache._version - versions[0], v_cache._version - versions[1])
+
+    got, bumps = decode(True)
+    want, bumps_op = decode(False)
+    assert bumps == bumps_op and min(bumps) >= 1, (bumps, bumps_op)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_no_shortcut_under_torch_compile():
     """Dynamo sees torch.compiler.is_compiling() and keeps the ops in the graph."""
     torch._dynamo.reset()
@@ -161,7 +215,7 @@ def test_no_shortcut_under_torch_compile():
     torch.testing.assert_close(compiled, eager)
 
 
-def test_shortcut_only_on_the_pytorch_path():
+def test_when_the_shortcut_applies():
     x = torch.randn(3, 4)
     with kernels.reference_only():
         assert runtime.eager_path(x) and runtime.eager_path(torch.nn.Parameter(x))
@@ -171,4 +225,25 @@ def test_shortcut_only_on_the_pytorch_path():
         fake = mode.from_tensor(x)
     with kernels.reference_only():
         assert not runtime.eager_path(fake)
-    assert runtime.eager_path(x) == (not kernels.INTERPRET)
+    assert runtime.eager_path(x)
+    # Under a dispatch mode (make_fx, FlopCounterMode) Triton launches take the op, which such a
+    # mode can see; the PyTorch path's body is made of aten ops it sees anyway.
+    with _OpLog():
+        assert runtime.eager_path(x) == (not kernels.INTERPRET)
+        with kernels.reference_only():
+            assert runtime.eager_path(x)
+
+
+def test_host_overhead_tool_times_every_workload():
+    """tasks.host_overhead (launches stubbed, so it runs without a GPU) prints a time for each call."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "tasks.host_overhead", "--calls", "3"], capture_output=True,
+                         text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "us |" not in line]
+    assert len(rows) == 7, out.stdout
+    assert all(float(r[2]) > 0 for r in rows), out.stdout

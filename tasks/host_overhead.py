@@ -1,0 +1,95 @@
+"""Host time per call of the kernels' Python side, without a GPU.
+
+On an H100, a decoding call took ~450 us whatever the cache size (docs/benchmarks.md):
+host time, not kernel time. This measures that host time on any machine. The Triton launches
+are replaced by no-ops (JITFunction.run and Autotuner.run), so what is timed is everything
+up to Triton's launcher: argument checks, torch.library dispatch, output allocation and
+launch bookkeeping. Triton's own launch cost comes on top; only a GPU shows it. CPU
+tensors stand in for CUDA ones, with the Triton path forced on.
+
+    PYTHONPATH=. python -m tasks.host_overhead            # median microseconds per call
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: real JITFunctions
+
+import torch  # noqa: E402
+import triton.runtime.autotuner as _autotuner  # noqa: E402
+import triton.runtime.jit as _jit  # noqa: E402
+
+
+def _stub_launches() -> None:
+    _jit.JITFunction.run = lambda self, *args, **kwargs: None
+    _autotuner.Autotuner.run = lambda self, *args, **kwargs: None
+    import kernels  # noqa: F401  (imports every kernels.* module)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kernels.") and hasattr(module, "use_triton"):
+            module.use_triton = lambda t: True
+
+
+def _median_us(fn, calls: int, repeats: int = 5) -> float:
+    for _ in range(20):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def workloads() -> dict:
+    """Name -> a call of a public op on small CPU tensors (the shapes do not matter here)."""
+    import kernels
+    bf16 = torch.bfloat16
+    # Tiny shapes: the torch ops around the launches (allocations, the backward's sums) run
+    # for real on the CPU, and should cost next to nothing, as they would on a GPU's host.
+    q1 = torch.randn(1, 1, 8, 64, dtype=bf16)
+    k_cache = torch.zeros(1, 64, 2, 64, dtype=bf16)
+    v_cache = torch.zeros_like(k_cache)
+    k_new = torch.randn(1, 1, 2, 64, dtype=bf16)
+    lens = torch.tensor([40], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 16, 2, 64, dtype=bf16).requires_grad_() for _ in range(3))
+    x = torch.randn(4, 64, dtype=bf16)
+    w = torch.ones(64, dtype=bf16)
+    x_grad = x.clone().requires_grad_()
+    out_grad = torch.ones(1, 16, 2, 64, dtype=bf16)
+    return {
+        "flash_attn_with_kvcache (decode step, no grad)": lambda: kernels.flash_attn_with_kvcache(
+            q1, k_cache, v_cache, cache_seqlens=lens, causal=True),
+        "flash_attn_with_kvcache + append k/v": lambda: kernels.flash_attn_with_kvcache(
+            q1, k_cache, v_cache, k=k_new, v=k_new, cache_seqlens=lens, causal=True),
+        "flash_attn_func forward (no grad)": lambda: kernels.flash_attn_func(
+            q.detach(), k.detach(), v.detach(), causal=True),
+        "flash_attn_func forward + backward": lambda: torch.autograd.grad(
+            kernels.flash_attn_func(q, k, v, causal=True), (q, k, v), out_grad),
+        "rms_norm forward (no grad)": lambda: kernels.rms_norm(x, w),
+        "rms_norm forward + backward": lambda: torch.autograd.grad(kernels.rms_norm(x_grad, w), x_grad, x),
+        "swiglu forward (no grad)": lambda: kernels.swiglu(x),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat (5 repeats)")
+    args = parser.parse_args(argv)
+    _stub_launches()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; host microseconds per call, launches stubbed (median of 5)")
+    print("| call | us |")
+    print("|---|---|")
+    for name, fn in workloads().items():
+        print(f"| {name} | {_median_us(fn, args.calls):.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
