@@ -11,7 +11,7 @@ under an ``autograd.Function`` with the op's own autograd formulas, the same com
 without about 0.15 ms of dispatch per call, which on the CPU is more than a small op's own
 work. On the Triton path the body then launches its kernels directly, not through
 ``wrap_triton``'s higher-order op (which costs more again); the dispatch cost of the op
-was most of the ~450 us a decoding call took on an H100 (docs/kernel-notes.md).
+was most of the ~450 us a decoding call took on an H100 (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ def eager_op(op, body: Callable, setup_context: Optional[Callable] = None,
 
     With grad mode on, ``body`` runs in an autograd.Function with the same two formulas,
     so gradients are computed exactly as through ``op``; its ctx has ``eager = True``
-    (see ``run_backward``). An op without a backward takes ``body`` only without grad mode.
+    (see ``run_backward``). Without grad mode, or with no argument requiring grad, ``body``
+    runs bare; an op without a backward otherwise takes ``op``.
     Unless ``double_backward`` says the formula is itself differentiable, a backward
     with create_graph=True raises: the formula treats saved statistics or a gradient
     precomputed in the forward as constants, so its second derivatives would be wrong
@@ -233,6 +234,8 @@ def run_backward(ctx, op, body: Callable, *args):
     if ctx.reference:
         with reference_only():
             return (body if getattr(ctx, "eager", False) else op)(*args)
-    if getattr(ctx, "eager", False):
+    # With create_graph (grad mode on in a backward) the op: its own autograd formula makes the
+    # gradient differentiable, which raw kernel launches are not.
+    if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
         return run_direct(body, args)
     return op(*args)
