@@ -246,6 +246,12 @@ _call_cross_entropy_fwd = eager_op(cross_entropy_fwd, _cross_entropy_fwd, _ce_se
 
 #: Fewer tokens per chunk make GEMMs too small to fill a GPU (and the loop's overhead rule).
 MIN_CHUNK_TOKENS = 256
+#: Row stride (elements) of the chunk logits buffer is a multiple of this: 128 bytes in bf16.
+LOGITS_ROW_ALIGN = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    return cdiv(n, multiple) * multiple
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
@@ -270,11 +276,20 @@ def flce_chunks(hidden, weight, bias, target, ignore_index, smoothing, mean, row
     need_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
     triton_path = use_triton(hidden)
     rows_fn = ce_rows_triton if triton_path else ce_rows_reference
+    V = weight.shape[0]
+    # One logits buffer for every chunk, its rows padded to an aligned stride: with
+    # V = 50257 unpadded rows start at odd addresses, and cuBLAS's GEMMs reading or
+    # writing them (all three here) lose their vectorized tensor-core kernels.
+    buffer = hidden.new_empty(min(chunk_size, N), round_up(V, LOGITS_ROW_ALIGN))
     losses = []
     for start in range(0, N, chunk_size):
         end = min(start + chunk_size, N)
         h = hidden[start:end]
-        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+        logits = buffer[:end - start, :V]
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        else:
+            torch.mm(h, weight.t(), out=logits)
         scale = row_scale[start:end] if row_scale is not None else None
         # The kernel overwrites the chunk's logits with their gradient (in place).
         losses.append(rows_fn(logits, logits if need_grad else None, target[start:end], n_valid, scale,

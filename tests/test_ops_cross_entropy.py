@@ -260,6 +260,42 @@ def test_fused_linear_half_precision(backend):
     check_flce(device, ctx, 8, 32, 97, torch.float16, "mean", 0.1, True, chunk_size=3)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_linear_gemms_see_aligned_rows(with_bias):
+    """Every GEMM of the chunk loop reads and writes rows at 16-byte multiples.
+
+    cuBLAS needs leading dimensions of 16-byte multiples for its tensor-core kernels; at
+    an odd vocabulary (1003 here, 50257 for GPT-2) plain (chunk, V) logits miss that.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels.cross_entropy import flce_chunks
+
+    class GemmStrides(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                for t in (*args, *kwargs.values()):
+                    if isinstance(t, torch.Tensor) and t.dim() == 2:
+                        self.seen.append((func, tuple(t.shape), t.stride()))
+            return func(*args, **kwargs)
+
+    N, H, V = 10, 24, 1003
+    hidden, weight = torch.randn(N, H), torch.randn(V, H)
+    bias = torch.randn(V) if with_bias else None
+    grads = (torch.empty(N, H), torch.zeros(V, H), torch.zeros(V) if with_bias else None)
+    with reference_only(), GemmStrides() as mode:
+        flce_chunks(hidden, weight, bias, targets(N, V), -100, 0.0, True, None, *grads, chunk_size=4)
+    assert len(mode.seen) >= 3 * 3 * 2  # three chunks, three GEMMs each, two matrices or more
+    for func, shape, stride in mode.seen:
+        leading = max(stride)  # the non-unit stride of a row- or column-major matrix
+        assert min(stride) == 1 and leading % 4 == 0, f"{func} on {shape} with strides {stride}"
+
+
 def test_fused_linear_frozen_weight(backend):
     """Only hidden requires grad: the weight's gradient is neither computed nor returned."""
     device, ctx = backend
