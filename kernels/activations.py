@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import cdiv, launch, eager_op, INTERPRET, run_backward, unit_stride, use_triton
+from .runtime import cdiv, launch, eager_op, on_device, INTERPRET, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Activation codes of the kernels (constexpr ACT).
@@ -266,21 +266,25 @@ def glu_reference_bwd(dout, x, y, act):
 # --------------------------------------------------------------------------------------
 
 
+@on_device
 def _gelu_fwd(x: Tensor, bias: Optional[Tensor], act: int) -> Tensor:
     """gelu(x + bias) of x (M, N); act is GELU_ERF or GELU_TANH."""
     return (gelu_triton_fwd if use_triton(x) else gelu_reference_fwd)(x, bias, act)
 
 
+@on_device
 def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], act: int) -> tuple[Tensor, Tensor]:
     """(dx, float32 dbias or empty)."""
     return (gelu_triton_bwd if use_triton(x) else gelu_reference_bwd)(dy, x, bias, act)
 
 
+@on_device
 def _glu_fwd(x: Tensor, y: Optional[Tensor], act: int) -> Tensor:
     """act(x) * y of (M, N) tensors, or of the two halves of x (M, 2N) when y is None."""
     return (glu_triton_fwd if use_triton(x) else glu_reference_fwd)(x, y, act)
 
 
+@on_device
 def _glu_bwd(dout: Tensor, x: Tensor, y: Optional[Tensor], act: int) -> tuple[Tensor, Tensor]:
     """(dx, dy); when y is None, dx (M, 2N) holds both halves and dy is empty."""
     return (glu_triton_bwd if use_triton(x) else glu_reference_bwd)(dout, x, y, act)

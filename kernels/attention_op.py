@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from . import attention_reference, flash_attention
-from .runtime import eager_op, run_backward, use_triton
+from .runtime import eager_op, on_device, run_backward, use_triton
 
 
+@on_device
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -43,6 +44,7 @@ def _attention_fwd(
                         seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right)
 
 
+@on_device
 def _attention_bwd(
     dout: Tensor, dlse: Optional[Tensor],
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import cdiv, launch, eager_op, INTERPRET, next_power_of_2, run_backward, unit_stride, use_triton
+from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, unit_stride,
+                      use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -170,6 +171,7 @@ def _reduce(loss_rows: Tensor, n_valid: Tensor, reduction: int) -> Tensor:
 FP16_GRAD_SCALE = 2.0 ** 14
 
 
+@on_device
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, reduction: int,
                        compute_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss: float32, () or (N,) by reduction; dlogits for grad_output 1, or empty).
@@ -314,6 +316,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
 
+@on_device
 def _fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                     ignore_index: int, label_smoothing: float, reduction: int, chunk_size: int,
                                     grad_hidden_needed: bool, grad_weight_needed: bool
@@ -332,6 +335,7 @@ def _fused_linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Option
             _or_empty(gb, hidden))
 
 
+@on_device
 def _fused_linear_cross_entropy_bwd(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                     target: Tensor, ignore_index: int, label_smoothing: float, chunk_size: int,
                                     grad_hidden_needed: bool, grad_weight_needed: bool

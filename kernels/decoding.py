@@ -32,7 +32,8 @@ from torch import Tensor
 
 from . import autotune, decoding_reference
 from .flash_attention import LN2, LOG2E, _dot, _tanh
-from .runtime import cdiv, launch, eager_op, INTERPRET, next_power_of_2, shared_layout, unit_stride, use_triton
+from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, shared_layout, unit_stride,
+                      use_triton)
 
 # --------------------------------------------------------------------------------------
 # Kernels
@@ -465,6 +466,7 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
 # --------------------------------------------------------------------------------------
 
 
+@on_device
 def _kvcache_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
     rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], cache_seqlens: Tensor,

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .norms_looped import _bwd_looped, _fwd_looped
-from .runtime import cdiv, launch, eager_op, INTERPRET, next_power_of_2, run_backward, unit_stride, use_triton
+from .runtime import cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size accepted (the looped kernels have no limit of their own).
@@ -302,6 +302,7 @@ def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
 # --------------------------------------------------------------------------------------
 
 
+@on_device
 def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
               is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, residual sum or empty, mean or empty, rstd) of x (M, N); see the module docstring."""
@@ -309,6 +310,7 @@ def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], b
     return impl(x, residual, weight, bias, eps, is_rms)
 
 
+@on_device
 def _norm_bwd(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
               rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight or empty, dbias or empty), the last two float32; ds: the gradient into the sum output."""

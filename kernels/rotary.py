@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import (cdiv, launch, eager_op, INTERPRET, next_power_of_2, run_backward, shared_layout,
+from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, shared_layout,
                       unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,6 +160,7 @@ def rotary_reference(x, cos, sin, seqlen_offsets, offset, position_ids, interlea
 # --------------------------------------------------------------------------------------
 
 
+@on_device
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
             position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> Tensor:
     """The rotated x (B, S, H, D), a new tensor; conjugate rotates by -theta."""
@@ -170,6 +171,7 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor
     return out
 
 
+@on_device
 def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Optional[Tensor], offset: int,
              position_ids: Optional[Tensor], interleaved: bool, conjugate: bool) -> None:
     """Rotates the first rotary_dim features of x (B, S, H, D) in place."""

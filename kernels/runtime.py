@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 from typing import Callable, Optional
@@ -84,6 +85,25 @@ def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
         return t
     return t.contiguous()
+
+
+def on_device(body: Callable) -> Callable:
+    """An op's body, run with the current CUDA device set to its first tensor's, as
+    FlashAttention-2's CUDAGuard does: Triton launches on the current device and stream, so a
+    tensor on cuda:1 while cuda:0 is current would otherwise be read by a kernel on the wrong
+    GPU, unordered with cuda:1's stream. Costs one device query when the devices agree;
+    skipped on CPU and while tracing (fake tensors have no device to switch to)."""
+    @functools.wraps(body)
+    def guarded(*args, **kwargs):
+        index = args[0].get_device()  # -1 off CUDA
+        if index >= 0 and concrete(args[0]) and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return body(*args, **kwargs)
+        return body(*args, **kwargs)
+    # torch.library infers the op's schema from the signature, evaluating string annotations
+    # in the globals of the function it is given: hand it the body's, evaluated there.
+    guarded.__signature__ = inspect.signature(body, eval_str=True)
+    return guarded
 
 
 def cdiv(a: int, b: int) -> int:

@@ -247,3 +247,65 @@ def test_host_overhead_tool_times_every_workload():
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "us |" not in line]
     assert len(rows) == 7, out.stdout
     assert all(float(r[2]) > 0 for r in rows), out.stdout
+
+
+def test_ops_run_on_their_tensors_device(monkeypatch):
+    """A body runs with the current CUDA device switched to its first tensor's when they differ
+    (as FlashAttention-2's CUDAGuard), and untouched when they agree. Triton launches on the
+    current device: without the switch, a kernel on cuda:0 would read cuda:1's memory.
+
+    Without a second GPU here, the device calls are recorded: torch.cuda.device's __enter__ /
+    __exit__ are what switch the device, so they stand for it.
+    """
+    log = []
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            log.append(("enter", self.index))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.index))
+
+    class OnCuda:  # what on_device reads of a tensor
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(runtime, "concrete", lambda t: True)
+    body = runtime.on_device(lambda t, n: log.append(("body", n)) or n + 1)
+    assert body(OnCuda(1), 5) == 6
+    assert log == [("enter", 1), ("body", 5), ("exit", 1)]
+    log.clear()
+    assert body(OnCuda(0), 7) == 8 and log == [("body", 7)]
+    log.clear()
+    monkeypatch.setattr(runtime, "concrete", lambda t: False)  # while tracing: no switch
+    assert body(OnCuda(1), 1) == 2 and log == [("body", 1)]
+    # Every op's body is guarded, and its schema is the body's own (strings evaluated where it lives).
+    for op in (kernels.norms.norm_fwd, kernels.attention_op.attention_bwd, kernels.decoding.kvcache_attention):
+        assert "Tensor" in str(op._opoverload._schema)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_the_second_gpu_match_the_first():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 130, 4, 64, dtype=torch.bfloat16) for _ in range(3))
+    x, w = torch.randn(64, 4096, dtype=torch.bfloat16), torch.randn(4096, dtype=torch.bfloat16)
+    results = []
+    for index in (0, 1):
+        with torch.cuda.device(0):  # cuda:0 current either way
+            qd, kd, vd = (t.to(f"cuda:{index}").requires_grad_() for t in (q, k, v))
+            out = kernels.flash_attn_func(qd, kd, vd, causal=True)
+            grads = torch.autograd.grad(out.float().square().sum(), (qd, kd, vd))
+            y = kernels.rms_norm(x.to(f"cuda:{index}"), w.to(f"cuda:{index}"))
+        torch.cuda.synchronize(index)
+        results.append([t.cpu() for t in (out, *grads, y)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
