@@ -32,7 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .norms_looped import _bwd_looped, _fwd_looped
-from .runtime import cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, unit_stride, use_triton
+from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, unit_stride,
+                      use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size accepted (the looped kernels have no limit of their own).
