@@ -162,10 +162,25 @@ def test_positions_past_the_table_raise():
     (dict(head_dim=8.0), "head_dim must be an int or None, got 8.0"),
     (dict(mlp_hidden=64.0), "mlp_hidden must be an int or None, got 64.0"),
     (dict(depth=True), "depth must be a positive int, got True"),
+    (dict(positions="learned", rotary_dim=8), "rotary_dim applies to positions='rotary' only"),
 ])
 def test_bad_configs_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TransformerConfig(**kwargs)
+
+
+def test_memory_without_cross_attention_raises():
+    """A memory sequence given to a model that has no cross-attention would be dropped unused."""
+    model = Transformer(TransformerConfig(dim=16, depth=1, heads=2)).eval()
+    x, memory = torch.randn(1, 3, 16), torch.randn(1, 4, 16)
+    with pytest.raises(ValueError, match="without cross-attention"):
+        model(x, memory=memory)
+    with pytest.raises(ValueError, match="without cross-attention"):
+        model(x, memory_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+    cross = Transformer(TransformerConfig(dim=16, depth=1, heads=2, cross_attention=True)).eval()
+    with pytest.raises(ValueError, match="memory_padding_mask given without memory"):
+        cross(x, memory_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+    assert cross(x, memory=memory).shape == x.shape
 
 
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "eager"])

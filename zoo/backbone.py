@@ -135,6 +135,11 @@ class Transformer(nn.Module):
         Raises ValueError for positions past max_seq_len, or a cache made for another batch size.
         """
         B, S, _ = x.shape
+        if not self.cfg.cross_attention and (memory is not None or memory_padding_mask is not None):
+            raise ValueError("memory / memory_padding_mask given to a Transformer without cross-attention "
+                             "(set cross_attention=True in its config to attend to a memory sequence)")
+        if memory is None and memory_padding_mask is not None:
+            raise ValueError("memory_padding_mask given without memory")
         if cache is not None:
             # Positions the cache makes itself are the ones the decoding kernel can rotate by.
             cache.fused_rotary = (cache.rotary_tables(self.rotary, S, x.device)

@@ -83,6 +83,9 @@ class TransformerConfig:
         need(self.mlp_hidden is None or self.mlp_hidden > 0, f"mlp_hidden must be positive, got {self.mlp_hidden}")
         need(self.mlp_width >= 1, f"dim ({self.dim}) x mlp_ratio ({self.mlp_ratio}) rounds the MLP width to 0")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(self.rotary_dim is None or self.positions == "rotary",
+             f"rotary_dim applies to positions='rotary' only; got positions={self.positions!r} "
+             f"with rotary_dim={self.rotary_dim}")
         if self.positions == "rotary":
             need(self.rotary_base > 0, f"rotary_base must be positive, got {self.rotary_base}")
             rd = self.rotary_dim if self.rotary_dim is not None else self.head_size
