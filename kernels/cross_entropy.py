@@ -109,7 +109,7 @@ def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoot
     loss = logits.new_empty(N, dtype=torch.float32)
     if N == 0:
         return loss
-    block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(V)))
+    block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(int(V))))  # a constant: concrete under dynamic shapes
     dummy = logits
     launch(_ce_kernel)[(N,)](
         logits, grad if grad is not None else dummy, target, loss, n_valid,
@@ -184,7 +184,7 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     mean = reduction == REDUCTIONS["mean"]
     row_scale = None
     if compute_grad:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        grad = aligned_rows_like(logits)
         if logits.dtype == torch.float16:
             row_scale = torch.full((logits.shape[0],), FP16_GRAD_SCALE, dtype=torch.float32, device=logits.device)
     else:
@@ -235,7 +235,20 @@ def scale_gradient(grad: Tensor, grad_loss: Tensor, target: Optional[Tensor], ig
     """
     if target is not None:
         grad_loss = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
-    return torch.mul(grad, grad_loss.float(), out=torch.empty_like(grad))
+    return torch.mul(grad, grad_loss.float(), out=aligned_rows_like(grad))
+
+
+def aligned_rows_like(x: Tensor) -> Tensor:
+    """An uninitialized tensor of x's shape and dtype; for (N, V), one whose rows start at 16-byte
+    multiples: contiguous when they already do, else a view of the first V columns of a (N, V
+    rounded up to LOGITS_ROW_ALIGN) buffer. A (N, V) gradient at V = 50257 would otherwise reach
+    the backward's GEMMs (hidden and weight gradients) with an odd leading dimension, which
+    cuBLAS runs without its tensor cores' aligned kernels; and the kernel's own loads and stores
+    would not be vectorized."""
+    if x.dim() != 2 or (x.shape[1] * x.element_size()) % 16 == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    N, V = x.shape
+    return torch.empty((N, round_up(V, LOGITS_ROW_ALIGN)), dtype=x.dtype, device=x.device)[:, :V]
 
 
 _call_cross_entropy_fwd = eager_op(cross_entropy_fwd, _cross_entropy_fwd, _ce_setup, _ce_backward)

@@ -260,6 +260,17 @@ def test_fused_linear_half_precision(backend):
     check_flce(device, ctx, 8, 32, 97, torch.float16, "mean", 0.1, True, chunk_size=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cross_entropy_gradient_rows_are_aligned(backend, dtype):
+    """At an odd vocabulary the logits' gradient, which the backward's two GEMMs read, still has rows
+    at 16-byte multiples (a padded buffer); its values are checked by the float64 tests above."""
+    device, ctx = backend
+    x = torch.randn(6, 1003, dtype=dtype, device=device).requires_grad_()
+    with ctx():
+        (dx,) = torch.autograd.grad(cross_entropy(x, targets(6, 1003).to(device)), x)
+    assert dx.shape == x.shape and dx.stride(1) == 1 and (dx.stride(0) * dx.element_size()) % 16 == 0
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_linear_gemms_see_aligned_rows(with_bias):
     """Every GEMM of the chunk loop reads and writes rows at 16-byte multiples.

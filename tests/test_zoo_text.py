@@ -571,3 +571,64 @@ def test_bad_inputs_raise_clear_errors():
             gpt.generate(ids, do_sample=True, temperature=-1.0)
         with pytest.raises(TypeError, match="eos_token_id"):
             gpt.generate(ids, max_new_tokens=2, eos_token_id="2")
+
+
+def test_vocab_logits_pads_odd_vocabularies_to_aligned_rows():
+    """The padded projection (CUDA's default) equals F.linear in float64, gradients included, and
+    its logits rows sit at 16-byte multiples; aligned vocabularies and pad=False are F.linear itself."""
+    from zoo.layers import VOCAB_ALIGN, vocab_logits
+
+    h = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    for V in (50, 99, 64):
+        w = torch.randn(V, 12, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+        out = vocab_logits(h, w, b, pad=True)
+        ref = torch.nn.functional.linear(h, w, b)
+        assert out.shape == ref.shape
+        assert out.stride(-2) == (V if V % 8 == 0 else -(-V // VOCAB_ALIGN) * VOCAB_ALIGN)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, (h, w, b), g), torch.autograd.grad(ref, (h, w, b), g)):
+            assert a.shape == r.shape
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    assert vocab_logits(h, w, b, pad=False).stride(-2) == 64 and vocab_logits(h[0], w).is_contiguous()
+
+
+@pytest.mark.parametrize("preset", ["gpt_nano", "bert_tiny", "seq2seq_tiny"])
+def test_models_train_alike_with_padded_vocab_logits(preset, monkeypatch):
+    """What the models do on CUDA (padded logits rows, a strided logits view downstream: the loss,
+    its gradients) gives the CPU path's loss and gradients; vocabularies made odd on purpose."""
+    import functools
+
+    import zoo.layers
+    import zoo.seq2seq
+
+    vocab = {"gpt_nano": dict(vocab_size=101), "bert_tiny": dict(vocab_size=99),
+             "seq2seq_tiny": dict(src_vocab_size=37, tgt_vocab_size=37)}[preset]
+    model = create_model(preset, **vocab).eval()
+    torch.manual_seed(1)
+    V = vocab.get("vocab_size", 37)
+    ids = torch.randint(0, V, (2, 9))
+    labels = torch.randint(0, V, (2, 9))
+    labels[0, :3] = -100
+
+    def run():
+        model.zero_grad()
+        if preset == "seq2seq_tiny":
+            logits, loss = model(ids, ids, labels=labels)
+        else:
+            logits, loss = model(ids, labels=labels)
+        loss.backward()
+        return logits, loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = run()
+    padded_fn = functools.partial(zoo.layers.vocab_logits, pad=True)
+    monkeypatch.setattr(zoo.text, "vocab_logits", padded_fn)
+    monkeypatch.setattr(zoo.seq2seq, "vocab_logits", padded_fn)
+    padded = run()
+    assert padded[0].stride(-2) % 8 == 0 and plain[0].is_contiguous()
+    torch.testing.assert_close(padded[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert len(padded[2]) == len(plain[2])
+    for a, b in zip(padded[2], plain[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -120,6 +120,34 @@ def fused_linear_gelu(x: Tensor, linear: nn.Linear, approximate: str = "none") -
     return kernels.gelu(h, bias.to(h.dtype) if bias is not None else None, approximate=approximate)
 
 
+#: A vocabulary projection whose rows would start at addresses that are not 16-byte multiples
+#: computes its logits with the weight padded to a multiple of this many rows (vocab_logits).
+VOCAB_ALIGN = 64
+
+
+def vocab_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                 pad: Optional[bool] = None) -> Tensor:
+    """F.linear(hidden, weight, bias): (..., dim) -> (..., vocab) logits, with aligned rows on CUDA.
+
+    At an odd vocabulary (GPT-2's 50257, BERT's 30522) a (tokens, vocab) logits tensor has rows
+    at odd addresses, and its GEMM and both backward GEMMs leave cuBLAS's 16-byte-aligned
+    tensor-core kernels (an H100 ran such a GEMM at about 100 TFLOP/s, against about 600 with
+    the rows padded: docs/benchmarks.md; torch.compile pads for the same reason). With pad
+    (default: on CUDA tensors), the weight and bias get zero rows up to a multiple of
+    VOCAB_ALIGN, the GEMM writes aligned rows, and the logits are the view of the first
+    vocab columns: the same values, and the parameters keep their shapes. The price is a
+    copy of the weight per call and, in the backward, one (tokens, vocab) copy of the
+    logits' gradient into the padded layout.
+    """
+    V = weight.shape[0]
+    if not (hidden.is_cuda if pad is None else pad) or V % 8 == 0:  # 8: 16 bytes of bf16 / fp16
+        return F.linear(hidden, weight, bias)
+    extra = -V % VOCAB_ALIGN
+    weight = F.pad(weight, (0, 0, 0, extra))
+    bias = F.pad(bias, (0, extra)) if bias is not None else None
+    return F.linear(hidden, weight, bias)[..., :V]
+
+
 def token_cross_entropy(logits: Tensor, labels: Tensor, kernel_ops: bool = True, ignore_index: int = -100,
                         label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
     """Float32 cross-entropy of logits (N, V) against class ids (N,); labels == ignore_index add nothing.

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .backbone import KVCache, Transformer
 from .config import TransformerConfig
 from .generation import suppress, suppress_index
-from .layers import token_cross_entropy
+from .layers import token_cross_entropy, vocab_logits
 from .registry import register_model
 
 
@@ -187,7 +187,7 @@ class Seq2SeqTransformer(nn.Module):
         self._check_ids(tgt_ids, "tgt_ids", self.cfg.tgt_vocab_size)
         x = self.tgt_embed(tgt_ids) * self.embed_scale
         h = self.decoder(x, key_padding_mask=tgt_mask, memory=memory, memory_padding_mask=src_mask, cache=cache)
-        return self.lm_head(h)
+        return vocab_logits(h, self.lm_head.weight)
 
     def forward_features(self, src_ids: Tensor, tgt_ids: Tensor, src_mask: Optional[Tensor] = None,
                          tgt_mask: Optional[Tensor] = None) -> Tensor:
@@ -206,7 +206,7 @@ class Seq2SeqTransformer(nn.Module):
         tgt_mask (B, St) marks real decoder tokens; right padding needs none (the causal
         mask already hides later positions and the loss ignores -100).
         """
-        logits = self.lm_head(self.forward_features(src_ids, tgt_ids, src_mask, tgt_mask))
+        logits = vocab_logits(self.forward_features(src_ids, tgt_ids, src_mask, tgt_mask), self.lm_head.weight)
         if labels is None:
             return logits
         if labels.shape != tgt_ids.shape:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .backbone import KVCache, Transformer
 from .config import TransformerConfig, is_int
 from .generation import TokenIds, check_max_new_tokens, check_sampling, decode, suppress_index
-from .layers import KERNEL_DTYPES, fused_linear_gelu, make_norm, token_cross_entropy
+from .layers import KERNEL_DTYPES, fused_linear_gelu, make_norm, token_cross_entropy, vocab_logits
 from .registry import build_config, register_model
 
 IGNORE_INDEX = -100
@@ -138,7 +138,7 @@ class MaskedLMHead(nn.Module):
             h = fused_linear_gelu(x, self.dense, self.kernel_gelu)
         else:
             h = self.act(self.dense(x))
-        return F.linear(self.norm(h), embedding, self.bias)
+        return vocab_logits(self.norm(h), embedding, self.bias)
 
 
 class BertModel(nn.Module):
@@ -328,7 +328,7 @@ class GPT(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., dim) hidden states -> (..., vocab) logits."""
-        return self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.token_embed.weight)
+        return vocab_logits(hidden, self.lm_head.weight if self.lm_head is not None else self.token_embed.weight)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None):
