@@ -397,6 +397,7 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     if rotary_cos is not None:
         rotary_cos, rotary_sin = shared_layout(rotary_cos, rotary_sin)  # the kernel walks both by cos's strides
     B, Sq, H, D = q.shape
+    D = int(D)  # compile-time constants follow from it: concrete under dynamic shapes
     Hk = k_cache.shape[2]
     G = H // Hk
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)

@@ -802,6 +802,9 @@ class _Geometry:
             self.batch, _, self.nheads, self.head_dim = q.shape
             self.nheads_k = k.shape[2]
         self.seqlen_q, self.seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+        # A compile-time constant: concrete under torch.compile's dynamic shapes (a guard on the
+        # head dim), not a SymInt carried into the launch (tests/test_dynamic_shapes.py).
+        self.head_dim = int(self.head_dim)
         self.group = self.nheads // self.nheads_k
         self.block_d = max(16, next_power_of_2(self.head_dim))
         self.bias_strides = tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)

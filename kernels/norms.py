@@ -159,7 +159,9 @@ def _plan(n: int) -> tuple[bool, int, int, int]:
 
     The backward keeps more tensors live per element: it runs twice the warps.
     """
-    block_n = max(16, next_power_of_2(n))
+    # The block and warp counts are compile-time constants: concrete even when n is symbolic
+    # (torch.compile's dynamic shapes; a SymInt num_warps fails when the traced graph runs).
+    block_n = max(16, next_power_of_2(int(n)))
     if block_n <= MAX_FUSED_BLOCK:
         block_m = max(1, min(64, _TILE_ELEMENTS // block_n))
         tile = block_m * block_n

@@ -110,7 +110,8 @@ def _rotary_kernel(X, Out, Cos, Sin, Offsets, Pos,
 def rotary_triton(x, out, cos, sin, seqlen_offsets, offset, position_ids, interleaved, conjugate, inplace):
     """Writes the rotation of x (B, S, H, D) into out (x itself when inplace)."""
     B, S, H, D = x.shape
-    half = cos.shape[1]
+    # Block sizes and COPY_TAIL are compile-time constants: concrete under dynamic shapes.
+    D, half = int(D), int(cos.shape[1])
     if x.numel() == 0:
         return
     seqlen_offsets = unit_stride(seqlen_offsets)  # read as Offsets + b

@@ -1,0 +1,91 @@
+"""Under torch.compile with dynamic shapes, every Triton launch gets concrete launch options and
+compile-time constants.
+
+With dynamic=True (and in opcheck's dynamic AOT check) a triton_op's body is traced with symbolic
+sizes, so a block size or warp count computed from a size is a SymInt unless the code makes it
+an int. wrap_triton then carries the SymInt into the traced graph, and Triton hashes its launch
+options when the graph runs: on an H100 the norms' opcheck failed with "unhashable type:
+non-nested SymInt" (num_warps computed from the hidden size). A kernel has to be compiled for
+concrete constants anyway, so the launchers specialize them (int(), a guard on the size).
+
+The oracle is the type of each constexpr and launch option every launch receives, recorded in
+place of the launch while torch.compile traces every public op forward and backward (CPU
+tensors on the Triton path, launches not run; no GPU or interpreter needed).
+"""
+
+import os
+import subprocess
+import sys
+
+_PROBE = r'''
+import json, sys
+import torch
+import kernels
+
+launches = []
+
+
+class Recorder:
+    """Stands in for kernels.runtime.launch(kernel): records the launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            fn = getattr(self.kernel, "fn", self.kernel)
+            launches.append((fn.__name__, {k: type(v).__name__ for k, v in kwargs.items()}))
+        return record
+
+
+for name, mod in list(sys.modules.items()):
+    if name.startswith("kernels."):
+        if hasattr(mod, "launch"):
+            mod.launch = Recorder
+        if hasattr(mod, "use_triton"):
+            mod.use_triton = lambda t: True
+
+
+def leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+def run(f, *args):
+    out = torch.compile(f, dynamic=True, backend="aot_eager", fullgraph=True)(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o.float().sum() for o in outs if o.requires_grad).backward()
+
+
+target = torch.tensor([1, -100, 3, 0, 7, 2])
+cos, sin = torch.randn(40, 12), torch.randn(40, 12)
+run(lambda x, w, b: kernels.layer_norm(x, w, b), leaf(6, 40), leaf(40), leaf(40))
+run(lambda x, r, w: kernels.add_rms_norm(x, r, w), leaf(6, 40), leaf(6, 40), leaf(40))
+run(lambda x, w: kernels.rms_norm(x, w), leaf(3, 20000), leaf(20000))
+run(lambda x, b: kernels.gelu(x, b, approximate="tanh"), leaf(6, 40), leaf(40))
+run(lambda x: kernels.swiglu(x), leaf(6, 80))
+run(lambda x: kernels.cross_entropy(x, target, label_smoothing=0.1), leaf(6, 50))
+run(lambda h, w: kernels.fused_linear_cross_entropy(h, w, target), leaf(6, 16), leaf(50, 16))
+run(lambda x: kernels.apply_rotary_emb(x, cos, sin), leaf(2, 10, 3, 32))
+run(lambda q, k, v: kernels.flash_attn_func(q, k, v, causal=True), leaf(2, 70, 4, 64), leaf(2, 70, 2, 64),
+    leaf(2, 70, 2, 64))
+k_cache, v_cache = torch.zeros(2, 96, 2, 64), torch.zeros(2, 96, 2, 64)
+lens = torch.tensor([3, 50], dtype=torch.int32)
+torch.compile(lambda q, kc, vc: kernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True),
+              dynamic=True, backend="aot_eager", fullgraph=True)(torch.randn(2, 3, 8, 64), k_cache, v_cache)
+print(json.dumps(launches))
+'''
+
+
+def test_launch_constants_are_concrete_under_dynamic_shapes():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    launches = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels_seen = {name for name, _ in launches}
+    assert {"_fwd_fused", "_bwd_fused", "_fwd_looped", "_ce_kernel", "_rotary_kernel"} <= kernels_seen, kernels_seen
+    symbolic = sorted({(name, k) for name, kwargs in launches for k, t in kwargs.items() if t.startswith("Sym")})
+    assert not symbolic, f"symbolic launch constants (kernel, argument): {symbolic}"
