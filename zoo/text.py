@@ -339,7 +339,10 @@ class GPT(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
-        loss = token_cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), self.cfg.backbone.kernel_ops,
+        # Position t predicts token t + 1: the labels shift left (the last position predicts nothing),
+        # not the logits, whose slice would be a (B * (S - 1), vocab) copy.
+        next_tokens = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        loss = token_cross_entropy(logits.flatten(0, 1), next_tokens.flatten(), self.cfg.backbone.kernel_ops,
                                    IGNORE_INDEX)
         return logits, loss
 
