@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -13,7 +14,10 @@ class SplitDataModule(L.LightningDataModule):
     val_set and test_set (predict reads the test split).
 
     The training loader shuffles unless shuffle=False (exact comparisons); the others keep
-    their order. A module with its own batching overrides collate_fn.
+    their order. A module with its own batching overrides collate_fn. Under a distributed
+    strategy Lightning gives the training loader a DistributedSampler that shuffles whatever
+    the loader did; with shuffle=False the loader brings its own, which does not (each rank
+    then reads every world-size-th sample of the dataset order).
     """
 
     def __init__(self, batch_size: int, num_workers: int, shuffle: bool = True):
@@ -31,8 +35,11 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
+        sampler = None
+        if train and not self.shuffle and dist.is_available() and dist.is_initialized():
+            sampler = DistributedSampler(dataset, shuffle=False)  # kept by Lightning, which would shuffle
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train and self.shuffle,
-                          num_workers=self.num_workers, collate_fn=self.collate_fn(train),
+                          sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate_fn(train),
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
