@@ -121,8 +121,11 @@ def fused_linear_gelu(x: Tensor, linear: nn.Linear, approximate: str = "none") -
 
 
 #: A vocabulary projection whose rows would start at addresses that are not 16-byte multiples
-#: computes its logits with the weight padded to a multiple of this many rows (vocab_logits).
+#: computes its logits with the weight padded to a multiple of this many rows (vocab_logits)...
 VOCAB_ALIGN = 64
+#: ...when it has at least this many rows (tokens): below, the GEMM is bound by reading the
+#: weight, and the padded copy would cost as much as the GEMM (a decoding step's few rows).
+VOCAB_PAD_MIN_ROWS = 256
 
 
 def vocab_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -131,16 +134,18 @@ def vocab_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
     At an odd vocabulary (GPT-2's 50257, BERT's 30522) a (tokens, vocab) logits tensor has rows
     at odd addresses, and its GEMM and both backward GEMMs leave cuBLAS's 16-byte-aligned
-    tensor-core kernels (an H100 ran such a GEMM at about 100 TFLOP/s, against about 600 with
-    the rows padded: docs/benchmarks.md; torch.compile pads for the same reason). With pad
-    (default: on CUDA tensors), the weight and bias get zero rows up to a multiple of
-    VOCAB_ALIGN, the GEMM writes aligned rows, and the logits are the view of the first
-    vocab columns: the same values, and the parameters keep their shapes. The price is a
-    copy of the weight per call and, in the backward, one (tokens, vocab) copy of the
-    logits' gradient into the padded layout.
+    tensor-core kernels (on an H100, eager torch ran the 16384 x 4096 x 50257 logits forward
+    at about 100 TFLOP/s, torch.compile, which pads strides, at about 600: docs/benchmarks.md).
+    With pad (default: CUDA tensors with at least VOCAB_PAD_MIN_ROWS rows), the weight and
+    bias get zero rows up to a multiple of VOCAB_ALIGN, the GEMM writes aligned rows, and
+    the logits are the view of the first vocab columns: the same values, and the parameters
+    keep their shapes. The price is a copy of the weight per call and, in the backward, one
+    (tokens, vocab) copy of the logits' gradient into the padded layout.
     """
     V = weight.shape[0]
-    if not (hidden.is_cuda if pad is None else pad) or V % 8 == 0:  # 8: 16 bytes of bf16 / fp16
+    if pad is None:
+        pad = hidden.is_cuda and hidden.numel() >= VOCAB_PAD_MIN_ROWS * hidden.shape[-1]
+    if not pad or V % 8 == 0:  # 8: 16 bytes of bf16 / fp16
         return F.linear(hidden, weight, bias)
     extra = -V % VOCAB_ALIGN
     weight = F.pad(weight, (0, 0, 0, extra))
