@@ -284,7 +284,9 @@ def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
     """The PyTorch backward, same outputs as norm_triton_bwd."""
     dyf = dy.float()
     db = dyf.sum(0) if has_bias else _empty(src)
-    if not is_rms and _torch_fused_applies(src, dy, weight):  # (RMSNorm's fused backward has no CPU kernel)
+    # (RMSNorm's fused backward has no CPU kernel; at hidden size 1 LayerNorm's gives about 1e-4
+    # where the gradient is exactly 0, which the formula below gives: wdy - mean(wdy) = 0.)
+    if not is_rms and _torch_fused_applies(src, dy, weight) and src.shape[-1] > 1:
         dx, dw = _torch_fused_layer_norm_bwd(dy, src, weight, mean, rstd)
         return (dx + ds if ds is not None else dx), dw, db
     xf = src.float()

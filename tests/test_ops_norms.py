@@ -101,6 +101,22 @@ def test_matches_oracle(backend, rms, residual, hidden, dtype):
     run_case(device, ctx, (*rows, hidden), dtype, rms, residual, "both")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_of_one_element_is_its_bias_with_zero_gradient(backend, dtype):
+    """Analytic: with hidden size 1, x - mean(x) = 0, so y = bias whatever x is, and dy/dx = 0
+    exactly (torch's fused CPU backward gives about 1e-4 here, from rstd = eps^-1/2 times a
+    rounding)."""
+    device, ctx = backend
+    x = (torch.randn(6, 1) * 3).to(device, dtype).requires_grad_()
+    w = torch.randn(1, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(1, device=device, dtype=dtype, requires_grad=True)
+    with ctx():
+        y = layer_norm(x, w, b)
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    assert torch.equal(y.detach(), b.detach().expand_as(y))
+    assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
+
+
 @pytest.mark.parametrize("affine", ["none", "weight"])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_optional_weight_and_bias(backend, rms, affine):
