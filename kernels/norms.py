@@ -91,7 +91,7 @@ def _fwd_fused(X, R, W, B, Y, S, Mean, Rstd, M, N, stride_x, stride_r, stride_y,
 def _bwd_fused(X, W, DY, DS, DX, Mean, Rstd, DW, DB, M, N, stride_x, stride_dy, stride_ds, stride_dx,
                rows_per_program,
                IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               NEED_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -127,11 +127,11 @@ def _bwd_fused(X, W, DY, DS, DX, Mean, Rstd, DW, DB, M, N, stride_x, stride_dy, 
         if HAS_DS:
             dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_W:
+        if NEED_DW:
             dw += tl.sum(dy * xhat, axis=0)
         if HAS_B:
             db += tl.sum(dy, axis=0)
-    if HAS_W:
+    if NEED_DW:
         tl.store(DW + pid * N + cols, dw, mask=col_ok)
     if HAS_B:
         tl.store(DB + pid * N + cols, db, mask=col_ok)
@@ -200,32 +200,35 @@ def norm_triton_fwd(x, residual, weight, bias, eps, is_rms):
     return y, s, mean, rstd
 
 
-def norm_triton_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
-    """The Triton backward: (dx, float32 dweight or empty, float32 dbias or empty); src is x or the sum."""
+def norm_triton_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms, need_dw):
+    """The Triton backward: (dx, float32 dweight or empty, float32 dbias or empty); src is x or the sum.
+
+    dweight is computed when need_dw (weight given and requiring grad), dbias when has_bias."""
     M, N = src.shape
     dx = torch.empty_like(src, memory_format=torch.contiguous_format)
     fused, block_m, block_n, warps = _plan(N)
     rows_per_program = block_m * cdiv(cdiv(M, _programs(src.device)), block_m)
     programs = cdiv(M, rows_per_program) if M else 0
     has_w = weight is not None
+    need_dw = has_w and need_dw
     # Each fused program writes its whole partial row; the looped ones accumulate into it.
     partial = functools.partial(src.new_empty if fused else src.new_zeros, dtype=torch.float32)
-    dw_part = partial(programs, N) if has_w else _empty(src)
+    dw_part = partial(programs, N) if need_dw else _empty(src)
     db_part = partial(programs, N) if has_bias else _empty(src)
     if M > 0:
         dummy = src
         args = (src, weight if has_w else dummy, dy, ds if ds is not None else dummy, dx,
-                mean if not is_rms else rstd, rstd, dw_part if has_w else dummy, db_part if has_bias else dummy,
+                mean if not is_rms else rstd, rstd, dw_part if need_dw else dummy, db_part if has_bias else dummy,
                 M, N, src.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
                 rows_per_program)
-        flags = dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, HAS_DS=ds is not None, BLOCK_N=block_n,
-                     num_warps=min(16, 2 * warps))
+        flags = dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, HAS_DS=ds is not None, NEED_DW=need_dw,
+                     BLOCK_N=block_n, num_warps=min(16, 2 * warps))
         if fused:
             launch(_bwd_fused)[(programs,)](*args, BLOCK_M=block_m, **flags)
         else:
             launch(_bwd_looped)[(programs,)](*args, **flags)
     # The second, deterministic reduction of the per-program partial sums.
-    return dx, dw_part.sum(0) if has_w else _empty(src), db_part.sum(0) if has_bias else _empty(src)
+    return dx, dw_part.sum(0) if need_dw else _empty(src), db_part.sum(0) if has_bias else _empty(src)
 
 
 # --------------------------------------------------------------------------------------
@@ -251,11 +254,12 @@ def _torch_fused_fwd(src, weight, bias, eps, is_rms):
     return y, mean.view(-1), rstd.view(-1)
 
 
-def _torch_fused_layer_norm_bwd(dy, src, weight, mean, rstd):
+def _torch_fused_layer_norm_bwd(dy, src, weight, mean, rstd, need_dw=True):
     """(dx, dweight or empty) from torch's fused LayerNorm backward; float32 inputs."""
+    need_dw = weight is not None and need_dw
     dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
-        dy, src, [src.shape[-1]], mean[:, None], rstd[:, None], weight, None, [True, weight is not None, False])
-    return dx, dw if weight is not None else _empty(src)
+        dy, src, [src.shape[-1]], mean[:, None], rstd[:, None], weight, None, [True, need_dw, False])
+    return dx, dw if need_dw else _empty(src)
 
 
 def norm_reference_fwd(x, residual, weight, bias, eps, is_rms):
@@ -280,14 +284,14 @@ def norm_reference_fwd(x, residual, weight, bias, eps, is_rms):
     return y.to(x.dtype), s, mean, rstd
 
 
-def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
+def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms, need_dw):
     """The PyTorch backward, same outputs as norm_triton_bwd."""
     dyf = dy.float()
     db = dyf.sum(0) if has_bias else _empty(src)
     # (RMSNorm's fused backward has no CPU kernel; at hidden size 1 LayerNorm's gives about 1e-4
     # where the gradient is exactly 0, which the formula below gives: wdy - mean(wdy) = 0.)
     if not is_rms and _torch_fused_applies(src, dy, weight) and src.shape[-1] > 1:
-        dx, dw = _torch_fused_layer_norm_bwd(dy, src, weight, mean, rstd)
+        dx, dw = _torch_fused_layer_norm_bwd(dy, src, weight, mean, rstd, need_dw)
         return (dx + ds if ds is not None else dx), dw, db
     xf = src.float()
     xhat = (xf if is_rms else xf - mean[:, None]) * rstd[:, None]
@@ -298,7 +302,7 @@ def norm_reference_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms):
     dx = dx * rstd[:, None]
     if ds is not None:
         dx = dx + ds.float()
-    dw = (dyf * xhat).sum(0) if weight is not None else _empty(src)
+    dw = (dyf * xhat).sum(0) if weight is not None and need_dw else _empty(src)
     return dx.to(src.dtype), dw, db
 
 
@@ -317,10 +321,12 @@ def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], b
 
 @on_device
 def _norm_bwd(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
-              rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight or empty, dbias or empty), the last two float32; ds: the gradient into the sum output."""
+              rstd: Tensor, is_rms: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight or empty, dbias or empty), the last two float32; ds: the gradient into the sum output.
+
+    has_bias / need_dw: whether to compute dbias / dweight (a frozen parameter needs neither)."""
     impl = norm_triton_bwd if use_triton(src) else norm_reference_bwd
-    return impl(dy, ds, src, weight, has_bias, mean, rstd, is_rms)
+    return impl(dy, ds, src, weight, has_bias, mean, rstd, is_rms, need_dw)
 
 
 norm_fwd = torch.library.triton_op("tritonzoo::norm_fwd", _norm_fwd, mutates_args=())
@@ -345,13 +351,15 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
         dy = dy.contiguous()
     if ds is not None and ds.stride(-1) != 1:
         ds = ds.contiguous()
-    dx, dw, db = run_backward(ctx, norm_bwd, _norm_bwd, dy, ds if has_res else None, src, weight, has_bias, mean,
-                              rstd, is_rms)
+    # A frozen weight or bias (fine-tuning, gradients for the input only) gets no reduction.
+    need_dw, need_db = weight is not None and ctx.needs_input_grad[2], has_bias and ctx.needs_input_grad[3]
+    dx, dw, db = run_backward(ctx, norm_bwd, _norm_bwd, dy, ds if has_res else None, src, weight, need_db, mean,
+                              rstd, is_rms, need_dw)
     w_dtype, b_dtype = ctx.dtypes
     # x and residual get equal gradients but not one tensor: as leaves, their .grad would
     # share storage, and accumulating into one (gradient accumulation) would change both.
-    return (dx, dx.clone() if has_res else None, dw.to(w_dtype) if weight is not None else None,
-            db.to(b_dtype) if has_bias else None, None, None)
+    return (dx, dx.clone() if has_res else None, dw.to(w_dtype) if need_dw else None,
+            db.to(b_dtype) if need_db else None, None, None)
 
 
 _call_norm_fwd = eager_op(norm_fwd, _norm_fwd, _setup_context, _backward)

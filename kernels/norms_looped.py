@@ -71,7 +71,7 @@ def _fwd_looped(X, R, W, B, Y, S, Mean, Rstd, M, N, stride_x, stride_r, stride_y
 def _bwd_looped(X, W, DY, DS, DX, Mean, Rstd, DW, DB, M, N, stride_x, stride_dy, stride_ds, stride_dx,
                 rows_per_program,
                 IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DS: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
     # This program's partial dweight/dbias rows (zero-filled by the launcher) accumulate
@@ -120,7 +120,7 @@ def _bwd_looped(X, W, DY, DS, DX, Mean, Rstd, DW, DB, M, N, stride_x, stride_dy,
             if HAS_DS:
                 dx += tl.load(DS + row64 * stride_ds + cols, mask=m, other=0.0).to(tl.float32)
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
-            if HAS_W:
+            if NEED_DW:
                 tl.store(dw_row + cols, tl.load(dw_row + cols, mask=m, other=0.0) + dy * xhat, mask=m)
             if HAS_B:
                 tl.store(db_row + cols, tl.load(db_row + cols, mask=m, other=0.0) + dy, mask=m)

@@ -117,6 +117,32 @@ def test_layer_norm_of_one_element_is_its_bias_with_zero_gradient(backend, dtype
     assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
 
 
+@pytest.mark.parametrize("hidden", [40, 2000])  # fused rows; looped rows in the interpreter
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_frozen_weight_and_bias_get_no_gradient_and_leave_the_others_unchanged(backend, rms, hidden):
+    """A weight or bias that does not require grad is skipped in the backward (no reduction);
+    the gradients that are asked for are bit-identical to those of a run where all are."""
+    device, ctx = backend
+    x, r = torch.randn(5, hidden, device=device), torch.randn(5, hidden, device=device)
+    w, b = torch.rand(hidden, device=device) + 0.5, torch.randn(hidden, device=device)
+    dy, ds = torch.randn(5, hidden, device=device), torch.randn(5, hidden, device=device)
+    fn = add_rms_norm if rms else add_layer_norm
+
+    def grads(trainable):
+        leaves = [t.clone().requires_grad_(name in trainable) for name, t in zip("xrwb", (x, r, w, b))]
+        with ctx():
+            y, s = fn(*leaves)
+        wanted = [t for t in leaves if t.requires_grad]
+        return dict(zip([n for n in "xrwb" if n in trainable], torch.autograd.grad((y, s), wanted, (dy, ds))))
+
+    every = grads("xrwb")
+    for trainable in ("xr", "xrw", "xrb", "wb"):
+        some = grads(trainable)
+        assert set(some) == set(trainable)
+        for name, g in some.items():
+            assert torch.equal(g, every[name]), (trainable, name)
+
+
 @pytest.mark.parametrize("affine", ["none", "weight"])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_optional_weight_and_bias(backend, rms, affine):
@@ -255,7 +281,7 @@ def test_opcheck(rms, residual):
         src = s if residual else x.detach()
         torch.library.opcheck(torch.ops.tritonzoo.norm_bwd.default,
                               (torch.randn_like(y), torch.randn_like(y) if residual else None, src, w.detach(), True,
-                               mean, rstd, rms))
+                               mean, rstd, rms, True))
 
 
 class _PreNorm(torch.nn.Module):
