@@ -20,34 +20,11 @@ import sys
 _PROBE = r'''
 import json, sys
 import torch
+sys.path.insert(0, "tests")
 import kernels
+from launch_recorder import install, leaf
 
-launches = []
-
-
-class Recorder:
-    """Stands in for kernels.runtime.launch(kernel): records the launch's keyword arguments."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            fn = getattr(self.kernel, "fn", self.kernel)
-            launches.append((fn.__name__, {k: type(v).__name__ for k, v in kwargs.items()}))
-        return record
-
-
-for name, mod in list(sys.modules.items()):
-    if name.startswith("kernels."):
-        if hasattr(mod, "launch"):
-            mod.launch = Recorder
-        if hasattr(mod, "use_triton"):
-            mod.use_triton = lambda t: True
-
-
-def leaf(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype).requires_grad_()
+launches = install()
 
 
 def run(f, *args):
@@ -72,7 +49,8 @@ k_cache, v_cache = torch.zeros(2, 96, 2, 64), torch.zeros(2, 96, 2, 64)
 lens = torch.tensor([3, 50], dtype=torch.int32)
 torch.compile(lambda q, kc, vc: kernels.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True),
               dynamic=True, backend="aot_eager", fullgraph=True)(torch.randn(2, 3, 8, 64), k_cache, v_cache)
-print(json.dumps(launches))
+print(json.dumps([(getattr(kernel, "fn", kernel).__name__, {k: type(v).__name__ for k, v in kwargs.items()})
+                  for kernel, _, kwargs in launches]))
 '''
 
 

@@ -21,33 +21,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
+sys.path.insert(0, "tests")
 import kernels
+from launch_recorder import backward, install, leaf
 
-launches = []
-
-
-class Recorder:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-
-for name, mod in list(sys.modules.items()):
-    if name.startswith("kernels."):
-        if hasattr(mod, "launch"):
-            mod.launch = Recorder
-        if hasattr(mod, "use_triton"):
-            mod.use_triton = lambda t: True
-
-
-def leaf(*shape, dtype=torch.bfloat16):
-    return torch.randn(*shape, dtype=dtype).requires_grad_()
-
-
-def backward(*outs):
-    sum(o.float().sum() for o in outs).backward()
+launches = install()
 
 
 target = torch.tensor([1, -100, 3, 0])

@@ -35,38 +35,12 @@ triton.runtime.driver.set_active(_Hopper())
 from torch._higher_order_ops import triton_kernel_wrap as tkw
 from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
 import sys
+sys.path.insert(0, "tests")
 import kernels
+from launch_recorder import backward, install, leaf
 
-# Every module of the package (by sys.modules: kernels.cross_entropy, as an attribute, is the function).
-modules = [m for name, m in sys.modules.items() if name.startswith("kernels.")]
-
-launches = []
-
-
-class Recorder:
-    """Stands in for kernels.runtime.launch(kernel): records kernel[grid](*args, **kwargs), runs nothing."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-
-
-for mod in modules:
-    if hasattr(mod, "launch"):
-        mod.launch = Recorder
-    if hasattr(mod, "use_triton"):
-        mod.use_triton = lambda t: True
+launches = install()
 torch.manual_seed(0)
-
-
-def leaf(*shape, dtype=torch.bfloat16):
-    return torch.randn(*shape, dtype=dtype).requires_grad_()
-
-
-def backward(*outs):
-    sum(o.float().sum() for o in outs).backward()
 
 
 # Activations: bias / no bias, packed and separate gated units.
@@ -141,7 +115,8 @@ print(json.dumps(report))
 
 def test_no_two_written_arguments_of_a_launch_share_storage():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     report = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     kernels_seen = {r["kernel"] for r in report}
