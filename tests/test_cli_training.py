@@ -681,8 +681,14 @@ def test_fsdp_trains_like_single_device_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(fsdp_module, "_init_device_handle", on_cpu)
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     monkeypatch.chdir(tmp_path)
-    with kernels.reference_only():
-        plain, sharded = _fsdp_and_plain_curves("cpu", "32-true")
+    import torch.distributed as dist
+
+    try:
+        with kernels.reference_only():
+            plain, sharded = _fsdp_and_plain_curves("cpu", "32-true")
+    finally:  # Lightning leaves the (gloo, one process) group up; later tests may start their own
+        if dist.is_initialized():
+            dist.destroy_process_group()
     torch.testing.assert_close(sharded, plain, rtol=0, atol=1e-5)
 
 
