@@ -65,6 +65,7 @@ def workloads() -> dict:
     x = torch.randn(4, 64, dtype=bf16)
     w = torch.ones(64, dtype=bf16)
     x_grad = x.clone().requires_grad_()
+    w_grad = w.clone().requires_grad_()
     out_grad = torch.ones(1, 16, 2, 64, dtype=bf16)
     return {
         "flash_attn_with_kvcache (decode step, no grad)": lambda: kernels.flash_attn_with_kvcache(
@@ -77,6 +78,8 @@ def workloads() -> dict:
             kernels.flash_attn_func(q, k, v, causal=True), (q, k, v), out_grad),
         "rms_norm forward (no grad)": lambda: kernels.rms_norm(x, w),
         "rms_norm forward + backward": lambda: torch.autograd.grad(kernels.rms_norm(x_grad, w), x_grad, x),
+        "rms_norm forward + backward, weight trains": lambda: torch.autograd.grad(
+            kernels.rms_norm(x_grad, w_grad), (x_grad, w_grad), x),
         "swiglu forward (no grad)": lambda: kernels.swiglu(x),
     }
 

@@ -245,7 +245,7 @@ def test_host_overhead_tool_times_every_workload():
                          text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "us |" not in line]
-    assert len(rows) == 7, out.stdout
+    assert len(rows) == 8, out.stdout
     assert all(float(r[2]) > 0 for r in rows), out.stdout
 
 
