@@ -5,6 +5,7 @@ MelSpectrogram, each utterance run alone, and CTC's probability summed over ever
 alignment by brute force.
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -152,6 +153,35 @@ def test_spec_augment_only_while_training():
         evaluated = model(wave)
         model.train()  # dropout is 0: only SpecAugment makes training differ
         assert not torch.allclose(model(wave), evaluated)
+
+
+def test_spec_augment_masks_each_utterance_within_its_own_frames():
+    """Time masks fall inside each utterance's frames, and where they fall does not depend on
+    how far the batch is padded; widths follow torchaudio's law (uniform in [0, width))."""
+    model = create_model("speech_tiny").train()  # 2 frequency masks below 8 bins, 2 time masks below 10 frames
+    frames = torch.tensor([100, 23, 57, 9])
+    masked = []
+    for total in (100, 160):
+        x = torch.rand(4, 40, total) + 1.0  # no natural zeros
+        torch.manual_seed(0)
+        out = model.spec_augment(x, frames)
+        zero_frames = (out == 0).all(dim=1)  # (B, total): whole time columns
+        for row, n in enumerate(frames.tolist()):
+            assert not zero_frames[row, n:].any(), "a time mask fell into the padding"
+            assert int(zero_frames[row].sum()) <= 2 * 9
+        masked.append(out[..., :100] == 0)
+    assert torch.equal(masked[0], masked[1])
+
+    # One mask per utterance: a 20-frame utterance padded to 200 frames is masked as much as
+    # one alone, E[width] = (10 - 1) / 2; torchaudio's draw over the padded length puts most
+    # of its masks in the padding.
+    model.cfg = dataclasses.replace(model.cfg, freq_masks=0, time_masks=1)
+    torch.manual_seed(1)
+    rows = 4000
+    out = model.spec_augment(torch.ones(rows, 40, 200), torch.full((rows,), 20))
+    widths = (out == 0).all(dim=1).sum(dim=1).double()
+    assert abs(widths.mean().item() - 4.5) < 0.3  # standard error 0.045
+    assert widths.max() == 9 and widths.min() == 0
 
 
 def test_padding_content_does_not_change_valid_outputs():

@@ -151,6 +151,24 @@ def _as_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, limit: 
     return lengths.to(device=device, dtype=torch.long)
 
 
+def _mask_spans(sizes: Tensor, count: int, max_width: int, total: int) -> Tensor:
+    """(B, total) bool: the union of `count` random spans per row, each inside [0, sizes[b]).
+
+    A span's width is uniform over the integers in [0, min(max_width, size)) and its start
+    uniform over the positions where it fits: torchaudio's iid masking (mask_along_axis_iid),
+    in whole frames, with each row's own size in place of the padded one.
+    """
+    rows = sizes.shape[0]
+    positions = torch.arange(total, device=sizes.device)
+    if count == 0:
+        return torch.zeros(rows, total, dtype=torch.bool, device=sizes.device)
+    sizes = sizes.to(torch.float32)[:, None]
+    width = (torch.rand(rows, count, device=sizes.device) * sizes.clamp(max=max_width)).floor()
+    first = (torch.rand(rows, count, device=sizes.device) * (sizes - width + 1)).floor()
+    first, last = first.long()[..., None], (first + width).long()[..., None]
+    return ((positions >= first) & (positions < last)).any(dim=1)
+
+
 class SpeechEncoder(nn.Module):
     """Log-mels -> Conv1d(k3) + GELU -> Conv1d(k3, stride 2) + GELU -> backbone: (B, frames / 2, dim).
 
@@ -163,8 +181,6 @@ class SpeechEncoder(nn.Module):
         self.cfg = cfg
         dim = cfg.backbone.dim
         self.frontend = LogMel(cfg)
-        self.freq_masking = torchaudio.transforms.FrequencyMasking(cfg.freq_mask_width, iid_masks=True)
-        self.time_masking = torchaudio.transforms.TimeMasking(cfg.time_mask_width, iid_masks=True)
         self.conv1 = nn.Conv1d(cfg.n_mels, dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
         self.backbone = Transformer(cfg.backbone)
@@ -174,16 +190,21 @@ class SpeechEncoder(nn.Module):
         self.backbone.set_attn_backend(backend)
         self.cfg = dataclasses.replace(self.cfg, backbone=self.backbone.cfg)
 
-    def spec_augment(self, log_mel: Tensor) -> Tensor:
-        """SpecAugment (B, n_mels, frames): independent frequency and time masks per utterance,
-        set to 0 (mid-range of Whisper-normalized log-mels). Identity unless training."""
+    def spec_augment(self, log_mel: Tensor, frames: Optional[Tensor] = None) -> Tensor:
+        """SpecAugment (B, n_mels, F): independent frequency and time masks per utterance, set to
+        0 (mid-range of Whisper-normalized log-mels). Identity unless training.
+
+        frames (B,): each utterance's valid frame count. Its time masks are drawn within its own
+        frames, as if it were alone, so padding neither absorbs a mask nor changes where one falls.
+        """
         if not self.training:
             return log_mel
-        for _ in range(self.cfg.freq_masks):
-            log_mel = self.freq_masking(log_mel)
-        for _ in range(self.cfg.time_masks):
-            log_mel = self.time_masking(log_mel)
-        return log_mel
+        batch, n_mels, total = log_mel.shape
+        bins = torch.full((batch,), n_mels, device=log_mel.device)
+        mask = _mask_spans(bins, self.cfg.freq_masks, self.cfg.freq_mask_width, n_mels)[:, :, None]
+        frames = torch.full((batch,), total, device=log_mel.device) if frames is None else frames
+        mask = mask | _mask_spans(frames, self.cfg.time_masks, self.cfg.time_mask_width, total)[:, None, :]
+        return log_mel.masked_fill(mask, 0.0)
 
     def log_mels(self, inputs: Tensor, lengths=None) -> tuple[Tensor, Optional[Tensor]]:
         """Log-mels (B, n_mels, F) and valid frame counts (B,) or None, from waveforms (B, T)
@@ -209,7 +230,7 @@ class SpeechEncoder(nn.Module):
         S exceeds the backbone's max_seq_len.
         """
         log_mel, frames = self.log_mels(inputs, lengths)
-        log_mel = self.spec_augment(log_mel)
+        log_mel = self.spec_augment(log_mel, frames)
         x, mask = log_mel.to(self.conv1.weight.dtype), None
         if frames is not None:
             # Zeroing padded frames before each convolution makes the valid outputs equal
