@@ -139,16 +139,26 @@ def alignment(probs: Tensor, source_tokens: Sequence[str], target_tokens: Sequen
 
 def speech_attention(log_mel: Tensor, probs: Tensor, title: str = "", frames_per_token: int = 2) -> Figure:
     """The log-mel spectrogram (n_mels, T) above the self-attention over frames (head average),
-    on a shared time axis; frames_per_token is the front end's subsampling (2 for Whisper's)."""
+    on a shared time axis; frames_per_token is the front end's subsampling (2 for Whisper's).
+
+    Token t covers frames [t * frames_per_token, (t + 1) * frames_per_token); for a frame count
+    that is not a multiple, the last token's cell is cut at the spectrogram's end.
+    """
     probs = _check(probs, "probs").mean(0)
     log_mel = log_mel.detach().float().cpu()
     frames = log_mel.shape[-1]
+    tokens = -(-frames // frames_per_token)
+    if probs.shape[-1] != tokens:
+        raise ValueError(f"probs cover {probs.shape[-1]} tokens, but {frames} frames at {frames_per_token} frames "
+                         f"per token make {tokens}")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 8), gridspec_kw={"height_ratios": [1, 3]}, sharex=True)
     top.imshow(log_mel.numpy(), origin="lower", aspect="auto", cmap="magma", extent=(0, frames, 0, log_mel.shape[0]))
     top.set_ylabel("mel bin")
     span = probs.shape[-1] * frames_per_token
     bottom.imshow(probs.numpy(), aspect="auto", cmap="viridis", vmin=0.0, extent=(0, span, span, 0),
                   interpolation="nearest")
+    bottom.set_xlim(0, frames)  # the x axis is shared with the spectrogram
+    bottom.set_ylim(frames, 0)
     bottom.set_xlabel("frame (key)")
     bottom.set_ylabel("frame (query)")
     fig.suptitle(title or "self-attention over frames (mean over heads)")

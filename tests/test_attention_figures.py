@@ -65,6 +65,11 @@ def test_token_heatmaps_alignment_and_speech_panels():
     torch.testing.assert_close(shown(fig.axes[0]), cross.mean(0))
     fig = figs.speech_attention(torch.randn(80, 20), random_maps(1, 2, 10)[0])
     assert len([ax for ax in fig.axes if ax.images]) == 2
+    # 21 frames make 11 tokens (the convolution's stride 2 pads): the time axes end at frame 21.
+    top, bottom = figs.speech_attention(torch.randn(80, 21), random_maps(1, 2, 11)[0]).axes
+    assert top.get_xlim() == bottom.get_xlim() == (0.0, 21.0) and bottom.get_ylim() == (21.0, 0.0)
+    with pytest.raises(ValueError, match="21 frames at 2 frames per token make 11"):
+        figs.speech_attention(torch.randn(80, 21), random_maps(1, 2, 10)[0])
     with pytest.raises(ValueError, match="heads, Sq, Sk"):
         figs.token_heatmaps(torch.rand(5, 5))
     plt.close("all")
