@@ -45,32 +45,73 @@ _MAX_BLOCK_V = 256 if INTERPRET else GPU_MAX_BLOCK_V
 
 
 @triton.jit
+def _row_window(Base, row, stride, ALIGN: tl.constexpr):
+    """A row's start rounded down to a multiple of ALIGN elements (16 bytes), and the row's
+    offset `shift` in that window: window position w holds column w - shift."""
+    offset = row * stride
+    shift = offset % ALIGN
+    return Base + tl.multiple_of(offset - shift, ALIGN), shift
+
+
+@triton.jit
+def _lse_update(x, valid, m, d, sum_x, SMOOTH: tl.constexpr):
+    """Online max m, sum of exponentials d and (for smoothing) sum of the logits, one more block."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # A block of only -inf logits so far: keep the exponents finite (no -inf - -inf).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp(m - m_use) + tl.sum(tl.exp(x - m_use), axis=0)
+    if SMOOTH:
+        sum_x += tl.sum(tl.where(valid, x, 0.0), axis=0)
+    return m_new, d, sum_x
+
+
+@triton.jit
+def _grad_block(L, G, cols, valid, target, lse, scale, smoothing, V, SMOOTH: tl.constexpr):
+    """Writes G[cols] = (softmax - (1 - eps) onehot - eps / V) * scale, reading the logits at L[cols]."""
+    x = tl.load(L + cols, mask=valid, other=0.0).to(tl.float32)
+    g = tl.exp(x - lse) - tl.where(cols == target, 1.0 - smoothing, 0.0)
+    if SMOOTH:
+        g -= smoothing / V
+    tl.store(G + cols, (g * scale).to(G.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def _ce_kernel(Logits, Grad, Target, Loss, NValid, RowScale, V, stride_l, stride_g, ignore_index, smoothing,
                HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, SMOOTH: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+               LOGITS_ALIGNED: tl.constexpr, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
     # torch.compile (inductor) types Python float arguments fp64: the arithmetic stays fp32.
     smoothing = tl.cast(smoothing, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
-    l_row = Logits + row * stride_l
+    head = tl.arange(0, ALIGN)
     target = tl.load(Target + row).to(tl.int64)
     ignored = target == ignore_index
-    # Pass 1: online max and sum of exponentials, one chunk at a time.
+    # Masks change only at multiples of ALIGN elements (16 bytes) in the BLOCK_V blocks, so
+    # their accesses are 16 bytes wide; a mask such as cols < V at V = 50257 would make each
+    # one 2 bytes. The columns before the first and after the last multiple go in groups of
+    # ALIGN. Pass 1 reads the logits in their row's aligned window (_row_window), so that this
+    # holds whatever the logits' row stride (a contiguous (N, 50257) tensor's rows start at
+    # every offset).
+    win, shift = _row_window(Logits, row, stride_l, ALIGN)
+    end = V + shift
+    body_end = tl.maximum(end // ALIGN, 1) * ALIGN  # a multiple of ALIGN, as the compiler sees
+    # Pass 1: online max and sum of exponentials (and sum of the logits when smoothing).
     m = float("-inf")
     d = 0.0
     sum_x = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        x = tl.load(l_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # A chunk of only -inf logits so far: keep the exponents finite (no -inf - -inf).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - m_use) + tl.sum(tl.exp(x - m_use), axis=0)
-        m = m_new
-        if SMOOTH:
-            sum_x += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+    first = (head >= shift) & (head < end)
+    x_first = tl.load(win + head, mask=first, other=float("-inf")).to(tl.float32)
+    m, d, sum_x = _lse_update(x_first, first, m, d, sum_x, SMOOTH)
+    for k in range(0, tl.cdiv(body_end - ALIGN, BLOCK_V)):
+        w = ALIGN + k * BLOCK_V + offs
+        valid = w < body_end
+        x = tl.load(win + w, mask=valid, other=float("-inf")).to(tl.float32)
+        m, d, sum_x = _lse_update(x, valid, m, d, sum_x, SMOOTH)
+    last = body_end + head < end
+    x_last = tl.load(win + body_end + head, mask=last, other=float("-inf")).to(tl.float32)
+    m, d, sum_x = _lse_update(x_last, last, m, d, sum_x, SMOOTH)
     lse = m + tl.log(d)
-    x_t = tl.load(l_row + target, mask=target != ignore_index, other=0.0).to(tl.float32)
+    x_t = tl.load(Logits + row * stride_l + target, mask=target != ignore_index, other=0.0).to(tl.float32)
     loss = lse - x_t
     if SMOOTH:
         loss = (1.0 - smoothing) * loss + smoothing * (lse - sum_x / V)
@@ -82,16 +123,21 @@ def _ce_kernel(Logits, Grad, Target, Loss, NValid, RowScale, V, stride_l, stride
         if HAS_ROW_SCALE:
             scale = scale * tl.load(RowScale + row).to(tl.float32)
         scale = tl.where(ignored, 0.0, scale)
-        g_row = Grad + row * stride_g
-        # Pass 2: the gradient, written over the logits when Grad is Logits (each chunk
-        # is read before it is overwritten, by the same program).
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            x = tl.load(l_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - tl.where(cols == target, 1.0 - smoothing, 0.0)
-            if SMOOTH:
-                g -= smoothing / V
-            tl.store(g_row + cols, (g * scale).to(Grad.dtype.element_ty), mask=cols < V)
+        # Pass 2: the gradient, written over the logits when Grad is Logits (each block is
+        # read before it is overwritten, by the same program). Grad's rows start at multiples
+        # of ALIGN (the launcher's buffers are padded so): its stores are 16 bytes wide in the
+        # blocks, and so are the loads when the logits' rows are aligned too (LOGITS_ALIGNED).
+        g_row = Grad + tl.multiple_of(row * stride_g, ALIGN)
+        if LOGITS_ALIGNED:
+            l_row = Logits + tl.multiple_of(row * stride_l, ALIGN)
+        else:
+            l_row = Logits + row * stride_l
+        body_end = V // ALIGN * ALIGN
+        for k in range(0, tl.cdiv(body_end, BLOCK_V)):
+            cols = k * BLOCK_V + offs
+            _grad_block(l_row, g_row, cols, cols < body_end, target, lse, scale, smoothing, V, SMOOTH)
+        cols_last = body_end + head
+        _grad_block(l_row, g_row, cols_last, cols_last < V, target, lse, scale, smoothing, V, SMOOTH)
 
 
 def _n_valid(target: Tensor, ignore_index: int) -> Tensor:
@@ -111,12 +157,16 @@ def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoot
         return loss
     block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(int(V))))  # a constant: concrete under dynamic shapes
     dummy = logits
+    align = 16 // logits.element_size()  # elements per 16 bytes
+    stride_g = grad.stride(0) if grad is not None else 0
+    if stride_g % align:
+        raise RuntimeError(f"internal: the gradient's rows must start at multiples of {align} elements "
+                           f"(aligned_rows_like), got row stride {stride_g}")
     launch(_ce_kernel)[(N,)](
         logits, grad if grad is not None else dummy, target, loss, n_valid,
-        row_scale if row_scale is not None else loss, V, logits.stride(0),
-        grad.stride(0) if grad is not None else 0, ignore_index, smoothing,
+        row_scale if row_scale is not None else loss, V, logits.stride(0), stride_g, ignore_index, smoothing,
         HAS_GRAD=grad is not None, MEAN=mean, SMOOTH=smoothing > 0, HAS_ROW_SCALE=row_scale is not None,
-        BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 4)
+        LOGITS_ALIGNED=bool(logits.stride(0) % align == 0), ALIGN=align, BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 4)
     return loss
 
 

@@ -11,7 +11,7 @@ On a CPU only ``quick`` runs, at tiny sizes: ours takes its PyTorch path (the
 interpreter is never used for timing) and the compile peer is not run (inductor's C++
 build would dominate a smoke test). It checks the harness, not the kernels; the title
 says so. ``--resources`` instead compiles the kernels for Hopper (sm_90a) without a GPU
-and reports registers, spills and 16-byte loads per kernel configuration.
+and reports registers, spills and 16-byte loads and stores per kernel configuration.
 """
 
 from __future__ import annotations
@@ -409,7 +409,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"only these ops, from: {', '.join(OPS)}")
     parser.add_argument("--resources", action="store_true",
                         help="instead of timing: compile the kernels for sm_90a (no GPU needed) and report "
-                             "registers, spills and 16-byte loads (resources.json in --out)")
+                             "registers, spills and 16-byte loads and stores (resources.json in --out)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -421,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resources:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             parser.error("--resources compiles the kernels: unset TRITON_INTERPRET")
-        print("| kernel | warps | registers | spill bytes | 16-byte loads |\n|---|---|---|---|---|")
+        print("| kernel | warps | registers | spill bytes | 16-byte loads | 16-byte stores |\n|---|---|---|---|---|---|")
         rows = hopper_resources()
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_json({"target": "sm_90a", "dtype": "bfloat16", "kernels": rows}, Path(args.out) / "resources.json")

@@ -12,7 +12,8 @@ from typing import Optional
 import triton
 
 def kernel_variants() -> list[tuple]:
-    """(name, jit function, argument types, constexprs, num_warps) of each op kernel (bf16).
+    """(name, jit function, argument types, constexprs, num_warps[, unaligned]) of each op kernel
+    (bf16); unaligned names the integer arguments not to declare divisible by 16.
 
     The configurations are the launchers' GPU choices (kernels.norms._plan etc.), so this
     must run without TRITON_INTERPRET (the interpreter's configurations differ).
@@ -46,8 +47,15 @@ def kernel_variants() -> list[tuple]:
     variants.append(("gelu bwd tanh + bias", activations._gelu_bwd_kernel, types,
                      dict(tile, ACT=activations.GELU_TANH, HAS_B=True), warps))
     variants.append(("geglu bwd erf", activations._glu_bwd_kernel, types, dict(tile, ACT=activations.GELU_ERF), warps))
+    ce_flags = dict(HAS_GRAD=True, MEAN=True, SMOOTH=True, HAS_ROW_SCALE=False, ALIGN=8, BLOCK_V=ce.GPU_MAX_BLOCK_V)
     variants.append(("cross_entropy, vocab a multiple of 16, smoothing", ce._ce_kernel, types,
-                     dict(HAS_GRAD=True, MEAN=True, SMOOTH=True, HAS_ROW_SCALE=False, BLOCK_V=ce.GPU_MAX_BLOCK_V), 16))
+                     dict(ce_flags, LOGITS_ALIGNED=True), 16))
+    # V = 50257: the models' padded logits rows (stride a multiple of 16), and a contiguous
+    # (N, 50257) tensor's, whose rows start at every 2-byte offset.
+    variants.append(("cross_entropy, vocab 50257, aligned rows", ce._ce_kernel, types,
+                     dict(ce_flags, LOGITS_ALIGNED=True), 16, ("V",)))
+    variants.append(("cross_entropy, vocab 50257, contiguous rows", ce._ce_kernel, types,
+                     dict(ce_flags, LOGITS_ALIGNED=False), 16, ("V", "stride_l")))
     return variants
 
 
@@ -66,12 +74,13 @@ def hopper_resources(variants: Optional[list] = None) -> list[dict]:
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     rows = []
-    for name, fn, types, constexprs, warps in variants if variants is not None else kernel_variants():
+    for name, fn, types, constexprs, warps, *unaligned in variants if variants is not None else kernel_variants():
         # Capitalized arguments are tensors, except the sizes M, N, V.
         sig = {a: "constexpr" if a in constexprs else
                types.get(a, "*bf16" if a[0].isupper() and a not in ("M", "N", "V") else "i32") for a in fn.arg_names}
         aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                   if sig[a] not in ("constexpr", "fp32") and a not in ("offset", "ignore_index", "rows_per_program")}
+                   if sig[a] not in ("constexpr", "fp32") and a not in ("offset", "ignore_index", "rows_per_program")
+                   and a not in (unaligned[0] if unaligned else ())}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned),
                                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
         ptx = compiled.asm["ptx"]
@@ -85,9 +94,10 @@ def hopper_resources(variants: Optional[list] = None) -> list[dict]:
         rows.append({"kernel": name, "num_warps": warps,
                      "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
                      "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
-                     "loads_16B": len(re.findall(r"ld\.global[.\w:]*\.v4\.b32", ptx))})
+                     "loads_16B": len(re.findall(r"ld\.global[.\w:]*\.v4\.b32", ptx)),
+                     "stores_16B": len(re.findall(r"st\.global[.\w:]*\.v4\.b32", ptx))})
         print(f"| {name} | {warps} | {rows[-1]['registers']} | {rows[-1]['spill_bytes']} | "
-              f"{rows[-1]['loads_16B']} |", flush=True)
+              f"{rows[-1]['loads_16B']} | {rows[-1]['stores_16B']} |", flush=True)
     return rows
 
 
@@ -147,7 +157,8 @@ def flag_variants() -> list[tuple]:
         ce_types = dict(types, Logits=f"*{dtype}", Grad=f"*{dtype}")
         for flags in pick(combos(("HAS_GRAD", "MEAN", "SMOOTH", "HAS_ROW_SCALE"))):
             variants.append((f"cross_entropy {dtype} {flags}", ce._ce_kernel, ce_types,
-                             dict(flags, BLOCK_V=ce.GPU_MAX_BLOCK_V), 16))
+                             dict(flags, LOGITS_ALIGNED=False, ALIGN=16 // (4 if dtype == "fp32" else 2),
+                                  BLOCK_V=ce.GPU_MAX_BLOCK_V), 16))
     return variants
 
 
@@ -157,7 +168,7 @@ def compile_for_hopper(variants: list[tuple]) -> list[dict]:
     from triton.compiler import ASTSource
 
     rows = []
-    for name, fn, types, constexprs, warps in variants:
+    for name, fn, types, constexprs, warps, *_ in variants:
         sig = {a: "constexpr" if a in constexprs else
                types.get(a, "*bf16" if a[0].isupper() and a not in ("M", "N", "V") else "i32") for a in fn.arg_names}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),

@@ -66,6 +66,51 @@ def test_cross_entropy(backend, vocab, reduction, smoothing):
     check_ce(device, ctx, 9, vocab, torch.float32, reduction, smoothing)
 
 
+@pytest.mark.parametrize("vocab", [3, 7, 264, 1003])
+@pytest.mark.parametrize("layout", ["contiguous", "aligned rows", "offset view"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_any_row_layout(backend, vocab, layout, dtype):
+    """The kernel walks each row in a 16-byte-aligned window (its first columns, whole blocks, its
+    last columns): rows starting at every offset in that window, vocabularies shorter than it,
+    and blocks ending exactly at or one past a multiple of it all give torch's loss and
+    gradient. Rows: contiguous (stride V), padded to 64 (stride a multiple of 16 bytes, as the
+    models' logits), or a view at a storage offset of 5 with stride V + 7.
+
+    float16 for the 2-byte case (8 per window): the interpreter casts to bfloat16 by truncation,
+    not rounding (the GPU tests below run bf16). A 16-bit gradient is rounded twice by design
+    (stored in the forward, then times grad_output), so on these few elements it is held to
+    that analytic bound, 1.5 units in the last place of float16, rather than to 2 x torch's
+    single rounding."""
+    device, ctx = backend
+    N = 11  # rows at 11 different offsets: every shift in the window for an odd stride
+    if layout == "offset view":
+        flat = (3 * torch.randn(N * (vocab + 7) + 5)).to(dtype).to(device)
+        x = flat.as_strided((N, vocab), (vocab + 7, 1), 5)
+    else:
+        width = vocab if layout == "contiguous" else -(-vocab // 64) * 64
+        x = (3 * torch.randn(N, width)).to(dtype).to(device)[:, :vocab]
+    x = x.detach().requires_grad_()
+    assert x.stride(0) == {"contiguous": vocab, "aligned rows": -(-vocab // 64) * 64, "offset view": vocab + 7}[layout]
+    target = targets(N, vocab)
+    dloss = torch.randn(N, device=device)
+    for smoothing in (0.0, 0.1):
+        with ctx():
+            loss = cross_entropy(x, target.to(device), label_smoothing=smoothing, reduction="none")
+        (dx,) = torch.autograd.grad(loss, x, dloss)
+        ref_in = x.detach().double().requires_grad_()
+        ref = F.cross_entropy(ref_in, target.to(device), label_smoothing=smoothing, reduction="none")
+        (ref_dx,) = torch.autograd.grad(ref, ref_in, dloss.double())
+        same_in = x.detach().clone().requires_grad_()
+        same = F.cross_entropy(same_in, target.to(device), label_smoothing=smoothing, reduction="none")
+        (same_dx,) = torch.autograd.grad(same, same_in, dloss.to(dtype))
+        assert_fa2_close(loss.detach(), ref, same.float(), "loss")
+        if dtype == torch.float32:
+            assert_fa2_close(dx, ref_dx, same_dx, "dlogits")
+        else:  # 2^-10: float16's relative spacing; its normal range ends at 2^-14
+            ulp = 2.0 ** (torch.floor(torch.log2(ref_dx.abs().clamp(min=2.0 ** -14))) - 10)
+            assert ((dx.double() - ref_dx).abs() <= 1.5 * ulp).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cross_entropy_half_logits(backend, dtype):
     device, ctx = backend
