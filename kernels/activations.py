@@ -424,7 +424,7 @@ def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") ->
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
         bias = bias.contiguous()
-    return _call_gelu_fwd(_rows(x), bias, act).view(x.shape)
+    return _call_gelu_fwd(_rows(x), bias, act).view(*x.shape)
 
 
 def _glu(x, y, act, what):
@@ -434,7 +434,7 @@ def _glu(x, y, act, what):
             raise ValueError(f"{what} with y=None splits x's last dim in two halves; it must be even, "
                              f"got shape {tuple(x.shape)}")
         out_shape = (*x.shape[:-1], x.shape[-1] // 2)
-        return _call_glu_fwd(_rows(x), None, act).view(out_shape)
+        return _call_glu_fwd(_rows(x), None, act).view(*out_shape)
     _check_x(y, "y")
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
@@ -442,7 +442,7 @@ def _glu(x, y, act, what):
         raise TypeError(f"y has dtype {y.dtype} but x has {x.dtype}; they must match")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
-    return _call_glu_fwd(_rows(x), _rows(y), act).view(x.shape)
+    return _call_glu_fwd(_rows(x), _rows(y), act).view(*x.shape)
 
 
 def swiglu(x: Tensor, y: Optional[Tensor] = None) -> Tensor:

@@ -420,8 +420,8 @@ def _run(x, residual, weight, bias, eps, is_rms):
     bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     y, s, _, _ = _call_norm_fwd(x2, r2, weight, bias, float(eps), is_rms)
     if residual is None:
-        return y.view(shape)
-    return y.view(shape), s.view(shape)
+        return y.view(*shape)
+    return y.view(*shape), s.view(*shape)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
