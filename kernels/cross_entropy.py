@@ -140,9 +140,40 @@ def _ce_kernel(Logits, Grad, Target, Loss, NValid, RowScale, V, stride_l, stride
         _grad_block(l_row, g_row, cols_last, cols_last < V, target, lse, scale, smoothing, V, SMOOTH)
 
 
+@triton.jit
+def _scale_block(G, Out, cols, valid, scale):
+    g = tl.load(G + cols, mask=valid, other=0.0).to(tl.float32)
+    tl.store(Out + cols, (g * scale).to(Out.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _scale_rows_kernel(G, Out, Scale, V, stride_g, stride_o, stride_s, ALIGN: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Out[r] = G[r] * Scale[r * stride_s] in float32 (stride_s 0: one scale for every row). As in
+    _ce_kernel, the masks change only at multiples of ALIGN: rows starting at multiples of 16
+    bytes get 16-byte loads and stores at any V."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(Scale + row * stride_s)
+    offs = tl.arange(0, BLOCK_V)
+    g_row = G + row * stride_g
+    o_row = Out + row * stride_o
+    body_end = V // ALIGN * ALIGN
+    for k in range(0, tl.cdiv(body_end, BLOCK_V)):
+        cols = k * BLOCK_V + offs
+        _scale_block(g_row, o_row, cols, cols < body_end, scale)
+    cols_last = body_end + tl.arange(0, ALIGN)
+    _scale_block(g_row, o_row, cols_last, cols_last < V, scale)
+
+
 def _n_valid(target: Tensor, ignore_index: int) -> Tensor:
     """Rows not ignored, as a float32 tensor of one element (no host sync)."""
     return (target != ignore_index).sum().to(torch.float32).reshape(1)
+
+
+def _row_blocks(V) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of a one-program-per-row kernel over rows of V elements: constants,
+    concrete under dynamic shapes."""
+    block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(int(V))))
+    return block_v, 16 if block_v >= 4096 else 4
 
 
 def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoothing, mean):
@@ -155,7 +186,7 @@ def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoot
     loss = logits.new_empty(N, dtype=torch.float32)
     if N == 0:
         return loss
-    block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(int(V))))  # a constant: concrete under dynamic shapes
+    block_v, warps = _row_blocks(V)
     dummy = logits
     align = 16 // logits.element_size()  # elements per 16 bytes
     stride_g = grad.stride(0) if grad is not None else 0
@@ -166,7 +197,7 @@ def ce_rows_triton(logits, grad, target, n_valid, row_scale, ignore_index, smoot
         logits, grad if grad is not None else dummy, target, loss, n_valid,
         row_scale if row_scale is not None else loss, V, logits.stride(0), stride_g, ignore_index, smoothing,
         HAS_GRAD=grad is not None, MEAN=mean, SMOOTH=smoothing > 0, HAS_ROW_SCALE=row_scale is not None,
-        LOGITS_ALIGNED=bool(logits.stride(0) % align == 0), ALIGN=align, BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 4)
+        LOGITS_ALIGNED=bool(logits.stride(0) % align == 0), ALIGN=align, BLOCK_V=block_v, num_warps=warps)
     return loss
 
 
@@ -254,6 +285,7 @@ def _ce_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], target if ctx.per_row or ctx.fp16_mean else None)
     ctx.ignore_index = ignore_index
     ctx.compute_grad = compute_grad
+    ctx.reference = not use_triton(logits)
     # The gradient outputs are internal (the public functions drop them): no (N, V) zeros
     # are made for their incoming gradients, which the backward ignores.
     ctx.set_materialize_grads(False)
@@ -271,12 +303,12 @@ def _ce_backward(ctx, grad_loss, _grad_dlogits):
         if ctx.fp16_mean:
             grad_loss = grad_loss / _n_valid(target, ctx.ignore_index)[0]
     per_row_target = target if ctx.per_row else None
-    return scale_gradient(dlogits, grad_loss, per_row_target, ctx.ignore_index), None, None, None, None, None
+    return scale_gradient(ctx, dlogits, grad_loss, per_row_target, ctx.ignore_index), None, None, None, None, None
 
 
-def scale_gradient(grad: Tensor, grad_loss: Tensor, target: Optional[Tensor], ignore_index: int) -> Tensor:
+def scale_gradient(ctx, grad: Tensor, grad_loss: Tensor, target: Optional[Tensor], ignore_index: int) -> Tensor:
     """grad (a gradient computed for a loss of 1) times the loss's incoming gradient grad_loss,
-    in float32 and written in grad's dtype.
+    in float32 and written in grad's dtype, in the backward of the op whose ctx is given.
 
     grad_loss is 0-dim, or per row (N,) with the rows' targets: an ignored row's gradient is
     0 whatever its grad_loss holds (torch gives 0 there even for an inf or NaN weight). The
@@ -284,8 +316,33 @@ def scale_gradient(grad: Tensor, grad_loss: Tensor, target: Optional[Tensor], ig
     would overflow when the scale is cast to float16 first.
     """
     if target is not None:
-        grad_loss = torch.where(target != ignore_index, grad_loss, 0.0)[:, None]
-    return torch.mul(grad, grad_loss.float(), out=aligned_rows_like(grad))
+        grad_loss = torch.where(target != ignore_index, grad_loss, 0.0)
+    if grad.dim() != 2:
+        return grad * grad_loss.float()
+    return run_backward(ctx, scale_rows, _scale_rows, grad, grad_loss.float().reshape(-1, 1))
+
+
+@on_device
+def _scale_rows(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad (N, V) times scale (float32, (N, 1) or (1, 1)) in float32, in grad's dtype and layout
+    (its padded rows kept). One Triton pass with 16-byte accesses; torch.mul with a 0-dim float32
+    CUDA tensor instead casts on the fly, which runs torch's unvectorized elementwise kernel."""
+    if grad.stride(-1) != 1 or grad.stride(0) < grad.shape[1]:  # not rows of unit stride (never ours)
+        grad = grad.contiguous()
+    out = torch.empty_strided(grad.shape, grad.stride(), dtype=grad.dtype, device=grad.device)
+    if not use_triton(grad):
+        return torch.mul(grad, scale, out=out)
+    N, V = grad.shape
+    if N == 0 or V == 0:
+        return out
+    block_v, warps = _row_blocks(V)
+    launch(_scale_rows_kernel)[(N,)](grad, out, scale, V, grad.stride(0), out.stride(0),
+                                     scale.stride(0) if scale.shape[0] > 1 else 0,
+                                     ALIGN=16 // grad.element_size(), BLOCK_V=block_v, num_warps=warps)
+    return out
+
+
+scale_rows = torch.library.triton_op("tritonzoo::scale_rows", _scale_rows, mutates_args=())
 
 
 def aligned_rows_like(x: Tensor) -> Tensor:
@@ -446,7 +503,8 @@ def _flce_backward(ctx, grad_loss, *_):
             raise RuntimeError("fused_linear_cross_entropy ran without computing its gradients (no input "
                                "required grad then); call it with inputs that require grad to differentiate it")
         gh, gw, gb = ctx.saved_tensors
-        gh, gw, gb = (scale_gradient(g, grad_loss, None, ignore_index) if g.numel() else g for g in (gh, gw, gb))
+        gh, gw, gb = (scale_gradient(ctx, g, grad_loss, None, ignore_index) if g.numel() else g
+                      for g in (gh, gw, gb))
     return (gh if need_h else None, gw if need_w else None,
             gb.to(bias_dtype) if has_bias and need_w else None, None, None, None, None, None, None, None)
 

@@ -421,7 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resources:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             parser.error("--resources compiles the kernels: unset TRITON_INTERPRET")
-        print("| kernel | warps | registers | spill bytes | 16-byte loads | 16-byte stores |\n|---|---|---|---|---|---|")
+        print("| kernel | warps | registers | spill bytes | 16-byte loads | 16-byte stores |\n"
+              "|---|---|---|---|---|---|")
         rows = hopper_resources()
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_json({"target": "sm_90a", "dtype": "bfloat16", "kernels": rows}, Path(args.out) / "resources.json")

@@ -56,6 +56,8 @@ def kernel_variants() -> list[tuple]:
                      dict(ce_flags, LOGITS_ALIGNED=True), 16, ("V",)))
     variants.append(("cross_entropy, vocab 50257, contiguous rows", ce._ce_kernel, types,
                      dict(ce_flags, LOGITS_ALIGNED=False), 16, ("V", "stride_l")))
+    variants.append(("cross_entropy backward scaling, vocab 50257", ce._scale_rows_kernel, dict(types, Scale="*fp32"),
+                     dict(ALIGN=8, BLOCK_V=ce.GPU_MAX_BLOCK_V), 16, ("V", "stride_s")))
     return variants
 
 

@@ -111,6 +111,27 @@ def test_cross_entropy_any_row_layout(backend, vocab, layout, dtype):
             assert ((dx.double() - ref_dx).abs() <= 1.5 * ulp).all()
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 9, 300])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_scaling_is_one_float32_product(backend, vocab, padded, dtype):
+    """The backward's pass over the stored gradient (tritonzoo::scale_rows): each element times its
+    row's scale (or one scale for all) in float32, rounded once to the gradient's dtype, in the
+    gradient's layout (padded rows stay padded). float16: the interpreter's bfloat16 casts
+    truncate (the GPU tests run bf16)."""
+    import importlib
+    ce = importlib.import_module("kernels.cross_entropy")
+    device, ctx = backend
+    rows = 5
+    grad = (torch.randn(rows, 64 * (vocab // 64 + 1)) if padded else torch.randn(rows, vocab)).to(dtype)
+    grad = grad.to(device)[:, :vocab]
+    for scale in (torch.tensor([[0.37]]), torch.tensor([[1.5], [0.0], [-3.25], [1e-3], [4096.0]])):
+        with ctx():
+            out = ce._scale_rows(grad, scale.to(device))
+        assert out.stride() == grad.stride() and out.dtype == dtype
+        assert torch.equal(out, (grad.float() * scale.to(device)).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cross_entropy_half_logits(backend, dtype):
     device, ctx = backend
@@ -442,6 +463,7 @@ def test_opcheck():
                               (h, w, b, target, -100, 0.1, 1, 2, True, True))
         torch.library.opcheck(torch.ops.tritonzoo.fused_linear_cross_entropy_bwd.default,
                               (torch.randn(5), h.detach(), w.detach(), b, target, -100, 0.0, 3, True, True))
+        torch.library.opcheck(torch.ops.tritonzoo.scale_rows.default, (torch.randn(5, 13), torch.randn(5, 1)))
 
 
 class _LMHead(torch.nn.Module):
@@ -521,6 +543,8 @@ def test_gpu_opcheck_and_compile():
     logits = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     target = torch.randint(0, 1000, (64,), device="cuda")
     torch.library.opcheck(torch.ops.tritonzoo.cross_entropy_fwd.default, (logits, target, -100, 0.0, 2, True))
+    torch.library.opcheck(torch.ops.tritonzoo.scale_rows.default,
+                          (logits.detach()[:, :999], torch.randn(64, 1, device="cuda")))
     torch._dynamo.reset()
     model = _LMHead(64, 5003).cuda()
     x, t = torch.randn(4, 50, 64, device="cuda"), torch.randint(0, 5003, (4, 50), device="cuda")
