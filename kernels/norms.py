@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .norms_looped import _bwd_looped, _fwd_looped
+from .norms_looped import _bwd_looped, _dwdb_looped, _fwd_looped
 from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, unit_stride,
                       use_triton)
 
@@ -203,31 +203,45 @@ def norm_triton_fwd(x, residual, weight, bias, eps, is_rms):
 def norm_triton_bwd(dy, ds, src, weight, has_bias, mean, rstd, is_rms, need_dw):
     """The Triton backward: (dx, float32 dweight or empty, float32 dbias or empty); src is x or the sum.
 
-    dweight is computed when need_dw (weight given and requiring grad), dbias when has_bias."""
+    dweight is computed when need_dw (weight given and requiring grad), dbias when has_bias.
+    Both come as partial sums, one row per program (per row group for long rows), summed last."""
     M, N = src.shape
     dx = torch.empty_like(src, memory_format=torch.contiguous_format)
     fused, block_m, block_n, warps = _plan(N)
-    rows_per_program = block_m * cdiv(cdiv(M, _programs(src.device)), block_m)
+    target_programs = _programs(src.device)
+    rows_per_program = block_m * cdiv(cdiv(M, target_programs), block_m)
     programs = cdiv(M, rows_per_program) if M else 0
     has_w = weight is not None
     need_dw = has_w and need_dw
-    # Each fused program writes its whole partial row; the looped ones accumulate into it.
-    partial = functools.partial(src.new_empty if fused else src.new_zeros, dtype=torch.float32)
-    dw_part = partial(programs, N) if need_dw else _empty(src)
-    db_part = partial(programs, N) if has_bias else _empty(src)
+    if fused:
+        part_rows = programs
+    else:  # _dwdb_looped's row groups: about as many programs in all as for dx
+        rows_per_group = cdiv(M, max(1, target_programs // cdiv(N, block_n))) if M else 0
+        part_rows = cdiv(M, rows_per_group) if M else 0
+    # Every partial row is written whole (no zero fill needed).
+    dw_part = src.new_empty(part_rows, N, dtype=torch.float32) if need_dw else _empty(src)
+    db_part = src.new_empty(part_rows, N, dtype=torch.float32) if has_bias else _empty(src)
     if M > 0:
         dummy = src
-        args = (src, weight if has_w else dummy, dy, ds if ds is not None else dummy, dx,
-                mean if not is_rms else rstd, rstd, dw_part if need_dw else dummy, db_part if has_bias else dummy,
-                M, N, src.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
-                rows_per_program)
-        flags = dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, HAS_DS=ds is not None, NEED_DW=need_dw,
-                     BLOCK_N=block_n, num_warps=min(16, 2 * warps))
+        mean_arg = mean if not is_rms else rstd
+        w_arg, ds_arg = weight if has_w else dummy, ds if ds is not None else dummy
+        strides = (src.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0))
         if fused:
-            launch(_bwd_fused)[(programs,)](*args, BLOCK_M=block_m, **flags)
+            launch(_bwd_fused)[(programs,)](
+                src, w_arg, dy, ds_arg, dx, mean_arg, rstd, dw_part if need_dw else dummy,
+                db_part if has_bias else dummy, M, N, *strides, rows_per_program,
+                IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, HAS_DS=ds is not None, NEED_DW=need_dw,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=min(16, 2 * warps))
         else:
-            launch(_bwd_looped)[(programs,)](*args, **flags)
-    # The second, deterministic reduction of the per-program partial sums.
+            launch(_bwd_looped)[(programs,)](
+                src, w_arg, dy, ds_arg, dx, mean_arg, rstd, M, N, *strides, rows_per_program,
+                IS_RMS=is_rms, HAS_W=has_w, HAS_DS=ds is not None, BLOCK_N=block_n, num_warps=min(16, 2 * warps))
+            if need_dw or has_bias:
+                launch(_dwdb_looped)[(cdiv(N, block_n), part_rows)](
+                    src, dy, mean_arg, rstd, dw_part if need_dw else dummy, db_part if has_bias else dummy,
+                    M, N, src.stride(0), dy.stride(0), rows_per_group,
+                    IS_RMS=is_rms, NEED_DW=need_dw, HAS_B=has_bias, BLOCK_N=block_n, num_warps=warps)
+    # The second, deterministic reduction of the partial sums.
     return dx, dw_part.sum(0) if need_dw else _empty(src), db_part.sum(0) if has_bias else _empty(src)
 
 

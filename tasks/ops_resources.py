@@ -35,8 +35,14 @@ def kernel_variants() -> list[tuple]:
         kind = "fused" if fused else "looped"
         variants.append((f"norm fwd {kind} N={hidden}", norms._fwd_fused if fused else norms._fwd_looped, types,
                          dict(flags, HAS_RES=True), warps))
-        variants.append((f"norm bwd {kind} N={hidden}", norms._bwd_fused if fused else norms._bwd_looped, types,
-                         dict(flags, HAS_DS=True, NEED_DW=True), min(16, 2 * warps)))
+        if fused:
+            variants.append((f"norm bwd fused N={hidden}", norms._bwd_fused, types,
+                             dict(flags, HAS_DS=True, NEED_DW=True), min(16, 2 * warps)))
+        else:
+            variants.append((f"norm bwd looped (dx) N={hidden}", norms._bwd_looped, types,
+                             dict(IS_RMS=False, HAS_W=True, HAS_DS=True, BLOCK_N=bn), min(16, 2 * warps)))
+            variants.append((f"norm bwd looped (dweight, dbias) N={hidden}", norms._dwdb_looped, types,
+                             dict(IS_RMS=False, NEED_DW=True, HAS_B=True, BLOCK_N=bn), warps))
     for interleaved in (False, True):
         variants.append((f"rotary {'gptj' if interleaved else 'neox'} D=128 rotary 64", rotary._rotary_kernel,
                          types, dict(INTERLEAVED=interleaved, CONJ=False, HAS_OFFSETS=True, HAS_POS=False,
@@ -138,9 +144,17 @@ def flag_variants() -> list[tuple]:
             fwd, bwd = (norms._fwd_fused, norms._bwd_fused) if fused else (norms._fwd_looped, norms._bwd_looped)
             for flags in pick(combos(("IS_RMS", "HAS_RES", "HAS_W", "HAS_B"))):
                 variants.append((f"norm fwd N={hidden} {dtype} {flags}", fwd, types, dict(flags, **tile), warps))
-            for flags in pick(combos(("IS_RMS", "HAS_W", "HAS_B", "HAS_DS"))):
-                variants.append((f"norm bwd N={hidden} {dtype} {flags}", bwd, types,
-                                 dict(flags, NEED_DW=flags["HAS_W"], **tile), min(16, 2 * warps)))
+            if fused:
+                for flags in pick(combos(("IS_RMS", "HAS_W", "HAS_B", "HAS_DS"))):
+                    variants.append((f"norm bwd N={hidden} {dtype} {flags}", bwd, types,
+                                     dict(flags, NEED_DW=flags["HAS_W"], **tile), min(16, 2 * warps)))
+                continue
+            for flags in pick(combos(("IS_RMS", "HAS_W", "HAS_DS"))):
+                variants.append((f"norm bwd (dx) N={hidden} {dtype} {flags}", bwd, types, dict(flags, **tile),
+                                 min(16, 2 * warps)))
+            for flags in pick(combos(("IS_RMS", "NEED_DW", "HAS_B"))):
+                variants.append((f"norm bwd (dweight, dbias) N={hidden} {dtype} {flags}", norms._dwdb_looped, types,
+                                 dict(flags, **tile), warps))
         rot_types = dict(types, X=f"*{dtype}", Out=f"*{dtype}")
         for flags in pick(combos(("INTERLEAVED", "CONJ", "HAS_OFFSETS", "HAS_POS", "COPY_TAIL"))):
             variants.append((f"rotary {dtype} {flags}", rotary._rotary_kernel, rot_types,

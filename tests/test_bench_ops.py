@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tasks import bench_ops, ops_resources
+from tasks import bench_ops
 from tasks.bench_ops import Case
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,7 +137,10 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     subprocess.run([sys.executable, "-m", "tasks.bench_ops", "--resources", "--out", str(tmp_path)], env=env,
                    check=True, capture_output=True, text=True)
     report = json.loads((tmp_path / "resources.json").read_text())
-    assert len(report["kernels"]) == len(ops_resources.kernel_variants())
+    # As many rows as variants at the GPU configurations (this process's interpreter plans others).
+    count = subprocess.run([sys.executable, "-c", "from tasks.ops_resources import kernel_variants; "
+                            "print(len(kernel_variants()))"], env=env, check=True, capture_output=True, text=True)
+    assert len(report["kernels"]) == int(count.stdout.split()[-1])
     for k in report["kernels"]:
         assert k["spill_bytes"] == 0 and 0 < k["registers"] <= 255 and k["loads_16B"] > 0 and k["stores_16B"] > 0, k
 
@@ -153,8 +156,9 @@ def test_every_flag_combination_compiles_for_hopper():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    # norms 2 x (16 + 16), rotary 32, GELU 2 x 4, GLU 2 x 3, cross-entropy 16; fp32: all flags on, one each (10)
-    assert len(rows) == 64 + 32 + 8 + 6 + 16 + 10
+    # norms 2 x (16 + 16) (the looped backward's dx and dweight kernels 8 each), rotary 32, GELU 2 x 4,
+    # GLU 2 x 3, cross-entropy 16; fp32: all flags on, one each (11)
+    assert len(rows) == 64 + 32 + 8 + 6 + 16 + 11
     assert all(r["shared"] <= 232448 for r in rows), [r for r in rows if r["shared"] > 232448]
 
 

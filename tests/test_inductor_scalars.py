@@ -95,9 +95,10 @@ def test_every_kernel_compiles_with_fp64_float_arguments():
                          timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     compiled = dict(line.split() for line in out.stdout.splitlines())
-    expected = {"_fwd_fused", "_bwd_fused", "_fwd_looped", "_bwd_looped", "_gelu_fwd_kernel", "_gelu_bwd_kernel",
-                "_glu_fwd_kernel", "_glu_bwd_kernel", "_ce_kernel", "_scale_rows_kernel", "_rotary_kernel", "_attn_fwd",
-                "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_kvcache_attn_kernel", "_combine_kernel"}
+    expected = {"_fwd_fused", "_bwd_fused", "_fwd_looped", "_bwd_looped", "_dwdb_looped", "_gelu_fwd_kernel",
+                "_gelu_bwd_kernel", "_glu_fwd_kernel", "_glu_bwd_kernel", "_ce_kernel", "_scale_rows_kernel",
+                "_rotary_kernel", "_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq",
+                "_kvcache_attn_kernel", "_combine_kernel"}
     assert expected <= set(compiled), sorted(set(compiled))
     # The kernels with float arguments were compiled with them fp64 (the case under test).
     for name in ("_fwd_fused", "_ce_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_kvcache_attn_kernel"):

@@ -121,9 +121,9 @@ def test_no_two_written_arguments_of_a_launch_share_storage():
     report = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     kernels_seen = {r["kernel"] for r in report}
     # Every kernel family ran, and torch's analysis found what each one writes.
-    for name in ("_gelu_bwd_kernel", "_glu_bwd_kernel", "_bwd_fused", "_bwd_looped", "_ce_kernel", "_scale_rows_kernel",
-                 "_rotary_kernel",
-                 "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_kvcache_attn_kernel"):
+    for name in ("_gelu_bwd_kernel", "_glu_bwd_kernel", "_bwd_fused", "_bwd_looped", "_dwdb_looped", "_ce_kernel",
+                 "_scale_rows_kernel", "_rotary_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq",
+                 "_kvcache_attn_kernel"):
         assert name in kernels_seen, (name, sorted(kernels_seen))
     assert all(r["written"] for r in report), [r for r in report if not r["written"]]
     clashes = [r for r in report if r["clashes"]]
