@@ -179,9 +179,9 @@ def _kv_grouped(x: Tensor) -> Tensor:
 
 
 def _ungroup(x: Tensor) -> Tensor:
-    """(B, Hk, G, S, D) -> (B, S, H, D)."""
+    """(B, Hk, G, S, D) -> (B, S, H, D), contiguous (FA2's outputs are; callers view them)."""
     B, Hk, G, S, D = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(B, S, Hk * G, D)
+    return x.permute(0, 3, 1, 2, 4).reshape(B, S, Hk * G, D).contiguous()
 
 
 def _lse_of(s: Tensor) -> Tensor:

@@ -105,6 +105,6 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     s = s.masked_fill(~valid.unsqueeze(1).unsqueeze(1), -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # a row with no key: 0
-    out = (p @ values).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, D)
+    out = (p @ values).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, D).contiguous()  # contiguous, as FA2's
     lse = lse.masked_fill(lse == -math.inf, math.inf).reshape(B, H, Sq)
     return out.to(q.dtype), lse

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -214,3 +215,25 @@ def test_signatures_start_with_flash_attention_2s(name):
     got = [(p.name, p.default) for p in params]
     assert got == expected
     assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_outputs_are_contiguous_as_fa2s(path):
+    """FA2 returns contiguous outputs, which callers reshape with .view: so do both paths, for
+    every case the PyTorch path computes itself (softcap, ALiBi, GQA, causal with Sq != Sk, a
+    key-padding mask, a multi-query decoding step)."""
+    from kernels import attention, flash_attn_with_kvcache
+    ctx = reference_only if path == "reference" else contextlib.nullcontext
+    q, k, v = (torch.randn(2, 6, 4, 16) for _ in range(3))
+    kg, vg = torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+    with ctx():
+        outs = [flash_attn_func(q, k, v, softcap=1.0), flash_attn_func(q, k, v, alibi_slopes=torch.rand(4)),
+                flash_attn_func(q, kg, vg), flash_attn_func(q[:, :3], kg, vg, causal=True),
+                attention(q, k, v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool))]
+        k_cache, v_cache = torch.zeros(2, 16, 4, 16), torch.zeros(2, 16, 4, 16)
+        outs.append(flash_attn_with_kvcache(torch.randn(2, 3, 4, 16), k_cache, v_cache, k=torch.randn(2, 3, 4, 16),
+                                            v=torch.randn(2, 3, 4, 16), cache_seqlens=torch.tensor([2, 5]).int(),
+                                            causal=True))
+    for i, out in enumerate(outs):
+        assert out.is_contiguous(), i
+        out.view(out.shape[0], out.shape[1], -1)
