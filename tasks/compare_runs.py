@@ -30,24 +30,43 @@ TIME_COLUMN = "train/time"  # ThroughputMonitor's elapsed training seconds
 
 def find_metrics_files(patterns) -> list[Path]:
     """metrics.csv files named by folders, files or glob patterns: a run version folder, a
-    run-name folder (all its version_* folders), or metrics.csv itself. Raises
-    FileNotFoundError naming a pattern that matches no metrics.csv."""
+    run-name folder (all its version_* folders), or metrics.csv itself.
+
+    `zoo validate|test` log into version folders of the same run name; a run-name folder or a
+    glob keeps only the training logs among them (is_training_log). Raises FileNotFoundError
+    naming a pattern that matches no metrics.csv, or only logs of evaluations."""
     found: list[Path] = []
     for pattern in patterns:
-        paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        hits = []
+        expanded = glob.has_magic(pattern)
+        paths = sorted(glob.glob(pattern)) if expanded else [pattern]
+        hits, skipped = [], []
         for path in map(Path, paths):
             if path.is_file() and path.name == "metrics.csv":
-                hits.append(path)
+                files = [path]
             elif (path / "metrics.csv").is_file():
-                hits.append(path / "metrics.csv")
+                files = [path / "metrics.csv"]
             elif path.is_dir():
-                hits += sorted(path.glob("version_*/metrics.csv"), key=lambda p: _version_number(p.parent))
+                files = sorted(path.glob("version_*/metrics.csv"), key=lambda p: _version_number(p.parent))
+                expanded = True
+            else:
+                files = []
+            for file in files:
+                (hits if not expanded or is_training_log(file) else skipped).append(file)
         if not hits:
-            raise FileNotFoundError(f"--runs {pattern!r}: no metrics.csv there (expected a run folder "
+            what = (f"only logs of `zoo validate/test` (no train/ column): {', '.join(map(str, skipped))}"
+                    if skipped else "no metrics.csv there")
+            raise FileNotFoundError(f"--runs {pattern!r}: {what} (expected a training run's folder "
                                     f"runs/<name>/version_<n>, its parent, or a glob of them)")
         found += [h for h in hits if h not in found]
     return found
+
+
+def is_training_log(metrics_csv) -> bool:
+    """Whether a metrics.csv is a training run's: its header has a train/ column (`zoo fit` logs
+    train/loss at every log_every_n_steps; `zoo validate|test` log only val/ or test/ metrics)."""
+    with Path(metrics_csv).open(newline="") as f:
+        header = next(csv.reader(f), [])
+    return any(column.startswith("train/") for column in header)
 
 
 def _version_number(folder: Path) -> int:
@@ -119,6 +138,9 @@ def read_run(metrics_csv, metric: Optional[str] = None) -> dict:
             metric, mode = monitored
         else:
             metric = next((m for m in PREFERRED_METRICS if m in columns), None)
+    if not any(c.startswith("train/") for c in columns):
+        raise ValueError(f"{path}: not a training run's log (no train/ column; `zoo validate|test` write "
+                         f"such folders): give the run's `zoo fit` version folder")
     if metric is None or metric not in columns:
         raise ValueError(f"{path}: no quality metric column ({metric or ', '.join(PREFERRED_METRICS)}); "
                          f"columns: {', '.join(sorted(columns))}")

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .base import ZooTask
@@ -82,7 +83,9 @@ class ZooCLI(LightningCLI):
             return
         # log_dir is a broadcast from rank 0 under DDP: every rank reads it, or rank 0 waits on a peer
         # that has gone (gloo: "Connection closed by peer").
-        log_dir = self.trainer.log_dir if self.trainer.loggers else None
+        # fast_dev_run swaps the loggers for Lightning's DummyLogger, which has no folder.
+        logged = any(not isinstance(logger, DummyLogger) for logger in self.trainer.loggers)
+        log_dir = self.trainer.log_dir if logged else None
         if self.trainer.global_rank != 0:
             return
         last = self.trainer.callback_metrics.get(checkpoint.monitor)
@@ -93,7 +96,7 @@ class ZooCLI(LightningCLI):
                  else f"no {checkpoint.monitor} logged"]
         if best is not None:
             parts.append(f"best {float(best):.4f} ({checkpoint.best_model_path})")
-        logs = f"logs in {log_dir}" if self.trainer.loggers else "no logs (no logger, e.g. fast_dev_run)"
+        logs = f"logs in {log_dir}" if logged else "no logs (fast_dev_run or logger=false)"
         print("zoo fit: " + "; ".join(parts) + "; " + logs)
 
     def _warn_without_checkpoint(self) -> None:

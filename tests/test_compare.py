@@ -329,6 +329,28 @@ def test_read_run_fallbacks(tmp_path):
     assert timed["seconds"] == pytest.approx([3.0, 10.0, 12.5]) and "TensorBoard" in timed["time_source"]
 
 
+def test_runs_folder_skips_the_logs_of_validate_and_test(tmp_path):
+    """`zoo validate|test` write version folders under the same run name, with val/ or test/
+    columns only: a run-name folder or glob reads the training runs among them, and an
+    evaluation folder named alone is refused with a message that says what it is."""
+    _write_run(tmp_path / "digits" / "version_0", RUN_ROWS)
+    for version, column in ((1, "val/acc"), (2, "test/acc")):
+        folder = tmp_path / "digits" / f"version_{version}"
+        folder.mkdir()
+        (folder / "metrics.csv").write_text(f"epoch,step,{column}\r\n0,0,0.5\r\n")
+    (tmp_path / "digits" / "version_3").mkdir()  # `zoo predict`: hparams only, no metrics.csv
+    expected = [tmp_path / "digits" / "version_0" / "metrics.csv"]
+    assert compare_runs.find_metrics_files([str(tmp_path / "digits")]) == expected
+    assert compare_runs.find_metrics_files([str(tmp_path / "digits" / "version_*")]) == expected
+    evaluation = tmp_path / "digits" / "version_1"
+    assert compare_runs.find_metrics_files([str(evaluation)]) == [evaluation / "metrics.csv"]
+    with pytest.raises(ValueError, match="not a training run's log"):
+        compare_runs.read_run(evaluation / "metrics.csv")
+    (tmp_path / "digits" / "version_0" / "metrics.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="only logs of `zoo validate/test`.*version_1"):
+        compare_runs.find_metrics_files([str(tmp_path / "digits")])
+
+
 def test_read_run_counts_the_steps_a_real_run_took(tmp_path):
     """The oracle is the trainer: 3 optimizer steps, validated at the end, read back as step 3."""
     import lightning as L
