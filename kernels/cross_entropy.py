@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, unit_stride,
-                      use_triton)
+from .runtime import (autocast_dtype, cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward,
+                      unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -599,9 +599,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     """
     _check_float(hidden, "hidden")
     _check_float(weight, "weight")
-    if torch.is_autocast_enabled(hidden.device.type):
+    dtype = autocast_dtype(hidden.device.type)
+    if dtype is not None:
         # As autocast runs the linear layer this replaces: in the autocast dtype.
-        dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if isinstance(bias, Tensor) else bias
     if hidden.dim() != 2:

@@ -7,10 +7,11 @@ heuristic) is kernels/decoding.py; its PyTorch path is kernels/decoding_referenc
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import decoding
 from .decoding import _capacity
-from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, check_options
+from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, as_int, check_options
 from .runtime import unit_stride
 
 
@@ -89,7 +90,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     Returns out (batch, seqlen_q, nheads, headdim), and with return_softmax_lse also
     softmax_lse (batch, nheads, seqlen_q) float32 (+inf for a row with no key). No
-    backward. Raises TypeError/ValueError naming the argument for bad input; index
+    backward: as FA2's, the outputs do not require grad. Raises TypeError/ValueError naming the argument for bad input; index
     values are range-checked for CPU tensors only (on CUDA that would sync each step).
     """
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -112,7 +113,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError(f"k_cache and v_cache must have the same shape (..., nheads_k, {D}), {D} being q's "
                          f"head dim; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     Hk = k_cache.shape[2]
-    if Hk == 0 or H % Hk != 0:
+    if H == 0 or Hk == 0:
+        raise ValueError(f"q and k_cache must have at least one head each, got nheads = {H} and nheads_k = {Hk}")
+    if H % Hk != 0:
         raise ValueError(f"nheads ({H}) must be a multiple of nheads_k ({Hk}) for grouped-query attention")
     if block_table is not None:
         if cache_batch_idx is not None or cache_leftpad is not None:
@@ -149,7 +152,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if k is not None:
             raise ValueError("appending k/v needs cache_seqlens (None means the cache is full)")
         cache_seqlens = capacity
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+    if not isinstance(cache_seqlens, Tensor):
+        cache_seqlens = as_int(cache_seqlens, "cache_seqlens", "an int or a (batch,) int32 tensor")
         if not 0 <= cache_seqlens <= capacity - snew:
             raise ValueError(f"cache_seqlens must be in [0, {capacity - snew}] (the cache holds {capacity} keys "
                              f"and {snew} are appended), got {cache_seqlens}")
@@ -168,8 +172,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                  f"({D}), the same for cos and sin, got {tuple(x.shape)}")
             if not x.is_floating_point() or x.device != q.device:
                 raise TypeError(f"{name} must be a floating tensor on {q.device}, got {x.dtype} on {x.device}")
-    check_options(0.0, softmax_scale, window_size, softcap, alibi_slopes, B, H, q.device)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+    _, softmax_scale, window_size, softcap = check_options(0.0, softmax_scale, window_size, softcap, alibi_slopes,
+                                                          B, H, q.device)
+    num_splits = as_int(num_splits, "num_splits", "an int >= 0 (0: chosen from the shape)")
+    if num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shape), got {num_splits!r}")
     left, right = _window(causal, window_size, capacity)
     per_token = left >= 0 or right >= 0
@@ -178,8 +184,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_values(q, k_cache, cache_seqlens, snew, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
                   capacity, per_token, rotary_from_leftpad)
     q = unit_stride(q)
-    out, lse = decoding.call_kvcache_attention(
-        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-        block_table, alibi_slopes, float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
-        float(softcap), left, right, bool(rotary_interleaved), per_token, rotary_from_leftpad, num_splits)
+    with torch.no_grad():  # as FA2's: the output carries no gradient (the op has no backward)
+        out, lse = decoding.call_kvcache_attention(
+            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+            block_table, alibi_slopes, float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
+            float(softcap), left, right, bool(rotary_interleaved), per_token, rotary_from_leftpad, num_splits)
     return (out, lse) if return_softmax_lse else out

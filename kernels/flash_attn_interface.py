@@ -11,12 +11,13 @@ deterministic (``deterministic`` is accepted and has nothing left to do).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
 from . import attention_op, attention_reference, flash_attention
-from .runtime import unit_stride, use_triton
+from .runtime import autocast_dtype, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -57,23 +58,52 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool) -> None:
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} is not supported; expected 1 to {MAX_HEAD_DIM}")
     nheads, nheads_k = q.shape[-2], k.shape[-2]
-    if nheads_k == 0 or nheads % nheads_k != 0:
+    if nheads == 0 or nheads_k == 0:
+        raise ValueError(f"q and k must have at least one head each, got nheads = {nheads} and nheads_k = {nheads_k}")
+    if nheads % nheads_k != 0:
         raise ValueError(f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for grouped-query attention")
 
 
-def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, nheads, device) -> None:
-    """Checks the scalar options and alibi_slopes."""
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+def _scalar(value):
+    """A 0-dim tensor's value (one host read, as FlashAttention-2's C++ binding does), else value."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        return value.item()
+    return value
+
+
+def as_int(value, name: str, expected: str) -> int:
+    """value as a Python int: ints, numpy integers and 0-dim integer tensors; bools refused."""
+    value = _scalar(value)
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
+        return int(value)
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def as_float(value, name: str, expected: str) -> float:
+    """value as a finite Python float: real numbers, numpy scalars and 0-dim tensors; bools refused."""
+    value = _scalar(value)
+    if not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value):
+        return float(value)
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, nheads, device):
+    """Checks the scalar options and alibi_slopes. Returns (dropout_p, softmax_scale,
+    window_size, softcap) as Python floats and ints (softmax_scale None stays None)."""
+    dropout_p = _scalar(dropout_p)
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:  # False: no dropout
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) for w in window_size)):
+    if softmax_scale is not None:
+        softmax_scale = as_float(softmax_scale, "softmax_scale", "a finite number or None")
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
         raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    window_size = tuple(as_int(w, f"window_size {side}", "an int, -1 (unbounded) or >= 0")
+                        for side, w in zip(("left", "right"), window_size))
     for side, w in zip(("left", "right"), window_size):
         if w < -1:
             raise ValueError(f"window_size {side} must be -1 (unbounded) or >= 0, got {w}")
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+    softcap = as_float(softcap, "softcap", "a finite number >= 0 (0 disables it)")
+    if softcap < 0:
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
     if alibi_slopes is not None:
         _check_tensor(alibi_slopes, "alibi_slopes")
@@ -84,10 +114,12 @@ def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, 
         if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
             raise ValueError(f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
                              f"({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+    return float(dropout_p), softmax_scale, window_size, softcap
 
 
-def check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_name: str, device) -> None:
-    """Checks a cumulative-lengths tensor; its values are read (one host sync) outside compile."""
+def check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_name: str, device) -> int:
+    """Checks a cumulative-lengths tensor; its values are read (one host sync) outside compile.
+    Returns max_seqlen as a Python int."""
     _check_tensor(cu, name)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu.dtype}")
@@ -95,10 +127,11 @@ def check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_nam
         raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+    max_seqlen = as_int(max_seqlen, max_name, "an int >= 0")
+    if max_seqlen < 0:
         raise ValueError(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
-        return
+    if torch.compiler.is_compiling() or cu.device.type == "meta":  # no values to read
+        return max_seqlen
     lengths = cu[1:] - cu[:-1]
     first, last, min_len, max_len = torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
     if first < 0 or min_len < 0:
@@ -107,6 +140,7 @@ def check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen: int, max_nam
         raise ValueError(f"{name}[-1] = {last} exceeds the {total} packed tokens")
     if max_len > max_seqlen:
         raise ValueError(f"{max_name} = {max_seqlen} is less than the longest sequence in {name} ({max_len})")
+    return max_seqlen
 
 
 def _window(causal: bool, window_size, max_seqlen_k: int) -> tuple[int, int]:
@@ -134,9 +168,8 @@ def run_attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seql
     Under autocast, floating inputs are cast to the autocast dtype first, as torch's
     SDPA is. seed is the dropout key tensor (None without dropout).
     """
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
+    dtype = autocast_dtype(q.device.type)
+    if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
@@ -186,13 +219,16 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
     packed = cu_seqlens_q is not None
     check_qkv(q, k, v, packed)
     if packed:
-        check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
-        check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+        max_seqlen_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q",
+                                        q.device)
+        max_seqlen_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k",
+                                        q.device)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                              f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     batch = cu_seqlens_q.numel() - 1 if packed else q.shape[0]
-    check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, q.shape[-2], q.device)
+    dropout_p, softmax_scale, window_size, softcap = check_options(
+        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, q.shape[-2], q.device)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     left, right = _window(causal, window_size, max_seqlen_k)
@@ -246,7 +282,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, dropout_p=0.0, so
     check_qkv(q, k, v, packed=False)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
-    check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, B, H, q.device)
+    dropout_p, softmax_scale, window_size, softcap = check_options(
+        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, B, H, q.device)
     bias = None
     if key_padding_mask is not None:
         _check_tensor(key_padding_mask, "key_padding_mask")

@@ -58,6 +58,18 @@ def reference_only():
         _state.reference_only = previous
 
 
+_NO_AUTOCAST = frozenset({"meta"})
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast casts to on this device type now, or None when it is off there
+    or the device type has no autocast (meta tensors, for shape propagation)."""
+    # A set, not torch.amp.is_autocast_available: dynamo cannot trace that one.
+    if device_type not in _NO_AUTOCAST and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def without_autocast(fn: Callable) -> Callable:
     """fn run with torch.autocast off (CPU and CUDA) when it is on.
 

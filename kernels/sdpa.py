@@ -86,6 +86,11 @@ def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return None
 
 
+def _heads(t) -> Optional[int]:
+    """The head count of a dense (batch, heads, seq, dim) tensor, else None."""
+    return t.shape[1] if isinstance(t, Tensor) and not t.is_nested and t.dim() == 4 else None
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -104,6 +109,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             for counter in _recorders:
                 counter[outcome] += 1
     if reason is not None:
+        # torch's CPU kernels divide by the head count: a process-killing SIGFPE with no heads
+        # (torch 2.11). No query heads has an empty result, which torch's math path returns.
+        heads_q, heads_k = _heads(query), _heads(key)
+        if heads_q and heads_k == 0:
+            raise ValueError(f"key has 0 heads but query has {heads_q}; expected key and value heads dividing "
+                             f"the query's (with enable_gqa) or equal to them")
+        if heads_q == 0:
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa)[0]
         return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
     B, H, Sq, E = query.shape
@@ -144,14 +159,43 @@ def routing_report(counter: collections.Counter) -> dict:
     return {"served": counter.get(SERVED, 0), "fell_back": sum(reasons.values()), "fallback_reasons": reasons}
 
 
+# Who holds the patch: the explicit enable_sdpa_patch() and the open patch_sdpa() blocks.
+# The function in place before the first holder is put back when the last one lets go,
+# in whatever order they end (a Lightning callback's stage and a module's forward hooks
+# can close out of order).
+_patch_state = {"explicit": False, "blocks": 0, "previous": None}  # previous: None while not held
+
+
+def _hold() -> None:
+    with _lock:
+        if _patch_state["previous"] is None:
+            current = F.scaled_dot_product_attention
+            _patch_state["previous"] = torch_sdpa if current is scaled_dot_product_attention else current
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def _release() -> None:
+    with _lock:
+        if _patch_state["explicit"] or _patch_state["blocks"] > 0 or _patch_state["previous"] is None:
+            return
+        previous, _patch_state["previous"] = _patch_state["previous"], None
+        # A function patched in on top of ours since stays: it may wrap ours, and is its owner's to undo.
+        if F.scaled_dot_product_attention is scaled_dot_product_attention:
+            F.scaled_dot_product_attention = previous
+
+
 def enable_sdpa_patch() -> None:
-    """Route torch.nn.functional.scaled_dot_product_attention through the kernels."""
-    F.scaled_dot_product_attention = scaled_dot_product_attention
+    """Route torch.nn.functional.scaled_dot_product_attention through the kernels until
+    disable_sdpa_patch(). Idempotent: one disable undoes any number of enables."""
+    _patch_state["explicit"] = True
+    _hold()
 
 
 def disable_sdpa_patch() -> None:
-    """Restore torch's own scaled_dot_product_attention."""
-    F.scaled_dot_product_attention = torch_sdpa
+    """Undo enable_sdpa_patch(). The function in place before the patch (torch's, or another
+    library's patch) comes back once no patch_sdpa() block is open either."""
+    _patch_state["explicit"] = False
+    _release()
 
 
 def sdpa_patched() -> bool:
@@ -162,12 +206,16 @@ def sdpa_patched() -> bool:
 def patch_sdpa():
     """Within this block, torch.nn.functional.scaled_dot_product_attention runs on the kernels.
 
-    Nests: the patch is removed only by the block that put it in place.
+    Blocks nest and may end in any order: the function in place before the first of them
+    (torch's, or another library's patch) comes back when the last one ends and no
+    enable_sdpa_patch() holds the patch.
     """
-    was_patched = sdpa_patched()
-    enable_sdpa_patch()
+    with _lock:
+        _patch_state["blocks"] += 1
+    _hold()
     try:
         yield
     finally:
-        if not was_patched:
-            disable_sdpa_patch()
+        with _lock:
+            _patch_state["blocks"] -= 1
+        _release()

@@ -26,6 +26,7 @@ def _qkv(B=2, S=8, H=4, Hk=2, D=16, dtype=torch.float16):
     (lambda q, k, v: (q[:1], k, v), ValueError, "batch size"),
     (lambda q, k, v: (torch.randn(1, 4, 2, 264, dtype=torch.float16),) * 3, ValueError, "head dim 264"),
     (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, "at least one head each, got nheads = 0"),
 ])
 def test_bad_tensors(mutate, error, match):
     with pytest.raises(error, match=match):
@@ -38,6 +39,10 @@ def test_bad_tensors(mutate, error, match):
     (dict(window_size=(-2, 0)), ValueError, "window_size left"),
     (dict(window_size=(0, -3)), ValueError, "window_size right"),
     (dict(window_size=3), ValueError, "window_size must be a pair"),
+    (dict(window_size=(True, False)), ValueError, "window_size left must be an int.*got True"),
+    (dict(window_size=(2, 1.5)), ValueError, "window_size right must be an int.*got 1.5"),
+    (dict(softcap="1"), ValueError, "softcap must be a finite number"),
+    (dict(softmax_scale=torch.ones(2)), ValueError, "softmax_scale must be a finite number"),
     (dict(softcap=-1.0), ValueError, "softcap"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(nheads,\)"),
@@ -71,6 +76,42 @@ def test_max_seqlen_too_small_is_an_error_not_a_truncation():
     x, cu = _packed([5, 9, 3])
     with pytest.raises(ValueError, match="max_seqlen_q = 6 is less than the longest sequence"):
         flash_attn_varlen_func(x, x, x, cu, cu, 6, 9)
+
+
+def test_max_seqlen_must_be_an_int():
+    x, cu = _packed([5, 4, 3])
+    for bad in (True, 5.0, torch.tensor(5.0)):
+        with pytest.raises(ValueError, match="max_seqlen_q must be an int >= 0, got"):
+            flash_attn_varlen_func(x, x, x, cu, cu, bad, 5)
+
+
+def test_numpy_and_0dim_tensor_scalars_act_as_python_ones():
+    """FA2's C++ binding reads numpy scalars and 0-dim tensors as numbers; so do these functions,
+    with results equal to those of the Python numbers."""
+    np = pytest.importorskip("numpy")
+    q, k, v = _qkv(dtype=torch.float32)
+    expected = flash_attn_func(q, k, v, softmax_scale=0.3, window_size=(2, 1), softcap=5.0)
+    for scale, window, softcap in ((np.float32(0.3), (np.int64(2), np.int32(1)), np.float64(5.0)),
+                                   (torch.tensor(0.3), (torch.tensor(2), torch.tensor(1)), torch.tensor(5.0))):
+        got = flash_attn_func(q, k, v, softmax_scale=scale, window_size=window, softcap=softcap)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    x, cu = _packed([5, 4, 3])
+    torch.testing.assert_close(flash_attn_varlen_func(x, x, x, cu, cu, np.int64(5), torch.tensor(5)),
+                               flash_attn_varlen_func(x, x, x, cu, cu, 5, 5))
+
+
+def test_meta_tensors_give_the_output_shapes():
+    """Shape propagation on the meta device (as for building a model without memory): the
+    outputs' shapes and dtypes are those of the same call on CPU tensors."""
+    q, k, v = _qkv()
+    x, cu = _packed([5, 4, 3])
+    for fn, args in ((flash_attn_func, (q, k, v)), (flash_attn_varlen_func, (x, x, x, cu, cu, 5, 5))):
+        expected = fn(*args, causal=True, return_attn_probs=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            on_meta = fn(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args), causal=True,
+                         return_attn_probs=True)
+        for got, want in zip(on_meta, expected):
+            assert got.device.type == "meta" and (got.shape, got.dtype) == (want.shape, want.dtype)
 
 
 def test_mismatched_cu_seqlens_lengths():

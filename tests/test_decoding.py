@@ -437,6 +437,10 @@ def _small():
     (dict(k=torch.randn(2, 1, 2, 16), v=torch.randn(2, 1, 2, 16), cache_seqlens=3, rotary_cos=torch.randn(3, 4),
           rotary_sin=torch.randn(3, 4)), ValueError, "rotary_cos/rotary_sin have 3 positions but position 3"),
     (dict(num_splits=-1), ValueError, "num_splits must be an int >= 0"),
+    (dict(num_splits=True), ValueError, "num_splits must be an int >= 0.*got True"),
+    (dict(cache_seqlens=2.0), ValueError, "cache_seqlens must be an int or a"),
+    (dict(window_size=(True, -1)), ValueError, "window_size left must be an int"),
+    (dict(q=torch.randn(2, 1, 0, 16)), ValueError, "at least one head each, got nheads = 0"),
     (dict(window_size=(-2, 0)), ValueError, "window_size left must be -1"),
     (dict(softcap=-1.0), ValueError, "softcap must be"),
     (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(nheads,\) = \(4,\)"),
@@ -446,6 +450,18 @@ def test_bad_input_names_the_argument(change, error, match):
     kwargs = {"q": q, "k_cache": kc, "v_cache": vc, **change}
     with reference_only(), pytest.raises(error, match=match):
         flash_attn_with_kvcache(**kwargs)
+
+
+def test_outputs_do_not_require_grad_as_fa2s():
+    """FA2's flash_attn_with_kvcache has no backward and returns tensors that do not require
+    grad; so does this one (not an output whose backward fails later). numpy integers act
+    as Python ints."""
+    np = pytest.importorskip("numpy")
+    q, kc, vc = _small()
+    q.requires_grad_(True)
+    out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, return_softmax_lse=True)
+    assert not out.requires_grad and not lse.requires_grad and out.grad_fn is None
+    assert torch.equal(flash_attn_with_kvcache(q, kc, vc, cache_seqlens=np.int64(4), num_splits=np.int32(2)), out)
 
 
 def test_paged_errors():

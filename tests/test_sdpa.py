@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import fallback_reason, patch_sdpa, scaled_dot_product_attention, sdpa_stats
+from kernels import (disable_sdpa_patch, enable_sdpa_patch, fallback_reason, patch_sdpa,
+                     scaled_dot_product_attention, sdpa_stats)
 from kernels.sdpa import torch_sdpa
 
 SERVED = "served by the Triton kernel"
@@ -185,6 +186,51 @@ def test_patch_is_scoped_and_nests():
             pass
         assert F.scaled_dot_product_attention is scaled_dot_product_attention
     assert F.scaled_dot_product_attention is torch_sdpa
+
+
+def test_no_heads_neither_kills_the_process_nor_passes():
+    """torch 2.11's own CPU SDPA dies of SIGFPE on a zero head count; ours returns the empty
+    result of torch's math path for no query heads, and refuses keys without heads."""
+    empty = torch.randn(2, 0, 5, 8, requires_grad=True)
+    out = scaled_dot_product_attention(empty, empty, empty)
+    expected = torch.ops.aten._scaled_dot_product_attention_math(empty, empty, empty)[0]
+    assert out.shape == expected.shape == (2, 0, 5, 8)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+    with pytest.raises(ValueError, match="key has 0 heads but query has 2"):
+        scaled_dot_product_attention(torch.randn(2, 2, 5, 8), empty, empty, enable_gqa=True)
+
+
+def test_patch_ends_with_its_last_holder_and_restores_what_was_there():
+    """Blocks that end out of order (a Lightning stage and a module's forward hooks) keep the
+    patch until the last one ends; then the function in place before comes back, another
+    library's patch included; and one patched in on top of ours is left to its owner."""
+    first, second = patch_sdpa(), patch_sdpa()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert F.scaled_dot_product_attention is scaled_dot_product_attention
+    second.__exit__(None, None, None)
+    assert F.scaled_dot_product_attention is torch_sdpa
+
+    def other_library(*args, **kwargs):
+        return torch_sdpa(*args, **kwargs)
+
+    F.scaled_dot_product_attention = other_library
+    try:
+        enable_sdpa_patch()
+        with patch_sdpa():
+            disable_sdpa_patch()
+            assert F.scaled_dot_product_attention is scaled_dot_product_attention  # the block still holds it
+        assert F.scaled_dot_product_attention is other_library
+        def on_top(*args, **kwargs):
+            return scaled_dot_product_attention(*args, **kwargs)
+
+        with patch_sdpa():
+            F.scaled_dot_product_attention = on_top
+        assert F.scaled_dot_product_attention is on_top
+    finally:
+        F.scaled_dot_product_attention = torch_sdpa
 
 
 def _outputs_and_grads(model, inputs, loss_fn):
