@@ -90,8 +90,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     Returns out (batch, seqlen_q, nheads, headdim), and with return_softmax_lse also
     softmax_lse (batch, nheads, seqlen_q) float32 (+inf for a row with no key). No
-    backward: as FA2's, the outputs do not require grad. Raises TypeError/ValueError naming the argument for bad input; index
-    values are range-checked for CPU tensors only (on CUDA that would sync each step).
+    backward: as FA2's, the outputs do not require grad. Raises TypeError/ValueError naming
+    the argument for bad input; index values are range-checked for CPU tensors only (on CUDA
+    that would sync each step).
     """
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(x, name)

@@ -29,8 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "sample")
     parser.add_argument("--sample", type=int, default=0, help="which sample of the first validation batch (default 0)")
     parser.add_argument("--layer", type=int, default=-1, help="block to draw (default -1: the last)")
-    parser.add_argument("--config", default=None, help="the run's config.yaml (default: the one beside checkpoints/)")
-    parser.add_argument("--out", default=None, help="output folder (default: <run dir>/attention_maps)")
+    parser.add_argument("--config", default=None, help="the run's config.yaml (default: the one in the run folder: "
+                                                       "beside checkpoints/, else beside the checkpoint)")
+    parser.add_argument("--out", default=None, help="output folder (default: <run folder>/attention_maps, the run "
+                                                    "folder being the one holding checkpoints/, else the "
+                                                    "checkpoint's)")
 
 
 def _import(path: str):
@@ -38,9 +41,16 @@ def _import(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def run_dir(checkpoint: str) -> str:
+    """The folder of the run that wrote `checkpoint`: runs/<name>/version_<n> for a checkpoint in
+    its checkpoints/ folder (where `zoo fit` puts them), else the checkpoint's own folder."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
 def run_config(checkpoint: str, config: Optional[str]) -> str:
     """The config.yaml of the run that wrote `checkpoint` (or `config`); FileNotFoundError if none."""
-    path = config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
+    path = config or os.path.join(run_dir(checkpoint), "config.yaml")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no run config at {path}: pass the run's config with --config, or an input with "
                                 f"--text")
@@ -103,8 +113,7 @@ def _write_figures(args: argparse.Namespace) -> int:
         if not 0 <= sample < size:
             raise ValueError(f"--sample {sample} is not in the first validation batch (samples 0 to {size - 1})")
     figures = task.attention_figures(batch, tokenizer=tokenizer, sample=sample, layer=args.layer)
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))),
-                                   "attention_maps")
+    out = args.out or os.path.join(run_dir(args.checkpoint), "attention_maps")
     for path in save(figures, out):
         print(path)
     return 0

@@ -74,6 +74,13 @@ class ZooTask(L.LightningModule):
         compile: torch.compile the model (fullgraph) before training.
     """
 
+    # Read by Lightning's ThroughputMonitor (which `zoo fit` adds), which warns on every run of a
+    # module without it. None: not computed, so the throughput logs have no FLOPs or MFU. A
+    # batch's training FLOPs depend on its shapes (sequence lengths, padding) and on the task's
+    # head and loss; no formula here counts them exactly for every task (zoo compare's analytic
+    # count is the forward of fixed-shape inputs). A subclass or user may set it per batch.
+    flops_per_batch: Optional[int] = None
+
     def __init__(self, model: str, model_args: Optional[dict[str, Any]] = None,
                  backbone: Optional[TransformerConfig] = None, lr: float = 1e-3, weight_decay: float = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), warmup: float = 0.05, min_lr_ratio: float = 0.01,

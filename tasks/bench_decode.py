@@ -334,7 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m tasks.bench_decode [--quick] [--out DIR] [--device cuda|cpu]`."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.bench_decode", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tasks.bench_decode", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     add_arguments(parser)
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -423,7 +423,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m tasks.bench_ops [--quick] [--out DIR] [--device cuda|cpu] [--ops OP ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.bench_ops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tasks.bench_ops", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
     zoo fit|validate|test|predict -c CONFIG     training and evaluation (LightningCLI)
     zoo generate CHECKPOINT --prompt TEXT       text from a trained decoder / seq2seq model
     zoo attention-map CHECKPOINT [--text TEXT]  PNG figures of the model's attention for one input
-    zoo demo                                    correctness check + a quick benchmark
+    zoo demo [--out DIR]                        correctness check + a quick benchmark
     zoo bench attention [--quick] [--out DIR] [--device cuda|cpu]
     zoo bench decode [--quick] [--out DIR] [--device cuda|cpu]
     zoo bench generate [--quick] [--out DIR] [--device cuda|cpu]
@@ -19,15 +19,29 @@ should not pay for importing torch.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import Optional, Sequence
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser without abbreviations: an option must be spelled out, so that a
+    misspelled one (`--qui`, `--max_new_tok`) is an error rather than silently another option.
+    Subparsers are of the parser's class (add_subparsers), so every `zoo` subcommand is too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tasks import demo
 
-    return demo.main()
+    try:
+        return demo.main(out_dir=args.out, command=args.command_line)
+    except ValueError as error:  # a bad --out, refused before anything runs
+        parser.error(str(error))
 
 
 def _bench(module: str, what: str, *options: str):
@@ -128,14 +142,15 @@ EXTRAS_MODULES = frozenset({"lightning", "torchmetrics", "jsonargparse", "tensor
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``zoo`` with all its subcommands."""
-    parser = argparse.ArgumentParser(prog="zoo", description="tritonzoo: Triton attention kernels and a "
-                                                             "transformer zoo")
+    parser = ArgumentParser(prog="zoo", description="tritonzoo: Triton attention kernels and a transformer zoo")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in LIGHTNING_SUBCOMMANDS:
         # Listed for --help only: main() hands these to LightningCLI before argparse runs.
         subcommands.add_parser(name, add_help=False, help=f"{name} a task from a YAML config (LightningCLI: "
                                                           f"zoo {name} --help)")
     demo = subcommands.add_parser("demo", help="check the kernels against float64 math, then a quick benchmark")
+    demo.add_argument("--out", default=os.path.join("bench_out", "demo"), metavar="DIR",
+                      help="output folder of the benchmark (default: bench_out/demo)")
     demo.set_defaults(handler=_demo)
     _add_bench(subcommands)
     from tasks.compare import add_arguments as add_compare_arguments
@@ -156,7 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_map_arguments(maps)
     maps.set_defaults(handler=_attention_map)
+    _record_leaf_parsers(parser)
     return parser
+
+
+def _record_leaf_parsers(parser: argparse.ArgumentParser) -> None:
+    """Sets the default `usage_parser` of every innermost subcommand's parser to that parser, so
+    that its usage errors (unknown options included, which argparse reports from the top) show
+    that subcommand's usage and prog (`zoo bench attention: error: ...`), not `zoo`'s."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        parser.set_defaults(usage_parser=parser)
+    for action in subparsers:
+        for sub in set(action.choices.values()):
+            _record_leaf_parsers(sub)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -186,9 +214,12 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         _close_process_group()
         return 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    usage_parser = getattr(args, "usage_parser", parser)
+    if unknown:
+        usage_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.command_line = shlex.join(["zoo", *argv])
-    return args.handler(args, parser)
+    return args.handler(args, usage_parser)
 
 
 def _close_process_group() -> None:

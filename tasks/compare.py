@@ -352,7 +352,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m tasks.compare NAME ...`: the same as `zoo compare NAME ...`."""
-    parser = add_arguments(argparse.ArgumentParser(prog="zoo compare", description=__doc__.split("\n\n")[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="zoo compare", description=__doc__.split("\n\n")[0],
+                                                   allow_abbrev=False))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["zoo", "compare", *argv])

@@ -104,8 +104,12 @@ def run_checks(device: str) -> bool:
     return all_passed
 
 
-def main() -> int:
-    """Runs the demo; returns 0 if every correctness case passes, else 1."""
+def main(out_dir: str = os.path.join("bench_out", "demo"), command: str = "zoo demo") -> int:
+    """Runs the demo, writing the benchmark's attention.json and attention.png to out_dir;
+    returns 0 if every correctness case passes, else 1 (and nothing is written).
+
+    Raises ValueError, before anything runs, when out_dir is a file.
+    """
     cuda = torch.cuda.is_available()
     if not cuda:
         # Triton reads this when `kernels` decorates its kernels: set it before the import.
@@ -113,6 +117,7 @@ def main() -> int:
     import kernels
     from tasks import bench_attention
 
+    bench_attention.check_out_dir(out_dir)
     device = "cuda" if cuda else "cpu"
     if cuda:
         where = f"GPU {torch.cuda.get_device_name()}: Triton kernels for the check and the benchmark"
@@ -136,7 +141,7 @@ def main() -> int:
 
     print("\n[2/2] quick attention benchmark (full sweep on a GPU: zoo bench attention)")
     start = time.perf_counter()
-    bench_attention.run(device=device, quick=True, out_dir=os.path.join("bench_out", "demo"), command="zoo demo")
+    bench_attention.run(device=device, quick=True, out_dir=out_dir, command=command)
     print(f"benchmark: {time.perf_counter() - start:.1f} s")
     return 0
 

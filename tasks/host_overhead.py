@@ -85,7 +85,7 @@ def workloads() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat (5 repeats)")
     args = parser.parse_args(argv)
     _stub_launches()

@@ -100,7 +100,7 @@ def resources(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: int)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--sweep", action="store_true", help="every block shape, not just the candidates")
     parser.add_argument("--features", action="store_true",
                         help="each feature flag on (at the first candidate), instead of the block shapes")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -69,7 +70,26 @@ class ZooCLI(LightningCLI):
             datamodule_class=L.LightningDataModule, subclass_mode_data=True,
             trainer_defaults={"gradient_clip_val": 1.0, "default_root_dir": "runs",
                               "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"},
-            save_config_kwargs={"overwrite": True}, args=args, run=run)
+            save_config_kwargs={"overwrite": True}, args=args, run=run,
+            # Options spelled out: jsonargparse (as argparse) would take --trainer.max_epoch for
+            # --trainer.max_epochs. The main parser's and each subcommand's.
+            parser_kwargs={"allow_abbrev": False, **{name: {"allow_abbrev": False} for name in self.subcommands()}})
+
+    def instantiate_classes(self) -> None:
+        """Builds the model, data module and callbacks of the config. A constructor's TypeError or
+        ValueError (a misspelled model_args key, a bad value) is a mistake in the config: its
+        message alone goes to stderr (`zoo fit: error: ...`) and the process exits with status 2,
+        instead of jsonargparse's wrapping of it in a screenful of traceback."""
+        try:
+            super().instantiate_classes()
+        except (TypeError, ValueError) as error:
+            cause = error
+            # jsonargparse raises its own ValueError ("Does not validate against any of the Union
+            # subtypes") from the constructor's error: the innermost one says what is wrong.
+            while isinstance(cause.__cause__, (TypeError, ValueError)):
+                cause = cause.__cause__
+            print(f"zoo {self.subcommand or ''}".rstrip() + f": error: {cause}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=Optional[str], default=None,

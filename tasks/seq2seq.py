@@ -138,7 +138,10 @@ class Seq2Seq(ZooTask):
         return records
 
     def text_batch(self, sources: Sequence[str], tokenizer=None) -> dict:
-        """{"src_ids", "src_mask"} (B, S), right-padded, for source strings (as generate_text encodes them)."""
+        """{"src_ids", "src_mask"} (B, S), right-padded, for source strings (as generate_text encodes them).
+
+        Raises ValueError for no source, an empty one, or one longer than the encoder's positions reach.
+        """
         tokenizer = tokenizer or tokenizer_for(self)
         if isinstance(sources, str) or not sources:
             raise ValueError("sources must hold at least one string (a list of them, not one string)")
@@ -146,6 +149,13 @@ class Seq2Seq(ZooTask):
         ids = [tokenizer.encode(s) for s in sources]
         if any(not row for row in ids):
             raise ValueError("every source must have at least one token (got an empty string)")
+        encoder = self.model.cfg.encoder
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if encoder.positions in ("learned", "sinusoidal") and len(ids[longest]) > encoder.max_seq_len:
+            # Said here, in the source's terms: the encoder would name a position of its table.
+            which = "the source" if len(ids) == 1 else f"source {longest}"
+            raise ValueError(f"{which} is {len(ids[longest])} tokens long; the model accepts at most "
+                             f"{encoder.max_seq_len} (its encoder's max_seq_len)")
         src = torch.full((len(ids), max(map(len, ids))), tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros(src.shape, dtype=torch.bool)
         for i, row in enumerate(ids):
@@ -183,7 +193,8 @@ class Seq2Seq(ZooTask):
                       num_beams: Optional[int] = None) -> list[str]:
         """Outputs for source strings: tokenize (with `tokenizer`, else the task's), decode, detokenize.
 
-        Raises ValueError for an empty list or an empty source, RuntimeError without a tokenizer.
+        Raises ValueError for an empty list, an empty source or one past the encoder's max_seq_len,
+        RuntimeError without a tokenizer.
         """
         tokenizer = tokenizer or tokenizer_for(self)
         batch = self.text_batch(sources, tokenizer)

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import lightning as L
 import pytest
@@ -18,6 +19,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
 import kernels
+import zoo
 from tasks import CausalLM, ImageClassification, MaskedLM, Seq2Seq
 from tasks.base import ClassificationTask
 from tasks.data.vision import DigitsDataModule
@@ -162,6 +164,54 @@ def test_bad_keys_and_types_are_rejected_naming_the_key(override, key, capsys):
         ZooCLI(args=["fit", "-c", "configs/vision/vit_digits.yaml", override])
     assert exit_info.value.code != 0
     assert key in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,build", [
+    ('--model.init_args.model_args={"dpeth": 2}', lambda: zoo.create_model("vit_digits", dpeth=2)),
+    ("--model.init_args.warmup=1.5", lambda: ImageClassification("vit_digits", warmup=1.5)),
+])
+def test_a_constructor_error_of_the_config_is_one_line_without_traceback(override, build, capsys):
+    """A misspelled model_args key (or a value the task refuses) fails where the class is built,
+    inside jsonargparse: what the user sees is the constructor's own message, the same as building
+    it directly (the oracle) says, on one line, with status 2, not jsonargparse's traceback."""
+    with pytest.raises((TypeError, ValueError)) as direct:
+        build()
+    with pytest.raises(SystemExit) as exit_info:
+        ZooCLI(args=["fit", "-c", "configs/vision/vit_digits.yaml", override, "--trainer.fast_dev_run=true",
+                     "--trainer.accelerator=cpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"zoo fit: error: {direct.value}\n"
+    if "dpeth" in override:
+        assert str(direct.value) == "ViTConfig has no option 'dpeth'; did you mean 'depth'?"
+
+
+@pytest.mark.parametrize("option", ["--trainer.max_epoch=1", "--trainer.max_epoch", "--seed_every=1", "--nam=x"])
+def test_abbreviated_options_are_refused(option, capsys):
+    """jsonargparse, as argparse, would take an unambiguous prefix for the option (max_epoch for
+    max_epochs); `zoo fit` names it as unrecognized instead, at the top level and in groups."""
+    args = ["fit", "-c", "configs/vision/vit_digits.yaml", option, "--print_config"]
+    if "=" not in option:
+        args.insert(4, "1")
+    with pytest.raises(SystemExit) as exit_info:
+        ZooCLI(args=args)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {option}" in capsys.readouterr().err
+
+
+def test_fit_with_the_throughput_monitor_does_not_warn_about_flops(tmp_path):
+    """ThroughputMonitor (a default callback of `zoo fit`) warned on every run that the task has
+    no flops_per_batch; it still logs the samples it counts (2 steps of the config's batch)."""
+    from lightning.pytorch.callbacks import ThroughputMonitor
+
+    with kernels.reference_only(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = _fit(["-c", "configs/vision/vit_digits.yaml", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                    "--trainer.log_every_n_steps=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false"], tmp_path)
+    assert any(isinstance(c, ThroughputMonitor) for c in cli.trainer.callbacks)
+    assert [str(w.message) for w in caught if "flops_per_batch" in str(w.message)] == []
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert cli.trainer.logged_metrics["train/samples"] == 2 * batch_size_of(batch)
 
 
 def test_wrong_data_path_names_the_path(tmp_path):

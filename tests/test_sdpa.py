@@ -188,17 +188,17 @@ def test_patch_is_scoped_and_nests():
     assert F.scaled_dot_product_attention is torch_sdpa
 
 
-def test_no_heads_neither_kills_the_process_nor_passes():
+def test_no_heads_neither_kills_the_process_nor_passes(device):
     """torch 2.11's own CPU SDPA dies of SIGFPE on a zero head count; ours returns the empty
     result of torch's math path for no query heads, and refuses keys without heads."""
-    empty = torch.randn(2, 0, 5, 8, requires_grad=True)
+    empty = torch.randn(2, 0, 5, 8, device=device, requires_grad=True)
     out = scaled_dot_product_attention(empty, empty, empty)
     expected = torch.ops.aten._scaled_dot_product_attention_math(empty, empty, empty)[0]
     assert out.shape == expected.shape == (2, 0, 5, 8)
     out.sum().backward()
     assert empty.grad.shape == empty.shape
     with pytest.raises(ValueError, match="key has 0 heads but query has 2"):
-        scaled_dot_product_attention(torch.randn(2, 2, 5, 8), empty, empty, enable_gqa=True)
+        scaled_dot_product_attention(torch.randn(2, 2, 5, 8, device=device), empty, empty, enable_gqa=True)
 
 
 def test_patch_ends_with_its_last_holder_and_restores_what_was_there():
