@@ -82,6 +82,23 @@ def gpu_shapes(quick: bool = False) -> list[Shape]:
             for d in head_dims for causal in (False, True) for s in seqlens]
 
 
+#: The attention of the models `zoo compare` puts beside their references, at ANCHORS.md's
+#: setups (bf16): (model, its zoo preset, batch, tokens, heads, head dim, causal).
+MODEL_SHAPES = (
+    ("ViT-B/16 at batch 128", "vit_base_patch16_224", 128, 197, 12, 64, False),
+    ("BERT-base at 32 x 512", "bert_base", 32, 512, 12, 64, False),
+    ("GPT-2 124M at 16 x 1024", "gpt2", 16, 1024, 12, 64, True),
+    ("Whisper-base encoder at 64 x 30 s", "whisper_base_encoder", 64, 1500, 8, 64, False),
+)
+
+
+def model_shapes() -> list[tuple[str, Shape]]:
+    """(label, shape) of one attention call of each model of MODEL_SHAPES: where issue 6's
+    training-speed gaps between a zoo model and its reference can be read per layer."""
+    return [(f"{label} ({preset})", Shape(batch, tokens, heads, head_dim, causal, "bfloat16"))
+            for label, preset, batch, tokens, heads, head_dim, causal in MODEL_SHAPES]
+
+
 def cpu_shapes() -> list[Shape]:
     """Small fp32 shapes a 2-core CPU runs in seconds."""
     return [Shape(2, s, 4, 64, causal, "float32") for causal in (False, True) for s in (128, 256, 512)]
@@ -296,12 +313,14 @@ def metadata(device: str, quick: bool, command: Optional[str], warmup: float, re
 
 def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str] = "bench_out",
         shapes: Optional[list[Shape]] = None, warmup: float = 25, rep: float = 100,
-        command: Optional[str] = None) -> dict:
+        command: Optional[str] = None, models: Optional[list[tuple[str, Shape]]] = None) -> dict:
     """Runs the benchmark, prints its table(s), writes attention.json and attention.png to out_dir.
 
     device: "cuda" or "cpu" (default: cuda when available). On CPU only quick mode
-    runs (ValueError otherwise). out_dir None writes nothing. Returns the report dict
-    {"metadata", "implementations", "results"}. Raises AccuracyError if our output is
+    runs (ValueError otherwise). out_dir None writes nothing. models: (label, shape) pairs
+    measured after the sweep, in their own table (default: model_shapes() in a full GPU
+    run without `shapes`, none otherwise). Returns the report dict {"metadata",
+    "implementations", "results", "model_results"}. Raises AccuracyError if our output is
     wrong for a shape.
     """
     check_out_dir(out_dir)
@@ -310,26 +329,32 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
         raise ValueError("the full attention benchmark needs a CUDA GPU; on CPU use quick mode (--quick)")
     if device == "cpu":
         warmup, rep = min(warmup, 10), min(rep, 50)  # keep the CPU smoke test to seconds
+    if models is None:
+        models = model_shapes() if device != "cpu" and not quick and shapes is None else []
     if shapes is None:
         shapes = cpu_shapes() if device == "cpu" else gpu_shapes(quick)
     impls = implementations(device)
     report = {"metadata": metadata(device, quick, command, warmup, rep), "implementations": list(impls),
-              "results": []}
+              "results": [], "model_results": []}
+    cases = [("results", None, shape) for shape in shapes] + [("model_results", label, s) for label, s in models]
     # On CPU ours must take its PyTorch path, forward and backward alike, even when the
     # Triton interpreter is on (as in the tests); on CUDA this context is not needed.
     with reference_only() if device == "cpu" else contextlib.nullcontext():
-        for shape in shapes:
+        for key, label, shape in cases:
             inputs = make_inputs(shape, device)
-            row = {**asdict(shape), "flops_fwd": attention_flops(shape)[0], "flops_bwd": attention_flops(shape)[1],
-                   "check": check(shape, inputs, device), "timings": {}}
+            row = {**({"model": label} if label else {}), **asdict(shape), "flops_fwd": attention_flops(shape)[0],
+                   "flops_bwd": attention_flops(shape)[1], "check": check(shape, inputs, device), "timings": {}}
             for name, attend in impls.items():
                 row["timings"][name] = measure(attend, inputs, shape, device, warmup, rep)
-            report["results"].append(row)
-            progress(report, out_dir, "attention", f"D={shape.head_dim} S={shape.seqlen} causal={shape.causal}")
+            report[key].append(row)
+            progress(report, out_dir, "attention",
+                     label or f"D={shape.head_dim} S={shape.seqlen} causal={shape.causal}", key)
             del inputs
     metrics = ("ms", "tflops") if device == "cpu" else ("tflops",)
     for metric in metrics:
         print(format_table(report, metric))
+        if report["model_results"]:
+            print(format_table(report, metric, models=True))
     write_outputs(report, out_dir, "attention", plot=plot)
     return report
 
@@ -356,36 +381,39 @@ def _speedup(ours: dict, peer: dict, direction: str) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
-def format_table(report: dict, metric: str = "tflops") -> str:
+def format_table(report: dict, metric: str = "tflops", models: bool = False) -> str:
     """Markdown table of a report: ours and each peer (forward / backward), ours/peer speedups.
 
     metric: "tflops" (TFLOP/s) or "ms" (milliseconds). Speedups are always rates
     (> 1: ours faster). Failed implementations show n/a and are listed under the table.
+    models: the table of report["model_results"] (the models' own shapes), else the sweep's.
     """
     meta, impls = report["metadata"], report["implementations"]
     ours, peers = impls[0], impls[1:]
     unit = "TFLOP/s" if metric == "tflops" else "ms"
     # CPU rates are tiny: more digits, so they do not all print as 0.0.
     digits = (1 if "GPU" in meta["mode"] else 4) if metric == "tflops" else 2
-    lines = [f"### {meta['title']}", "",
+    title = f"### {meta['title']}" + (": the models' attention shapes" if models else "")
+    lines = [title, "",
              f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}; "
              f"`{meta['command']}`", "",
              f"Forward / backward in {unit}; ours/peer = speedup of {ours} (> 1: {ours} faster); "
              f"max abs diff of {ours}'s output from the reference."]
-    header = ["D", "S", "causal", "dtype", f"{ours} fwd / bwd"] + [f"{p} fwd / bwd" for p in peers]
-    header += [f"ours/{p} fwd / bwd" for p in peers] + ["max abs diff"]
+    header = (["model", "B", "H"] if models else []) + ["D", "S", "causal", "dtype", f"{ours} fwd / bwd"]
+    header += [f"{p} fwd / bwd" for p in peers] + [f"ours/{p} fwd / bwd" for p in peers] + ["max abs diff"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     failures = []
-    for row in report["results"]:
+    for row in report.get("model_results", []) if models else report["results"]:
         timings = row["timings"]
-        cells = [str(row["head_dim"]), str(row["seqlen"]), "yes" if row["causal"] else "no", row["dtype"]]
+        cells = [row["model"], str(row["batch"]), str(row["nheads"])] if models else []
+        cells += [str(row["head_dim"]), str(row["seqlen"]), "yes" if row["causal"] else "no", row["dtype"]]
         for name in impls:
             t = timings.get(name, {"error": "not run"})
             cells.append(_pair(_value(t, metric, "fwd"), _value(t, metric, "bwd"), digits))
             for key, what in (("error", ""), ("bwd_error", "backward: ")):
                 if key in t:
-                    failures.append(f"- {name}, D={row['head_dim']} S={row['seqlen']} causal={row['causal']}: "
-                                    f"{what}{t[key]}")
+                    where = row.get("model") or f"D={row['head_dim']} S={row['seqlen']} causal={row['causal']}"
+                    failures.append(f"- {name}, {where}: {what}{t[key]}")
         for peer in peers:
             t_ours, t_peer = timings.get(ours, {"error": ""}), timings.get(peer, {"error": ""})
             cells.append(_pair(_speedup(t_ours, t_peer, "fwd"), _speedup(t_ours, t_peer, "bwd"), 2))
@@ -418,10 +446,11 @@ def check_out_dir(out_dir: Optional[str], option: str = "--out") -> None:
         raise ValueError(f"{option} {str(out_dir)!r} is a file; expected a folder (created when missing)")
 
 
-def progress(report: dict, out_dir: Optional[str], name: str, label: str) -> None:
-    """After each measured case: prints its times to stderr and writes <name>.json with the
-    results so far, so a run stopped midway (a device call's time limit) keeps what it measured."""
-    figures = "; ".join(f"{impl} {_brief(entry)}" for impl, entry in report["results"][-1]["timings"].items())
+def progress(report: dict, out_dir: Optional[str], name: str, label: str, key: str = "results") -> None:
+    """After each measured case (the last of report[key]): prints its times to stderr and writes
+    <name>.json with the results so far, so a run stopped midway (a device call's time limit)
+    keeps what it measured."""
+    figures = "; ".join(f"{impl} {_brief(entry)}" for impl, entry in report[key][-1]["timings"].items())
     print(f"  measured {label}: {figures}", file=sys.stderr, flush=True)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -42,13 +42,59 @@ def test_gpu_sweep_shapes():
     assert {(s.head_dim, s.seqlen) for s in quick} == {(128, 1024), (128, 4096)} and len(quick) == 4
 
 
+def test_model_shapes_are_the_presets_attention():
+    """Each model row's heads, head dim, tokens and masking are those of its zoo preset, at the
+    batch ANCHORS.md measures the reference at."""
+    import zoo
+
+    anchors_batch = {"vit_base_patch16_224": 128, "bert_base": 32, "gpt2": 16, "whisper_base_encoder": 64}
+    for (label, preset, *_), (name, shape) in zip(bench_attention.MODEL_SHAPES, bench_attention.model_shapes()):
+        # On the meta device (no memory), except the speech encoder, whose mel filterbank is computed.
+        with torch.device("cpu" if preset.startswith("whisper") else "meta"):
+            model = zoo.create_model(preset)
+        cfg = model.cfg
+        backbone = cfg.backbone
+        if preset.startswith("vit"):
+            rows, cols = cfg.grid_size
+            tokens = rows * cols + cfg.num_prefix_tokens  # patches + the class token
+        elif preset.startswith("whisper"):
+            tokens = backbone.max_seq_len  # 30 s of audio: 1500 frames after the stride-2 stem
+        else:
+            tokens = {"bert_base": 512, "gpt2": 1024}[preset]
+            assert backbone.max_seq_len == tokens
+        assert (shape.batch, shape.seqlen, shape.nheads, shape.head_dim, shape.causal) == (
+            anchors_batch[preset], tokens, backbone.heads, backbone.dim // backbone.heads, backbone.causal)
+        assert preset in name and label in name and shape.dtype == "bfloat16"
+
+
+def test_model_rows_run_and_get_their_own_table(tmp_path, tiny_cpu_sweep):
+    model = ("a tiny model (preset)", Shape(2, 24, 3, 16, True, "float32"))
+    report = bench_attention.run(device="cpu", quick=True, out_dir=str(tmp_path), models=[model])
+    [row] = report["model_results"]
+    assert row["model"] == model[0] and (row["batch"], row["nheads"], row["seqlen"]) == (2, 3, 24)
+    assert row["check"]["max_abs_diff"]["out"] <= bench_attention.TOLERANCE[torch.float32]
+    assert json.loads((tmp_path / "attention.json").read_text())["model_results"] == [row]
+    table = bench_attention.format_table(report, "ms", models=True)
+    header = next(line for line in table.splitlines() if line.startswith("| model |"))
+    assert header.startswith("| model | B | H | D | S | causal | dtype | tritonzoo fwd / bwd |")
+    cells = [c.strip() for c in table.splitlines()[header_index(table) + 2].strip("|").split("|")]
+    assert cells[:7] == [model[0], "2", "3", "16", "24", "yes", "float32"]
+    # The sweep's table leaves the model rows out.
+    assert model[0] not in bench_attention.format_table(report, "ms")
+
+
+def header_index(table: str) -> int:
+    return next(i for i, line in enumerate(table.splitlines()) if line.startswith("| model |"))
+
+
 def test_cli_bench_attention_quick_cpu(tmp_path, capsys, tiny_cpu_sweep):
     assert cli.main(["bench", "attention", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert bench_attention.CPU_TITLE in printed
 
     report = json.loads((tmp_path / "attention.json").read_text())
-    assert set(report) == {"metadata", "implementations", "results"}
+    assert set(report) == {"metadata", "implementations", "results", "model_results"}
+    assert report["model_results"] == []  # the models' shapes are for a full GPU run
     meta = report["metadata"]
     for key in ("device", "torch", "triton", "date", "command", "flops", "timing", "mode", "title"):
         assert meta[key], key
