@@ -340,3 +340,17 @@ def test_bad_inputs():
         create_model("speech_tiny", vocab_size=5)
     with pytest.raises(TypeError, match="n_mels"):
         create_model("speech_tiny", n_mel=80)
+
+
+@pytest.mark.parametrize("preset", ["speech_tiny", "whisper_tiny_encoder"])
+def test_builds_on_the_meta_device(preset):
+    """`with torch.device("meta")` builds the model without memory (to count or shard it):
+    the same parameters and buffers, by name and shape, as the model built on the CPU, whose
+    filter bank is computed there."""
+    with torch.device("meta"):
+        on_meta = create_model(preset)
+    on_cpu = create_model(preset)
+    for kind in ("named_parameters", "named_buffers"):
+        meta_shapes = {n: t.shape for n, t in getattr(on_meta, kind)()}
+        assert meta_shapes == {n: t.shape for n, t in getattr(on_cpu, kind)()}
+        assert all(t.device.type == "meta" for _, t in getattr(on_meta, kind)())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import operator
 import re
+from collections.abc import Iterable
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -36,11 +37,21 @@ def _block_of(name: str) -> tuple[Optional[str], int]:
     return (name[: match.start(1)], int(match.group(1))) if match else (None, -1)
 
 
+def _as_index(value) -> Optional[int]:
+    """value as an int index (ints, numpy ints, one-element integer tensors), or None; bools are not indices."""
+    try:
+        return None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
+
+
 def _select(names: list[str], layers, model_name: str) -> list[str]:
     if layers is None:
         return names
-    if isinstance(layers, (int, str)):
+    if isinstance(layers, str) or _as_index(layers) is not None:
         layers = [layers]
+    elif not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a block index, a module-name pattern or a list of them, got {layers!r}")
     depth: dict[str, int] = {}
     for name in names:
         stack, index = _block_of(name)
@@ -48,8 +59,11 @@ def _select(names: list[str], layers, model_name: str) -> list[str]:
             depth[stack] = max(depth.get(stack, 0), index + 1)
     chosen = set()
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, str)):
-            raise TypeError(f"layers holds block indices (int) or module-name patterns (str), got {layer!r}")
+        if not isinstance(layer, str):  # numpy ints too, as heads takes them
+            index = _as_index(layer)
+            if index is None:
+                raise TypeError(f"layers holds block indices (int) or module-name patterns (str), got {layer!r}")
+            layer = index
         if isinstance(layer, str):
             hits = fnmatch.filter(names, layer)
             if not hits:
@@ -68,17 +82,11 @@ def _select(names: list[str], layers, model_name: str) -> list[str]:
 def _head_indices(heads, num_heads: int) -> list[int]:
     """heads (one index or several; numpy ints too) as a list of ints in [-num_heads, num_heads).
     Encoder and decoder may differ in head count: num_heads is the fewest of the selected layers."""
-    def as_index(h) -> Optional[int]:
-        try:
-            return None if isinstance(h, bool) else operator.index(h)
-        except TypeError:
-            return None
-
-    if as_index(heads) is not None:  # one index
-        heads = [heads]
+    if _as_index(heads) is not None or isinstance(heads, str) or not isinstance(heads, Iterable):
+        heads = [heads]  # one index (or one bad value, named below)
     out = []
     for h in heads:
-        index = as_index(h)
+        index = _as_index(h)
         if index is None or not -num_heads <= index < num_heads:
             raise ValueError(f"heads must be head indices in [0, {num_heads}) (the fewest heads of the selected "
                              f"layers) or negative from the end, got {h!r} in {heads!r}")

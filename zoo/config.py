@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,6 +17,12 @@ ATTENTION_BACKENDS = ("triton", "sdpa", "eager")
 def is_int(value) -> bool:
     """An int that is not a bool (True would pass isinstance(value, int) as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite real number (int, float, numpy scalar) that is not a bool: NaN and inf pass or fail
+    range checks by accident, and a string would fail them with a TypeError naming no field."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -65,6 +73,12 @@ class TransformerConfig:
             value = getattr(self, name, None)
             need(value is None or is_int(value),
                  f"{name} must be an int or None, got {value!r}")
+        # Before the range checks below: a string or None would fail them with a bare TypeError.
+        for name in ("mlp_ratio", "norm_eps", "rotary_base", "dropout", "attn_dropout", "drop_path"):
+            need(is_finite_number(getattr(self, name)),
+                 f"{name} must be a finite number, got {getattr(self, name)!r}")
+        need(self.layer_scale is None or is_finite_number(self.layer_scale),
+             f"layer_scale must be a finite number or None, got {self.layer_scale!r}")
         need(self.head_dim is not None or self.dim % self.heads == 0,
              f"heads ({self.heads}) must divide dim ({self.dim}), or set head_dim")
         need(self.head_dim is None or self.head_dim > 0, f"head_dim must be positive, got {self.head_dim}")

@@ -16,6 +16,11 @@ from torch import Tensor
 TokenIds = Union[int, Sequence[int], None]
 
 
+def _is_number(value) -> bool:
+    """An int or float that is not a bool (True would read as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """logits (..., V) with all but the k largest of each row set to -inf.
 
@@ -35,7 +40,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     Tokens are taken from the most likely down; the most likely token is always kept
     (nucleus sampling). Raises ValueError unless 0 < p <= 1.
     """
-    if not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+    if not _is_number(p) or not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
     if p >= 1.0:
         return logits
@@ -56,11 +61,12 @@ def check_sampling(do_sample: bool, temperature: float, top_k: Optional[int], to
     """
     if not do_sample:
         return
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
+    # `not x > 0` rather than `x <= 0`: NaN fails every comparison and would reach the sampler.
+    if not _is_number(temperature) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
@@ -132,8 +138,12 @@ def suppress(logits: Tensor, index: Optional[Tensor]) -> Tensor:
 
 
 def resolve_pad_token(pad_token_id: Optional[int], eos: Optional[Tensor]) -> Optional[int]:
-    """The id finished rows emit: pad_token_id, else the first stop token (as Hugging Face), else None."""
+    """The id finished rows emit: pad_token_id, else the first stop token (as Hugging Face), else None.
+
+    Raises TypeError for a pad_token_id that is not an int."""
     if pad_token_id is not None:
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):  # int(1.5) would be a silent 1
+            raise TypeError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
         return int(pad_token_id)
     return int(eos[0]) if eos is not None else None
 

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
-from .config import TransformerConfig
+from .config import TransformerConfig, is_finite_number, is_int
 from .generation import suppress, suppress_index
 from .layers import token_cross_entropy, vocab_logits
 from .registry import register_model
+from .text import padding_mask
 
 
 @dataclass
@@ -47,11 +48,11 @@ class Seq2SeqConfig:
     def __post_init__(self):
         for name in ("src_vocab_size", "tgt_vocab_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"Seq2SeqConfig: {name} must be a positive int, got {value!r}")
         for name in ("pad_id", "bos_id", "eos_id"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value < self.tgt_vocab_size:
+            if not is_int(value) or not 0 <= value < self.tgt_vocab_size:
                 raise ValueError(f"Seq2SeqConfig: {name} must be a token id in [0, {self.tgt_vocab_size}), "
                                  f"got {value!r}")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -115,7 +116,7 @@ def shift_tokens_right(labels: Tensor, bos_id: int, pad_id: int) -> Tensor:
 
 def _check_positive(**values) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:  # not a bool: True would decode one token
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -166,14 +167,9 @@ class Seq2SeqTransformer(nn.Module):
         Raises TypeError/ValueError for malformed ids or a mask of the wrong shape.
         """
         self._check_ids(src_ids, "src_ids", self.cfg.src_vocab_size)
-        if src_mask is None:
-            src_mask = src_ids != self.cfg.pad_id
-        elif src_mask.shape != src_ids.shape:
-            raise ValueError(f"src_mask must have the shape of src_ids {tuple(src_ids.shape)}, "
-                             f"got {tuple(src_mask.shape)}")
         # Kept even when nothing is padded: testing for that would cost a host sync per step
         # and a graph break under torch.compile.
-        src_mask = src_mask.bool()
+        src_mask = src_ids != self.cfg.pad_id if src_mask is None else padding_mask(src_mask, src_ids.shape, "src_mask")
         x = self.src_embed(src_ids) * self.embed_scale
         return self.encoder(x, key_padding_mask=src_mask), src_mask
 
@@ -182,18 +178,28 @@ class Seq2SeqTransformer(nn.Module):
         """Decoder logits (B, St, tgt_vocab) for tgt_ids (B, St) attending to memory (B, Ss, dim).
 
         With a cache (`model.decoder.new_cache()`), tgt_ids are the new tokens only and
-        positions continue from the cache; tgt_mask then covers all decoder keys so far.
+        positions continue from the cache; tgt_mask (1/True = real token, any integer or bool
+        dtype) then covers all decoder keys so far. Raises TypeError / ValueError for
+        malformed ids or a tgt_mask of the wrong type or shape.
         """
         self._check_ids(tgt_ids, "tgt_ids", self.cfg.tgt_vocab_size)
+        past = cache.offset if cache is not None else 0
+        tgt_mask = padding_mask(tgt_mask, (tgt_ids.shape[0], past + tgt_ids.shape[1]), "tgt_mask")
         x = self.tgt_embed(tgt_ids) * self.embed_scale
         h = self.decoder(x, key_padding_mask=tgt_mask, memory=memory, memory_padding_mask=src_mask, cache=cache)
         return vocab_logits(h, self.lm_head.weight)
 
     def forward_features(self, src_ids: Tensor, tgt_ids: Tensor, src_mask: Optional[Tensor] = None,
                          tgt_mask: Optional[Tensor] = None) -> Tensor:
-        """Decoder hidden states (B, St, dim), before the LM head."""
+        """Decoder hidden states (B, St, dim), before the LM head.
+
+        src_mask (B, Ss) and tgt_mask (B, St) mark real tokens (1/True; any integer or bool
+        dtype, as Hugging Face's attention masks). Raises TypeError / ValueError for malformed
+        ids or masks of the wrong type or shape.
+        """
         memory, src_mask = self.encode(src_ids, src_mask)
         self._check_ids(tgt_ids, "tgt_ids", self.cfg.tgt_vocab_size)
+        tgt_mask = padding_mask(tgt_mask, tuple(tgt_ids.shape), "tgt_mask")
         x = self.tgt_embed(tgt_ids) * self.embed_scale
         return self.decoder(x, key_padding_mask=tgt_mask, memory=memory, memory_padding_mask=src_mask)
 
@@ -222,8 +228,10 @@ class Seq2SeqTransformer(nn.Module):
 
         num_beams=1 is greedy (a finished row emits pad_id until all rows finish); more is
         beam_search. Both run the encoder once and the decoder one token at a time with
-        its KV cache; the ids of suppress_tokens are never generated. Raises ValueError for
-        max_new_tokens < 1, num_beams < 1, bad suppress_tokens, or past what the decoder's
+        its KV cache; the ids of suppress_tokens are never generated. bos_id / eos_id default
+        to the config's; a negative eos_id means no stop token. Raises ValueError for
+        max_new_tokens < 1, num_beams < 1, bad suppress_tokens, bos_id or eos_id outside the
+        target vocabulary (TypeError if not an int), or past what the decoder's
         learned/sinusoidal positions reach (checked before decoding).
         """
         if num_beams != 1:
@@ -232,10 +240,30 @@ class Seq2SeqTransformer(nn.Module):
         _check_positive(max_new_tokens=max_new_tokens)
         self._check_length(max_new_tokens)
         banned = suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)
-        bos = self.cfg.bos_id if bos_id is None else bos_id
-        eos = self.cfg.eos_id if eos_id is None else eos_id
+        bos, eos = self._special_ids(bos_id, eos_id)
         memory, src_mask = self.encode(src_ids, src_mask)
         return self._greedy(memory, src_mask, max_new_tokens, bos, eos, banned)
+
+    def _special_ids(self, bos_id: Optional[int], eos_id: Optional[int]) -> tuple[int, int]:
+        """(bos, eos) of a generate call: the arguments, else the config's.
+
+        bos must be a target id; a negative eos means no stop token (every row decodes
+        max_new_tokens). Raises TypeError for a non-int (one stop token only, not a list)
+        and ValueError for an id past the target vocabulary (it could never be emitted, so
+        decoding would silently never stop).
+        """
+        bos = self.cfg.bos_id if bos_id is None else bos_id
+        eos = self.cfg.eos_id if eos_id is None else eos_id
+        vocab = self.cfg.tgt_vocab_size
+        for name, value in (("bos_id", bos), ("eos_id", eos)):
+            if not is_int(value):
+                raise TypeError(f"{name} must be an int (one token id), got {value!r}")
+        if not 0 <= bos < vocab:
+            raise ValueError(f"bos_id {bos} is outside the target vocabulary [0, {vocab})")
+        if eos >= vocab:
+            raise ValueError(f"eos_id {eos} is outside the target vocabulary [0, {vocab}) (a negative eos_id "
+                             f"means no stop token)")
+        return bos, eos
 
     def _check_length(self, max_new_tokens: int) -> None:
         # The decoder sees bos and every new token but the last: max_new_tokens positions.
@@ -272,13 +300,15 @@ class Seq2SeqTransformer(nn.Module):
         normalized at its current length, cannot beat the worst of them (with one beam
         this is exactly greedy). Beams still live after max_new_tokens finish there. The ids
         of suppress_tokens are never generated. Raises ValueError for max_new_tokens < 1,
-        num_beams < 1 or bad suppress_tokens.
+        num_beams < 1, a length_penalty that is not a finite number, bad suppress_tokens, or
+        bos_id / eos_id as generate does.
         """
         _check_positive(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        if not is_finite_number(length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
         self._check_length(max_new_tokens)
         banned = suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)
-        bos = self.cfg.bos_id if bos_id is None else bos_id
-        eos = self.cfg.eos_id if eos_id is None else eos_id
+        bos, eos = self._special_ids(bos_id, eos_id)
         K, alpha = num_beams, length_penalty
         memory, src_mask = self.encode(src_ids, src_mask)
         B, device = memory.shape[0], memory.device

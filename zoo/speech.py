@@ -22,7 +22,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from .backbone import Transformer
-from .config import TransformerConfig
+from .config import TransformerConfig, is_finite_number, is_int
 from .generation import suppress, suppress_index
 from .registry import build_config, register_model
 
@@ -52,18 +52,20 @@ class SpeechConfig:
     def __post_init__(self):
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"SpeechConfig: {name} must be a positive int, got {value!r}")
-        for name in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width", "num_classes", "vocab_size"):
+        for name in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width", "num_classes", "vocab_size",
+                     "blank_id"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"SpeechConfig: {name} must be a non-negative int, got {value!r}")
         if self.mel_scale not in ("slaney", "htk"):
             raise ValueError(f"SpeechConfig: mel_scale must be slaney or htk, got {self.mel_scale!r}")
         if self.mel_norm not in MEL_NORMS:
             raise ValueError(f"SpeechConfig: mel_norm must be one of {', '.join(MEL_NORMS)}, got {self.mel_norm!r}")
-        if self.log_floor <= 0:
-            raise ValueError(f"SpeechConfig: log_floor must be positive, got {self.log_floor}")
+        # NaN passes `<= 0` and would clamp every mel power to NaN: a silently NaN model.
+        if not is_finite_number(self.log_floor) or not self.log_floor > 0:
+            raise ValueError(f"SpeechConfig: log_floor must be a positive finite number, got {self.log_floor!r}")
         if self.freq_masks and self.freq_mask_width > self.n_mels:
             raise ValueError(f"SpeechConfig: freq_mask_width ({self.freq_mask_width}) must be at most n_mels "
                              f"({self.n_mels})")
@@ -86,12 +88,17 @@ class LogMel(nn.Module):
     def __init__(self, cfg: SpeechConfig):
         super().__init__()
         self.cfg = cfg
-        fbank = torchaudio.functional.melscale_fbanks(
-            n_freqs=cfg.n_fft // 2 + 1, f_min=0.0, f_max=cfg.sample_rate / 2, n_mels=cfg.n_mels,
-            sample_rate=cfg.sample_rate, norm="slaney" if cfg.mel_scale == "slaney" else None,
-            mel_scale=cfg.mel_scale)
-        self.register_buffer("fbank", fbank.float(), persistent=False)  # (n_freqs, n_mels)
-        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        # Computed on the CPU, then put where the model is being built: under torch.device("meta")
+        # torchaudio's filter bank would need values (nonzero) that meta tensors do not have.
+        with torch.device("cpu"):
+            fbank = torchaudio.functional.melscale_fbanks(
+                n_freqs=cfg.n_fft // 2 + 1, f_min=0.0, f_max=cfg.sample_rate / 2, n_mels=cfg.n_mels,
+                sample_rate=cfg.sample_rate, norm="slaney" if cfg.mel_scale == "slaney" else None,
+                mel_scale=cfg.mel_scale)
+            window = torch.hann_window(cfg.n_fft)
+        device = torch.get_default_device()
+        self.register_buffer("fbank", fbank.float().to(device), persistent=False)  # (n_freqs, n_mels)
+        self.register_buffer("window", window.to(device), persistent=False)
 
     def power_mel(self, waveform: Tensor) -> Tensor:
         """Mel power spectrogram (B, n_mels, T // hop_length + 1) of float32 waveforms (B, T)."""

@@ -107,9 +107,10 @@ class BertConfig:
         if self.backbone.causal or self.backbone.cross_attention:
             raise ValueError("BertConfig: backbone must be bidirectional self-attention (causal=False, "
                              "cross_attention=False)")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"BertConfig: pad_token_id must be in [0, {self.vocab_size}) or None, "
-                             f"got {self.pad_token_id}")
+        pad = self.pad_token_id
+        if pad is not None and not (is_int(pad) and 0 <= pad < self.vocab_size):
+            raise ValueError(f"BertConfig: pad_token_id must be an int in [0, {self.vocab_size}) or None, "
+                             f"got {self.pad_token_id!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"BertConfig: num_classes must be an int >= 0, got {self.num_classes!r}")
         if self.num_classes and self.mlm_head:

@@ -192,8 +192,9 @@ class VisionTransformer(nn.Module):
 
     def _grid_of(self, height: int, width: int) -> tuple[int, int]:
         ph, pw = self.patch_size
-        if height % ph or width % pw:
-            raise ValueError(f"image size ({height}, {width}) must be divisible by the patch size ({ph}, {pw})")
+        if height % ph or width % pw or height < ph or width < pw:
+            raise ValueError(f"image size ({height}, {width}) must be divisible by the patch size ({ph}, {pw}) "
+                             f"and hold at least one patch")
         return height // ph, width // pw
 
     def set_image_size(self, img_size: Size) -> None:
@@ -209,9 +210,15 @@ class VisionTransformer(nn.Module):
         self.cfg = dataclasses.replace(self.cfg, img_size=img_size)
 
     def _embed(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor, got "
+                            f"{getattr(images, 'dtype', type(images).__name__)}")
         if images.dim() != 4 or images.shape[1] != self.cfg.in_chans:
             raise ValueError(f"images must have shape (B, {self.cfg.in_chans}, H, W), got {tuple(images.shape)}")
         grid = self._grid_of(images.shape[2], images.shape[3])
+        # Images of another float dtype take the model's, as Hugging Face's ViT embeddings do
+        # (float32 pixels into a bfloat16 model) rather than failing inside the convolution.
+        images = images.to(self.patch_embed.weight.dtype)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, dim), patches in row-major order
         pos = resample_pos_embed(self.pos_embed, grid, self.grid_size, self._table_prefix, self.cfg.pos_antialias)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
@@ -223,7 +230,9 @@ class VisionTransformer(nn.Module):
         """Images (B, in_chans, H, W) -> token states (B, num_prefix_tokens + N, dim).
 
         The final norm is applied here unless the config moves it after pooling (fc_norm).
-        Raises ValueError for a wrong channel count or H, W not divisible by the patch size.
+        Images of another float dtype are cast to the model's (as Hugging Face's ViT does).
+        Raises TypeError for non-float images and ValueError for a wrong channel count or
+        H, W that are not positive multiples of the patch size.
         """
         return self.backbone(self._embed(images))
 

@@ -1,0 +1,188 @@
+"""The zoo's public API under bad or unusual input: a clear error naming the argument, never a
+silent wrong result, a NaN, or a traceback from deep inside torch.
+
+Oracles: the documented contract (errors name the argument and the expected value), the same
+call with the input in its documented canonical form (a bool mask, images in the model's dtype),
+and Hugging Face's ViT for how images of another dtype are treated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from zoo.speech import SpeechConfig
+
+pytestmark = pytest.mark.usefixtures("reference_attention")
+
+
+# --------------------------------------------------------------------------------------
+# Config validation
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("mlp_ratio", "4"), ("mlp_ratio", None), ("mlp_ratio", math.inf), ("norm_eps", None), ("norm_eps", math.inf),
+    ("dropout", "0.1"), ("attn_dropout", None), ("drop_path", "0"), ("layer_scale", "1e-5"),
+    ("layer_scale", math.nan), ("rotary_base", "1e4"),
+])
+def test_backbone_config_names_a_field_that_is_not_a_finite_number(field, value):
+    extra = dict(positions="rotary") if field == "rotary_base" else {}
+    with pytest.raises(ValueError, match=f"TransformerConfig: {field} must be a finite number"):
+        zoo.TransformerConfig(**{field: value}, **extra)
+
+
+def test_backbone_config_takes_numpy_floats():  # configs built from numpy values stay valid
+    cfg = zoo.TransformerConfig(dim=32, heads=2, mlp_ratio=np.float32(2.0), dropout=np.float64(0.1))
+    assert cfg.mlp_width == 64
+
+
+@pytest.mark.parametrize("name, overrides, field", [
+    ("seq2seq_tiny", dict(src_vocab_size=True), "src_vocab_size"),
+    ("seq2seq_tiny", dict(pad_id=True), "pad_id"),
+    ("bert_tiny", dict(pad_token_id=1.5), "pad_token_id"),
+    ("bert_tiny", dict(pad_token_id=True), "pad_token_id"),
+    ("speech_tiny", dict(n_mels=True), "n_mels must be a positive int"),
+    ("speech_tiny", dict(log_floor=math.nan), "log_floor"),
+])
+def test_model_configs_name_a_bad_field(name, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        zoo.create_model(name, depth=1, **overrides)
+
+
+def test_nan_log_floor_is_refused_rather_than_giving_nan_features():
+    # Before: accepted, and clamp(min=nan) made every log-mel NaN.
+    with pytest.raises(ValueError, match="log_floor"):
+        SpeechConfig(log_floor=float("nan"))
+
+
+# --------------------------------------------------------------------------------------
+# Generation arguments
+# --------------------------------------------------------------------------------------
+
+
+def _gpt():
+    return zoo.create_model("gpt_nano", dim=32, depth=1, heads=2, vocab_size=50).eval()
+
+
+def _seq2seq():
+    return zoo.create_model("seq2seq_tiny", dim=32, depth=1, heads=2, src_vocab_size=40, tgt_vocab_size=40).eval()
+
+
+@pytest.mark.parametrize("options, name", [
+    (dict(temperature=float("nan")), "temperature"),  # before: RuntimeError inside torch.multinomial
+    (dict(temperature=True), "temperature"),
+    (dict(top_p=True), "top_p"),  # before: read as top_p = 1.0
+])
+def test_sampling_options_are_checked_before_sampling(options, name):
+    ids = torch.randint(0, 50, (2, 3))
+    with pytest.raises(ValueError, match=name):
+        _gpt().generate(ids, max_new_tokens=2, do_sample=True, **options)
+
+
+def test_a_fractional_pad_token_id_is_refused_not_truncated():
+    ids = torch.randint(0, 50, (2, 3))
+    with pytest.raises(TypeError, match="pad_token_id"):  # before: int(1.5) == 1 emitted silently
+        _gpt().generate(ids, max_new_tokens=2, eos_token_id=3, pad_token_id=1.5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_seq2seq_refuses_special_ids_outside_the_target_vocabulary(num_beams):
+    model, src = _seq2seq(), torch.randint(3, 40, (2, 4))
+    # As GPT.generate does for eos_token_id: an id the model cannot emit would never stop a row.
+    with pytest.raises(ValueError, match=r"eos_id 40 is outside the target vocabulary \[0, 40\)"):
+        model.generate(src, max_new_tokens=3, num_beams=num_beams, eos_id=40)
+    with pytest.raises(ValueError, match=r"bos_id 99 is outside"):  # before: an error about tgt_ids
+        model.generate(src, max_new_tokens=3, num_beams=num_beams, bos_id=99)
+    # A list was compared elementwise with the batch's tokens (greedy) or never matched (beams).
+    with pytest.raises(TypeError, match="eos_id must be an int"):
+        model.generate(src, max_new_tokens=3, num_beams=num_beams, eos_id=[2, 3])
+    with pytest.raises(ValueError, match="max_new_tokens"):  # True is not 1 token
+        model.generate(src, max_new_tokens=True, num_beams=num_beams)
+    # A negative eos_id is the documented "no stop token": every row decodes max_new_tokens.
+    assert model.generate(src, max_new_tokens=3, num_beams=num_beams, eos_id=-1).shape == (2, 4)
+
+
+def test_seq2seq_length_penalty_must_be_a_number():
+    with pytest.raises(ValueError, match="length_penalty"):
+        _seq2seq().generate(torch.randint(3, 40, (1, 4)), max_new_tokens=2, num_beams=2, length_penalty="1")
+
+
+# --------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------
+
+
+def test_seq2seq_masks_take_integer_dtypes_as_hugging_face_attention_masks():
+    model = _seq2seq()
+    src, tgt = torch.randint(3, 40, (2, 5)), torch.randint(3, 40, (2, 4))
+    src_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    tgt_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        expected = model(src, tgt, src_mask=src_mask.bool(), tgt_mask=tgt_mask.bool())
+        # Before: src_mask took 0/1 integers but tgt_mask raised "key_padding_mask must be bool".
+        assert torch.equal(model(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask), expected)
+        memory, used = model.encode(src, src_mask)
+        cache = model.decoder.new_cache()
+        step = model.decode_step(tgt, memory, used, cache=cache, tgt_mask=tgt_mask)
+        assert torch.allclose(step, expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"tgt_mask must have shape \(2, 4\)"):
+        model(src, tgt, tgt_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="src_mask must be a torch.Tensor"):  # before: AttributeError
+        model(src, tgt, src_mask=src_mask.tolist())
+
+
+# --------------------------------------------------------------------------------------
+# ViT inputs
+# --------------------------------------------------------------------------------------
+
+
+def test_vit_takes_images_of_another_float_dtype_as_hugging_face_does():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=16, patch_size=8, num_labels=3)
+    reference = transformers.ViTForImageClassification(cfg).eval()
+    model = zoo.from_hf(reference)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference(images).logits  # HF casts the pixels to the patch projection's dtype
+        # Before: "Input type (double) and bias type (float) should be the same" from the convolution.
+        assert torch.allclose(model(images), expected, atol=1e-5)
+        model, reference = model.to(torch.bfloat16), reference.to(torch.bfloat16)
+        out = model(images.float())
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, model(images.bfloat16()))
+
+
+@pytest.mark.parametrize("images, error, match", [
+    (torch.zeros(1, 1, 8, 8, dtype=torch.long), TypeError, "images must be a floating-point tensor"),
+    (torch.zeros(1, 1, 0, 0), ValueError, r"image size \(0, 0\) must be divisible by the patch size"),
+])
+def test_vit_names_bad_images(images, error, match):
+    model = zoo.create_model("vit_digits", depth=1).eval()
+    with pytest.raises(error, match=match):
+        model(images)
+
+
+# --------------------------------------------------------------------------------------
+# attention_maps selections
+# --------------------------------------------------------------------------------------
+
+
+def test_attention_map_layers_take_numpy_and_tensor_indices_as_heads_do():
+    model = zoo.create_model("vit_digits", depth=2).eval()
+    images = torch.randn(1, 1, 8, 8)
+    expected = zoo.attention_maps(model, images, layers=[-1], heads=[1])
+    for layers in ([np.int64(-1)], np.int64(1), torch.tensor(-1)):  # before: TypeError for these
+        maps = zoo.attention_maps(model, images, layers=layers, heads=np.int64(1))
+        assert list(maps) == list(expected) and torch.equal(maps["backbone.blocks.1.attn"],
+                                                            expected["backbone.blocks.1.attn"])
+    with pytest.raises(TypeError, match="layers must be a block index"):
+        zoo.attention_maps(model, images, layers=1.5)
+    with pytest.raises(ValueError, match="heads must be head indices"):  # before: "'float' object is not iterable"
+        zoo.attention_maps(model, images, heads=1.0)
