@@ -48,6 +48,9 @@ def test_backbone_config_takes_numpy_floats():  # configs built from numpy value
     ("bert_tiny", dict(pad_token_id=True), "pad_token_id"),
     ("speech_tiny", dict(n_mels=True), "n_mels must be a positive int"),
     ("speech_tiny", dict(log_floor=math.nan), "log_floor"),
+    ("vit_tiny_patch16_224", dict(head_dropout="0.1"), "head_dropout must be in"),
+    ("vit_tiny_patch16_224", dict(pos_init_std=math.inf), "pos_init_std must be a finite number"),
+    ("bert_tiny", dict(classifier_dropout=None), "classifier_dropout must be in"),
 ])
 def test_model_configs_name_a_bad_field(name, overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
-from .config import TransformerConfig, is_int
+from .config import TransformerConfig, is_finite_number, is_int
 from .generation import TokenIds, check_max_new_tokens, check_sampling, decode, suppress_index
 from .layers import KERNEL_DTYPES, fused_linear_gelu, make_norm, token_cross_entropy, vocab_logits
 from .registry import build_config, register_model
@@ -115,8 +115,8 @@ class BertConfig:
             raise ValueError(f"BertConfig: num_classes must be an int >= 0, got {self.num_classes!r}")
         if self.num_classes and self.mlm_head:
             raise ValueError("BertConfig: choose one head: mlm_head=True or num_classes > 0, not both")
-        if not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError(f"BertConfig: classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
+        if not (is_finite_number(self.classifier_dropout) and 0.0 <= self.classifier_dropout < 1.0):
+            raise ValueError(f"BertConfig: classifier_dropout must be in [0, 1), got {self.classifier_dropout!r}")
 
 
 class MaskedLMHead(nn.Module):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import Transformer
-from .config import TransformerConfig, is_int
+from .config import TransformerConfig, is_finite_number, is_int
 from .layers import make_norm
 from .registry import build_config, register_model
 
@@ -77,8 +77,10 @@ class ViTConfig:
         need(self.class_token or self.global_pool != "token", "global_pool='token' needs class_token=True")
         need(is_int(self.reg_tokens) and self.reg_tokens >= 0,
              f"reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
-        need(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
-        need(self.pos_init_std >= 0, f"pos_init_std must be >= 0, got {self.pos_init_std}")
+        need(is_finite_number(self.head_dropout) and 0.0 <= self.head_dropout < 1.0,
+             f"head_dropout must be in [0, 1), got {self.head_dropout!r}")
+        need(is_finite_number(self.pos_init_std) and self.pos_init_std >= 0,
+             f"pos_init_std must be a finite number >= 0, got {self.pos_init_std!r}")
         if not isinstance(self.backbone, TransformerConfig):
             raise TypeError(f"ViTConfig: backbone must be a TransformerConfig, got {type(self.backbone).__name__}")
         # The ViT's own table knows the 2-D grid; a 1-D table (or rotary over the flat index) on top would not.
