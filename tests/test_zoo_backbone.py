@@ -364,3 +364,21 @@ def test_imported_models_bf16_parity_on_gpu(source):
             ref_bf16 = run(ref, *inputs)
             ours_bf16 = run(ours, *inputs)
     _bf16_rule(ours_bf16, ref_bf16, ref_fp32, source)
+
+
+def test_float64_backbone_on_the_triton_backend_passes_gradcheck():
+    """A float64 model (for gradcheck, or float64 references) keeps float64 in attention on
+    the "triton" backend: the kernels take no float64, so torch's SDPA serves it, as torch's
+    ops serve the other layers. Oracle: finite differences (torch.autograd.gradcheck)."""
+    cfg = TransformerConfig(dim=8, depth=1, heads=2, kv_heads=1, positions="none", causal=True,
+                            attn_backend="triton")
+    model = Transformer(cfg).double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    assert torch.autograd.gradcheck(lambda h: model(h, key_padding_mask=mask), (x,))
+    # Generation with a KV cache: the decoding kernel takes no float64 either.
+    gpt = zoo.create_model("gpt_nano", dim=16, depth=1, heads=2, vocab_size=20).double().eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    sdpa = zoo.create_model("gpt_nano", dim=16, depth=1, heads=2, vocab_size=20, attn_backend="sdpa").double()
+    sdpa.load_state_dict(gpt.state_dict())
+    assert torch.equal(gpt.generate(prompt, max_new_tokens=4), sdpa.eval().generate(prompt, max_new_tokens=4))

@@ -1,6 +1,8 @@
 """Multi-head attention of the backbone, with three interchangeable backends.
 
-"triton": this project's kernels (kernels.attention; on CPU their PyTorch path).
+"triton": this project's kernels (kernels.attention; on CPU their PyTorch path); tensors
+of a dtype the kernels do not take (float64) go to torch's SDPA, as the other layers' go
+to torch's ops.
 "sdpa": torch's scaled_dot_product_attention (its own function, even under patch_sdpa).
 "eager": softmax(Q K^T * scale) V written out, float32 scores; the ablation baseline,
 and the one path that can hand back the attention probabilities.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels.flash_attn_interface import SUPPORTED_DTYPES as KERNEL_DTYPES
 from kernels.runtime import without_autocast
 from kernels.sdpa import torch_sdpa
 
@@ -64,6 +67,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, backend: str, causal: bool = Fals
         if tuple(key_padding_mask.shape) != shape:
             raise ValueError(f"key_padding_mask must have shape (batch, seqlen_k) = {shape}, "
                              f"got {tuple(key_padding_mask.shape)}")
+    if backend == "triton" and q.dtype not in KERNEL_DTYPES:
+        backend = "sdpa"  # float64: torch's SDPA keeps it (gradcheck of a float64 model)
     if backend == "triton" and not return_probs:
         return kernels.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                  alibi_slopes=alibi_slopes)
@@ -160,7 +165,7 @@ class Attention(nn.Module):
         slopes = None if self.cross else alibi_slopes
         # flash_attn_with_kvcache has no backward: a step that needs gradients appends and attends apart.
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        in_kernel = (cache is not None and not self.cross and not needs_grad
+        in_kernel = (cache is not None and not self.cross and not needs_grad and q.dtype in KERNEL_DTYPES
                      and self._decodes_in_kernel(cache, key_padding_mask, dropout_p))
         # The kernel turns query i by position cache_len + i only when causal (FA2: otherwise
         # every query by cache_len), so a non-causal step of several tokens is turned here.

@@ -6,8 +6,8 @@ Triton on CUDA, their PyTorch path on CPU); without, torch's own ops. Both compu
 same function with the same parameters, so a checkpoint loads into either. Tensors of a
 dtype the kernels do not take (float64) use torch's ops either way, but a float64 model is
 not float64 throughout: RMSNorm's statistics, rotary's angles, the sinusoidal table and the
-"eager" attention scores are float32, as on the other dtypes (the "triton" backend refuses
-float64; "sdpa" keeps it).
+"eager" attention scores are float32, as on the other dtypes (the "triton" and "sdpa"
+backends keep float64: the former hands it to torch's SDPA).
 """
 
 from __future__ import annotations
