@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import kernels
 import zoo
 from zoo.speech import SpeechConfig
 
@@ -189,3 +190,17 @@ def test_attention_map_layers_take_numpy_and_tensor_indices_as_heads_do():
         zoo.attention_maps(model, images, layers=1.5)
     with pytest.raises(ValueError, match="heads must be head indices"):  # before: "'float' object is not iterable"
         zoo.attention_maps(model, images, heads=1.0)
+
+
+def test_token_ids_of_any_integer_dtype_act_as_int64():
+    """uint8 / int16 token ids (compact storage) give the logits of the same ids as int64, for
+    GPT and seq2seq alike (an embedding takes only int64 / int32: they are widened first)."""
+    gpt, seq2seq = _gpt(), _seq2seq()
+    ids = torch.tensor([[1, 5, 7], [2, 3, 4]])
+    with kernels.reference_only():
+        expected_gpt = gpt(ids)
+        expected_s2s = seq2seq(ids, ids)
+        for dtype in (torch.uint8, torch.int16):
+            torch.testing.assert_close(gpt(ids.to(dtype)), expected_gpt, rtol=0, atol=0)
+            torch.testing.assert_close(seq2seq(ids.to(dtype), ids.to(dtype)), expected_s2s, rtol=0, atol=0)
+        assert torch.equal(gpt.generate(ids.to(torch.int16), max_new_tokens=2), gpt.generate(ids, max_new_tokens=2))

@@ -150,8 +150,12 @@ class Seq2SeqTransformer(nn.Module):
         self.decoder.set_attn_backend(backend)
         self.cfg = dataclasses.replace(self.cfg, encoder=self.encoder.cfg, decoder=self.decoder.cfg)
 
-    def _check_ids(self, ids: Tensor, name: str, vocab: int) -> None:
-        if not isinstance(ids, Tensor) or ids.dtype not in (torch.long, torch.int32) or ids.dim() != 2:
+    def _check_ids(self, ids: Tensor, name: str, vocab: int) -> Tensor:
+        """ids (B, S) of any integer dtype, returned as int64 or int32 (uint8/int16 widened, as
+        GPT's); raises TypeError / ValueError naming `name`."""
+        integer = isinstance(ids, Tensor) and not (ids.dtype.is_floating_point or ids.dtype.is_complex
+                                                    or ids.dtype == torch.bool)
+        if not integer or ids.dim() != 2:
             raise TypeError(f"{name} must be an integer tensor of shape (B, S), got "
                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
         # Value check on CPU only: on an accelerator it would be a host sync per step, and the
@@ -159,6 +163,7 @@ class Seq2SeqTransformer(nn.Module):
         if (ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling()
                 and (int(ids.min()) < 0 or int(ids.max()) >= vocab)):
             raise ValueError(f"{name} holds ids outside [0, {vocab})")
+        return ids if ids.dtype in (torch.long, torch.int32) else ids.long()
 
     def encode(self, src_ids: Tensor, src_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Encoder states (B, Ss, dim) and the source mask used (B, Ss) bool.
@@ -166,7 +171,7 @@ class Seq2SeqTransformer(nn.Module):
         src_mask marks real tokens (True); when None it is `src_ids != pad_id`.
         Raises TypeError/ValueError for malformed ids or a mask of the wrong shape.
         """
-        self._check_ids(src_ids, "src_ids", self.cfg.src_vocab_size)
+        src_ids = self._check_ids(src_ids, "src_ids", self.cfg.src_vocab_size)
         # Kept even when nothing is padded: testing for that would cost a host sync per step
         # and a graph break under torch.compile.
         src_mask = src_ids != self.cfg.pad_id if src_mask is None else padding_mask(src_mask, src_ids.shape, "src_mask")
@@ -182,7 +187,7 @@ class Seq2SeqTransformer(nn.Module):
         dtype) then covers all decoder keys so far. Raises TypeError / ValueError for
         malformed ids or a tgt_mask of the wrong type or shape.
         """
-        self._check_ids(tgt_ids, "tgt_ids", self.cfg.tgt_vocab_size)
+        tgt_ids = self._check_ids(tgt_ids, "tgt_ids", self.cfg.tgt_vocab_size)
         past = cache.offset if cache is not None else 0
         tgt_mask = padding_mask(tgt_mask, (tgt_ids.shape[0], past + tgt_ids.shape[1]), "tgt_mask")
         x = self.tgt_embed(tgt_ids) * self.embed_scale
@@ -198,7 +203,7 @@ class Seq2SeqTransformer(nn.Module):
         ids or masks of the wrong type or shape.
         """
         memory, src_mask = self.encode(src_ids, src_mask)
-        self._check_ids(tgt_ids, "tgt_ids", self.cfg.tgt_vocab_size)
+        tgt_ids = self._check_ids(tgt_ids, "tgt_ids", self.cfg.tgt_vocab_size)
         tgt_mask = padding_mask(tgt_mask, tuple(tgt_ids.shape), "tgt_mask")
         x = self.tgt_embed(tgt_ids) * self.embed_scale
         return self.decoder(x, key_padding_mask=tgt_mask, memory=memory, memory_padding_mask=src_mask)

@@ -30,7 +30,9 @@ IGNORE_INDEX = -100
 
 
 def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> Tensor:
-    """Validates (B, S) integer token ids below vocab_size; raises TypeError / ValueError naming `name`."""
+    """Validates (B, S) integer token ids below vocab_size; returns them as int64 or int32 (the
+    dtypes an embedding takes: uint8 or int16 ids are widened). Raises TypeError / ValueError
+    naming `name`."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -44,7 +46,7 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> Te
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
-    return ids
+    return ids if ids.dtype in (torch.long, torch.int32) else ids.long()
 
 
 def padding_mask(mask: Optional[Tensor], shape: tuple[int, int], name: str = "attention_mask") -> Optional[Tensor]:
