@@ -8,7 +8,7 @@ Semantics are torch.nn.functional.cross_entropy's for (N, V) logits and (N,) cla
 targets: rows whose target is ignore_index add nothing (and get exactly zero gradient);
 label smoothing eps mixes in the uniform distribution, loss = (1 - eps) * nll + eps *
 (lse - mean(logits)); "mean" divides by the number of rows not ignored (NaN when all
-are). The loss is float32 whatever the logits' dtype.
+are, with a zero gradient, as torch's). The loss is float32 whatever the logits' dtype.
 
 One program per row makes two passes over the vocabulary in BLOCK_V chunks: an online
 max / sum-exp (and the sum of the logits for smoothing), then the gradient
@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import (autocast_dtype, cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward,
-                      unit_stride, use_triton)
+from .runtime import (as_float, as_int, autocast_dtype, cdiv, launch, eager_op, on_device, INTERPRET,
+                      next_power_of_2, run_backward, unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -220,11 +220,14 @@ def ce_rows_reference(logits, grad, target, n_valid, row_scale, ignore_index, sm
         loss = (1 - smoothing) * loss - smoothing * logp.mean(1)
     loss = torch.where(ignored, 0.0, loss)
     if grad is not None:
-        scale = (~ignored).to(torch.float32)  # float32, whatever the default dtype (bf16-true sets it)
+        scale = torch.ones_like(loss)  # float32, whatever the default dtype (bf16-true sets it)
         if mean:
             scale = scale / n_valid
         if row_scale is not None:
             scale = scale * row_scale.float()
+        # As the kernel: an ignored row's scale is 0 even when it is not finite (1 / 0 with every
+        # row ignored, "mean"): its gradient is 0, as torch's, not 0 * inf = NaN.
+        scale = torch.where(ignored, 0.0, scale)
         g = logp.exp_().mul_(scale[:, None])
         g.scatter_add_(1, safe_t, (-(1 - smoothing) * scale)[:, None])
         if smoothing > 0:
@@ -301,7 +304,9 @@ def _ce_backward(ctx, grad_loss, _grad_dlogits):
     if dlogits.dtype == torch.float16:  # stored times FP16_GRAD_SCALE, and unreduced (_cross_entropy_fwd)
         grad_loss = grad_loss.float() / FP16_GRAD_SCALE
         if ctx.fp16_mean:
-            grad_loss = grad_loss / _n_valid(target, ctx.ignore_index)[0]
+            # With every row ignored the stored gradient is all 0, and stays so (torch's is 0 too):
+            # dividing by 1 there, not 0, keeps 0 * inf = NaN out.
+            grad_loss = grad_loss / _n_valid(target, ctx.ignore_index)[0].clamp_min(1.0)
     per_row_target = target if ctx.per_row else None
     return scale_gradient(ctx, dlogits, grad_loss, per_row_target, ctx.ignore_index), None, None, None, None, None
 
@@ -518,15 +523,16 @@ _call_flce_fwd = eager_op(fused_linear_cross_entropy_fwd, _fused_linear_cross_en
 # --------------------------------------------------------------------------------------
 
 
-def _check_options(ignore_index, label_smoothing, reduction) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing <= 1.0):
+def _check_options(ignore_index, label_smoothing, reduction) -> tuple[int, float, int]:
+    """(ignore_index, label_smoothing, reduction code) as Python numbers. numpy scalars and 0-dim
+    tensors are taken, as torch's F.cross_entropy takes them; bools, NaN and inf are refused."""
+    ignore_index = as_int(ignore_index, "ignore_index", "an int", TypeError)
+    label_smoothing = as_float(label_smoothing, "label_smoothing", "a number in [0, 1]")
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    return REDUCTIONS[reduction]
+    return ignore_index, label_smoothing, REDUCTIONS[reduction]
 
 
 def _check_float(t, name: str) -> None:
@@ -570,17 +576,19 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
     """torch.nn.functional.cross_entropy for logits (N, V) and class targets (N,), fused.
 
     logits fp16/bf16/fp32 (any V >= 1); target int64/int32 in [0, V) or ignore_index.
-    Returns the float32 loss: a scalar ("mean", "sum") or (N,) ("none"). The forward
+    ignore_index, label_smoothing: Python, numpy or 0-dim tensor numbers (not bools, NaN or inf).
+    Returns the float32 loss: a scalar ("mean", "sum") or (N,) ("none"); with "mean" and every
+    row ignored, NaN with a zero gradient (as torch). The forward
     also computes the logits' gradient (one extra (N, V) buffer while the graph lives).
     Raises TypeError/ValueError naming the bad argument.
     """
     _check_float(logits, "logits")
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must have 2 dims (tokens, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
-    red = _check_options(ignore_index, label_smoothing, reduction)
+    ignore_index, label_smoothing, red = _check_options(ignore_index, label_smoothing, reduction)
     _check_target(target, logits.shape[0], logits.shape[1], ignore_index, logits.device, "tokens")
     logits = unit_stride(logits)
-    loss, _ = _call_cross_entropy_fwd(logits, target.contiguous(), ignore_index, float(label_smoothing), red,
+    loss, _ = _call_cross_entropy_fwd(logits, target.contiguous(), ignore_index, label_smoothing, red,
                                       _requires_grad(logits))
     return loss
 
@@ -620,16 +628,18 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, b
     V = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"bias must have shape (vocab,) = ({V},), got {tuple(bias.shape)}")
-    red = _check_options(ignore_index, label_smoothing, reduction)
+    ignore_index, label_smoothing, red = _check_options(ignore_index, label_smoothing, reduction)
     _check_target(target, hidden.shape[0], V, ignore_index, hidden.device, "tokens")
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], V, hidden.shape[1])
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        chunk_size = as_int(chunk_size, "chunk_size", "a positive int or None")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     need_h = _requires_grad(hidden)
     need_w = _requires_grad(weight, bias)
     loss, _, _, _ = _call_flce_fwd(
         hidden.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-        target.contiguous(), ignore_index, float(label_smoothing), red, chunk_size, need_h, need_w)
+        target.contiguous(), ignore_index, label_smoothing, red, chunk_size, need_h, need_w)
     return loss
 

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from . import decoding
 from .decoding import _capacity
-from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, as_int, check_options
-from .runtime import unit_stride
+from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, check_options
+from .runtime import as_int, unit_stride
 
 
 # --------------------------------------------------------------------------------------

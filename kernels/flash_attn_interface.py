@@ -10,14 +10,13 @@ deterministic (``deterministic`` is accepted and has nothing left to do).
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 from torch import Tensor
 
 from . import attention_op, attention_reference, flash_attention
-from .runtime import autocast_dtype, unit_stride, use_triton
+from .runtime import as_float, as_int, autocast_dtype, scalar_value, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -64,33 +63,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool) -> None:
         raise ValueError(f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for grouped-query attention")
 
 
-def _scalar(value):
-    """A 0-dim tensor's value (one host read, as FlashAttention-2's C++ binding does), else value."""
-    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype != torch.bool:
-        return value.item()
-    return value
-
-
-def as_int(value, name: str, expected: str) -> int:
-    """value as a Python int: ints, numpy integers and 0-dim integer tensors; bools refused."""
-    value = _scalar(value)
-    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
-        return int(value)
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def as_float(value, name: str, expected: str) -> float:
-    """value as a finite Python float: real numbers, numpy scalars and 0-dim tensors; bools refused."""
-    value = _scalar(value)
-    if not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value):
-        return float(value)
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
 def check_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, batch, nheads, device):
     """Checks the scalar options and alibi_slopes. Returns (dropout_p, softmax_scale,
     window_size, softcap) as Python floats and ints (softmax_scale None stays None)."""
-    dropout_p = _scalar(dropout_p)
+    dropout_p = scalar_value(dropout_p)
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:  # False: no dropout
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if softmax_scale is not None:

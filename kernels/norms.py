@@ -23,7 +23,6 @@ and backward) and RMSNorm (forward); otherwise elementwise ops with float32 stat
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -32,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .norms_looped import _bwd_looped, _dwdb_looped, _fwd_looped
-from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, unit_stride,
-                      use_triton)
+from .runtime import (as_float, cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward,
+                      unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size accepted (the looped kernels have no limit of their own).
@@ -421,7 +420,9 @@ def _run(x, residual, weight, bias, eps, is_rms):
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
     _check_param(weight, "weight", x)
     _check_param(bias, "bias", x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+    # numpy scalars and 0-dim tensors too, as torch's F.layer_norm takes them; bools, NaN and inf refused.
+    eps = as_float(eps, "eps", "a finite number > 0")
+    if not eps > 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -432,7 +433,7 @@ def _run(x, residual, weight, bias, eps, is_rms):
         r2 = unit_stride(r2)
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    y, s, _, _ = _call_norm_fwd(x2, r2, weight, bias, float(eps), is_rms)
+    y, s, _, _ = _call_norm_fwd(x2, r2, weight, bias, eps, is_rms)
     if residual is None:
         return y.view(*shape)
     return y.view(*shape), s.view(*shape)
@@ -443,7 +444,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
 
     x (..., hidden), fp16/bf16/fp32, hidden 1 to MAX_HIDDEN; weight, bias None or
-    (hidden,) of any of those dtypes. Statistics in float32; returns x's shape and dtype
+    (hidden,) of any of those dtypes; eps a finite number > 0 (Python, numpy or a 0-dim
+    tensor). Statistics in float32; returns x's shape and dtype
     (torch.nn.functional.layer_norm(x, (hidden,), weight, bias, eps) semantics).
     Raises TypeError/ValueError naming the bad argument.
     """

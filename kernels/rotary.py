@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import (cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward, shared_layout,
-                      unit_stride, use_triton)
+from .runtime import (as_int, cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward,
+                      shared_layout, unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
@@ -265,6 +265,16 @@ def _check_positions(t: Tensor, name: str, lowest: int, highest: int, seqlen_ro:
                          f"seqlen_ro = {seqlen_ro} rows, so positions must be in [0, {seqlen_ro - 1}]")
 
 
+def _offsets(seqlen_offsets, batch: int) -> Union[int, Tensor]:
+    """seqlen_offsets as a Python int (numpy and 0-dim tensor integers too) or a tensor: a 0-dim
+    integer tensor, one offset for every sequence, is expanded to (batch,) (no host read)."""
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.dim() == 0 and seqlen_offsets.dtype in (torch.int32, torch.int64):
+            return seqlen_offsets.expand(batch)
+        return seqlen_offsets
+    return as_int(seqlen_offsets, "seqlen_offsets", "an int or a (batch,) tensor", TypeError)
+
+
 def _packed_positions(x: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
                       seqlen_offsets: Union[int, Tensor]) -> Tensor:
     """(1, total) positions of packed x (total, H, D): each token's index in its sequence + its offset."""
@@ -275,10 +285,12 @@ def _packed_positions(x: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
                         f"{' of shape ' + str(tuple(cu_seqlens.shape)) if isinstance(cu_seqlens, Tensor) else ''}")
     if cu_seqlens.device != x.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
-                                   or max_seqlen < 0):
-        raise TypeError(f"max_seqlen must be an int >= 0 or None, got {max_seqlen!r}")
+    if max_seqlen is not None:
+        max_seqlen = as_int(max_seqlen, "max_seqlen", "an int >= 0 or None", TypeError)
+        if max_seqlen < 0:
+            raise TypeError(f"max_seqlen must be an int >= 0 or None, got {max_seqlen!r}")
     total, batch = x.shape[0], cu_seqlens.numel() - 1
+    seqlen_offsets = _offsets(seqlen_offsets, batch)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         # The kernel needs no max_seqlen (positions come from cu_seqlens); on CPU it is still
@@ -291,10 +303,8 @@ def _packed_positions(x: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int],
     if isinstance(seqlen_offsets, Tensor):
         _check_index_tensor(seqlen_offsets, "seqlen_offsets", (batch,), x)
         starts = cu_seqlens[:-1].long() - seqlen_offsets.long()
-    elif isinstance(seqlen_offsets, int) and not isinstance(seqlen_offsets, bool):
-        starts = cu_seqlens[:-1].long() - seqlen_offsets
     else:
-        raise TypeError(f"seqlen_offsets must be an int or a (batch,) tensor, got {type(seqlen_offsets).__name__}")
+        starts = cu_seqlens[:-1].long() - seqlen_offsets
     # Token i of sequence b sits at i - cu_seqlens[b] + offset[b]; output_size keeps it sync-free.
     sequence = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=total)
     return (torch.arange(total, device=x.device) - starts[sequence]).view(1, total)
@@ -310,8 +320,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     instead of GPT-NeoX halves. inplace: rotate x itself and return it (autograd-aware;
     under autograd, as for any in-place op, x must not be one of several views of a buffer
     that are all modified in place, e.g. q and k unbound from one qkv tensor).
-    seqlen_offsets: int, or int32/int64 (batch,) tensor, added to each token's index
-    (KV-cache decoding); position_ids: int32/int64 (batch, seqlen) explicit positions
+    seqlen_offsets: int (numpy integers too), or int32/int64 (batch,) tensor (0-dim: one offset
+    for all), added to each token's index (KV-cache decoding); position_ids: int32/int64
+    (batch, seqlen) explicit positions
     (then seqlen_offsets must be 0). cu_seqlens (batch + 1,) int32, as FA2's varlen form:
     x is packed (total, nheads, headdim), token i of sequence b sits at
     i - cu_seqlens[b] + seqlen_offsets (int or (batch,)); max_seqlen, FA2's grid bound, is
@@ -329,10 +340,16 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         if position_ids is not None:
             raise ValueError("give cu_seqlens or position_ids, not both")
         positions = _packed_positions(x, cu_seqlens, max_seqlen, seqlen_offsets)
-        out = apply_rotary_emb(x.unsqueeze(0), cos, sin, interleaved, inplace, position_ids=positions)
+        out = _apply(x.unsqueeze(0), cos, sin, interleaved, inplace, 0, positions, "cu_seqlens with seqlen_offsets")
         return x if inplace else out.squeeze(0)
     if max_seqlen is not None:
         raise ValueError("max_seqlen applies only with cu_seqlens (packed x)")
+    return _apply(x, cos, sin, interleaved, inplace, seqlen_offsets, position_ids, "position_ids")
+
+
+def _apply(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inplace: bool, seqlen_offsets: Union[int, Tensor],
+           position_ids: Optional[Tensor], positions_name: str) -> Tensor:
+    """apply_rotary_emb on 4-D x; positions_name: what the positions were given as (in errors)."""
     if x.dim() != 4:
         raise ValueError(f"x must have 4 dims (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -357,22 +374,21 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if not isinstance(interleaved, bool) or not isinstance(inplace, bool):
         raise TypeError(f"interleaved and inplace must be bool, got {interleaved!r} and {inplace!r}")
     offsets, offset = None, 0
+    seqlen_offsets = _offsets(seqlen_offsets, B)
     if position_ids is not None:
         if not (isinstance(seqlen_offsets, int) and seqlen_offsets == 0):
             raise ValueError("seqlen_offsets must be 0 when position_ids is given (positions are explicit)")
         _check_index_tensor(position_ids, "position_ids", (B, S), x)
-        _check_positions(position_ids, "position_ids", 0, 0, seqlen_ro)
+        _check_positions(position_ids, positions_name, 0, 0, seqlen_ro)
     elif isinstance(seqlen_offsets, Tensor):
         _check_index_tensor(seqlen_offsets, "seqlen_offsets", (B,), x)
         _check_positions(seqlen_offsets, "seqlen_offsets", 0, S - 1, seqlen_ro)
         offsets = seqlen_offsets
-    elif isinstance(seqlen_offsets, int) and not isinstance(seqlen_offsets, bool):
+    else:
         if seqlen_offsets < 0 or seqlen_offsets + S > seqlen_ro:
             raise ValueError(f"seqlen_offsets = {seqlen_offsets} with seqlen {S} needs positions up to "
                              f"{seqlen_offsets + S - 1}, but cos and sin have seqlen_ro = {seqlen_ro} rows")
         offset = seqlen_offsets
-    else:
-        raise TypeError(f"seqlen_offsets must be an int or a (batch,) tensor, got {type(seqlen_offsets).__name__}")
     cos, sin = shared_layout(cos, sin)  # the kernel walks both by cos's row stride
     if inplace:
         if x.stride(-1) != 1:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+import numbers
 import os
 import threading
 from typing import Callable, Optional
@@ -84,6 +86,31 @@ def without_autocast(fn: Callable) -> Callable:
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
     return run
+
+
+def scalar_value(value):
+    """A 0-dim (non-bool) tensor's value (one host read, as torch's own scalar arguments), else value."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        return value.item()
+    return value
+
+
+def as_int(value, name: str, expected: str, error: type = ValueError) -> int:
+    """value as a Python int: ints, numpy integers and 0-dim integer tensors (as torch takes
+    them); bools and floats refused with ``error`` naming the argument."""
+    value = scalar_value(value)
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
+        return int(value)
+    raise error(f"{name} must be {expected}, got {value!r}")
+
+
+def as_float(value, name: str, expected: str, error: type = ValueError) -> float:
+    """value as a finite Python float: real numbers, numpy scalars and 0-dim tensors; bools,
+    NaN and infinities refused with ``error`` naming the argument."""
+    value = scalar_value(value)
+    if not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value):
+        return float(value)
+    raise error(f"{name} must be {expected}, got {value!r}")
 
 
 def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
