@@ -204,3 +204,19 @@ def test_token_ids_of_any_integer_dtype_act_as_int64():
             torch.testing.assert_close(gpt(ids.to(dtype)), expected_gpt, rtol=0, atol=0)
             torch.testing.assert_close(seq2seq(ids.to(dtype), ids.to(dtype)), expected_s2s, rtol=0, atol=0)
         assert torch.equal(gpt.generate(ids.to(torch.int16), max_new_tokens=2), gpt.generate(ids, max_new_tokens=2))
+
+
+@pytest.mark.parametrize("features, match", [
+    (torch.randn(2, 5, 7), r"features must have shape \(B, tokens, 64\)"),  # another width
+    (torch.randn(2, 64), r"features must have shape \(B, tokens, 64\)"),  # pooled already
+    (torch.randn(2, 0, 64), "features hold 0 tokens; global_pool='avg' needs at least 1"),  # mean of none: NaN
+])
+def test_vit_forward_head_names_bad_features(features, match):
+    model = zoo.create_model("vit_digits").eval()
+    assert model.cfg.global_pool == "avg" and model.num_prefix_tokens == 0  # what the messages assume
+    with kernels.reference_only(), pytest.raises(ValueError, match=match):
+        model.forward_head(features)
+    # The features forward_features makes are taken, with the logits of the whole model.
+    images = torch.randn(2, 1, 8, 8)
+    with kernels.reference_only():
+        torch.testing.assert_close(model.forward_head(model.forward_features(images)), model(images))

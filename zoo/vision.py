@@ -239,7 +239,19 @@ class VisionTransformer(nn.Module):
         return self.backbone(self._embed(images))
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
-        """Token states (B, T, dim) -> logits (B, num_classes), or pooled (B, dim) with pre_logits."""
+        """Token states (B, T, dim) -> logits (B, num_classes), or pooled (B, dim) with pre_logits.
+
+        Raises ValueError for features of another shape or width, or without the tokens the
+        pooling reads (the class token; for "avg", at least one patch token: the mean of none
+        would be NaN)."""
+        dim, prefix = self.cfg.backbone.dim, self.num_prefix_tokens
+        if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[-1] != dim:
+            raise ValueError(f"features must have shape (B, tokens, {dim}) (forward_features' output), got "
+                             f"{tuple(getattr(features, 'shape', ())) or type(features).__name__}")
+        needed = prefix + 1 if self.cfg.global_pool != "token" else 1
+        if features.shape[1] < needed:
+            raise ValueError(f"features hold {features.shape[1]} tokens; global_pool={self.cfg.global_pool!r} needs "
+                             f"at least {needed} ({prefix} prefix tokens, then the patches)")
         if self.cfg.global_pool == "token":
             x = features[:, 0]
         else:
