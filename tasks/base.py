@@ -19,6 +19,11 @@ from zoo import TransformerConfig
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "pos_table", "mask_token")
 
 
+def _is_real(value: Any) -> bool:
+    """A finite int or float that is not a bool (True would pass as 1)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW parameter groups: weight decay on weight matrices and convolutions only.
 
@@ -58,6 +63,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_label_smoothing(label_smoothing: float) -> None:
+    """ValueError unless label_smoothing is a number in [0, 1) (1 would make every target uniform;
+    torch's cross-entropy refuses more only at the first training step)."""
+    if not _is_real(label_smoothing) or not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+
+
 class ZooTask(L.LightningModule):
     """Base of the tasks: builds `zoo.create_model(model, **model_args)` and the optimizer.
 
@@ -72,6 +84,9 @@ class ZooTask(L.LightningModule):
         warmup: warmup length: a fraction of the training steps when < 1, else steps.
         min_lr_ratio: final learning rate as a fraction of lr (cosine schedule).
         compile: torch.compile the model (fullgraph) before training.
+
+    Raises ValueError (naming the argument) for lr not > 0, a negative weight_decay, betas
+    outside [0, 1), a warmup or min_lr_ratio out of range, or a non-finite value of any.
     """
 
     # Read by Lightning's ThroughputMonitor (which `zoo fit` adds), which warns on every run of a
@@ -86,8 +101,16 @@ class ZooTask(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), warmup: float = 0.05, min_lr_ratio: float = 0.01,
                  compile: bool = False):
         super().__init__()
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0 \
-                or (warmup >= 1 and warmup != int(warmup)):
+        # Checked here, not when fit() reaches configure_optimizers after the data is set up: lr=0
+        # would train nothing without a word, and torch's "Invalid learning rate" names no task.
+        if not _is_real(lr) or lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0 (AdamW's peak learning rate), got {lr!r}")
+        if not _is_real(weight_decay) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2 \
+                or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas!r}")
+        if not _is_real(warmup) or not warmup >= 0 or (warmup >= 1 and warmup != int(warmup)):
             raise ValueError(f"warmup must be a fraction of the training steps in [0, 1) or a whole number "
                              f"of steps, got {warmup!r}")
         if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) \
@@ -192,6 +215,7 @@ class ClassificationTask(ZooTask):
 
     def __init__(self, model: str, num_classes: int, label_smoothing: float = 0.0,
                  model_args: Optional[dict[str, Any]] = None, **kwargs):
+        check_label_smoothing(label_smoothing)
         super().__init__(model, {"num_classes": num_classes, **(model_args or {})}, **kwargs)
         top = min(5, num_classes)
         self.metrics = torch.nn.ModuleDict({

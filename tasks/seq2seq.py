@@ -11,7 +11,7 @@ from torchmetrics.text import CharErrorRate
 import zoo
 from zoo.layers import token_cross_entropy
 
-from .base import ZooTask
+from .base import ZooTask, check_label_smoothing
 from .data.tokenizers import suppressed_ids, warn_unknown
 
 
@@ -53,6 +53,7 @@ class Seq2Seq(ZooTask):
     def __init__(self, model: str = "seq2seq_tiny", vocab_size: int = 128, label_smoothing: float = 0.0,
                  num_beams: int = 1, max_new_tokens: int = 64, model_args: Optional[dict[str, Any]] = None,
                  **kwargs):
+        check_label_smoothing(label_smoothing)
         super().__init__(model, {"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, **(model_args or {})},
                          **kwargs)
         self.tokenizer = None  # set in setup() from the data module, or from a checkpoint

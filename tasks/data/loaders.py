@@ -18,10 +18,19 @@ class SplitDataModule(L.LightningDataModule):
     strategy Lightning gives the training loader a DistributedSampler that shuffles whatever
     the loader did; with shuffle=False the loader brings its own, which does not (each rank
     then reads every world-size-th sample of the dataset order).
+
+    Raises ValueError for a batch_size that is not a positive int or a num_workers that is not
+    a non-negative int: at construction, not after setup() has read or synthesized the data.
     """
 
     def __init__(self, batch_size: int, num_workers: int, shuffle: bool = True):
         super().__init__()
+        name = type(self).__name__
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{name}: batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"{name}: num_workers must be an int >= 0 (0: load in the main process), "
+                             f"got {num_workers!r}")
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None

@@ -58,7 +58,7 @@ class SpeechCommandsDataModule(WaveformDataModule):
     testing_list.txt splits (speakers are disjoint across them).
     Args:
         root: the folder holding SpeechCommands/.
-        words: the classes; None: all 35 words of v2. With a list, every other word is
+        words: the classes (a str: one word); None: all 35 words of v2. With a list, every other word is
             the class "_unknown_" (the last label) when unknown=True, else left out.
         shift: training time-shift augmentation, in seconds.
         batch_size, num_workers: of the loaders.
@@ -69,6 +69,7 @@ class SpeechCommandsDataModule(WaveformDataModule):
     def __init__(self, root: str, words: Optional[list[str]] = None, unknown: bool = True, shift: float = 0.1,
                  batch_size: int = 128, num_workers: int = 8):
         super().__init__(batch_size, num_workers)
+        words = [words] if isinstance(words, str) else words  # one word, not its letters
         self.root, self.words, self.unknown, self.shift = root, words, unknown, shift
         self.classes: Optional[list[str]] = None
 
@@ -156,14 +157,19 @@ class LibriSpeechDataModule(WaveformDataModule):
     LIBRISPEECH_ALPHABET (vocab_size 33; id 0, the pad, is the CTC blank). FLAC needs
     soundfile or torchcodec installed.
     Args: root (the folder holding LibriSpeech/), train_subsets, val_subset, test_subset
-    (e.g. "train-clean-100", "dev-clean", "test-clean"), batch_size, num_workers.
+    (e.g. "train-clean-100", "dev-clean", "test-clean"; train_subsets a list, or a str for one),
+    batch_size, num_workers.
     Raises (in setup) FileNotFoundError naming a missing or empty subset folder.
     """
 
     def __init__(self, root: str, train_subsets: Sequence[str] = ("train-clean-100",), val_subset: str = "dev-clean",
                  test_subset: str = "test-clean", batch_size: int = 32, num_workers: int = 8):
         super().__init__(batch_size, num_workers)
-        self.root, self.train_subsets = root, list(train_subsets)
+        # A str is one subset: list("train-clean-100") would look for the folders "t", "r", ...
+        self.root = root
+        self.train_subsets = [train_subsets] if isinstance(train_subsets, str) else list(train_subsets)
+        if not self.train_subsets:
+            raise ValueError("LibriSpeechDataModule: train_subsets names no subset (e.g. 'train-clean-100')")
         self.val_subset, self.test_subset = val_subset, test_subset
         self.tokenizer = CharTokenizer(LIBRISPEECH_ALPHABET)
 

@@ -157,7 +157,12 @@ class ImageFolderDataModule(SplitDataModule):
                              T.Normalize(mean, std)])
         folder = lambda name: require_dir(os.path.join(self.root, name), "ImageFolderDataModule")  # noqa: E731
         def images(name: str, transform):
-            return datasets.ImageFolder(folder(name), transform, loader=load_image, is_valid_file=is_image_file)
+            path = folder(name)
+            try:
+                return datasets.ImageFolder(path, transform, loader=load_image, is_valid_file=is_image_file)
+            except FileNotFoundError as e:  # torchvision names the empty class folders but not where they are
+                raise FileNotFoundError(f"ImageFolderDataModule: {os.path.abspath(path)!r}: {e} (read are files "
+                                        f"ending in {', '.join(IMAGE_EXTENSIONS)})") from e
 
         self.train_set = images(self.train_dir, train_tf)
         for split, name in (("val_set", self.val_dir), ("test_set", self.test_dir or self.val_dir)):

@@ -1,0 +1,105 @@
+"""The tasks' and data modules' Python API: bad arguments fail at construction with a message
+naming the argument and what was expected, and local data problems name the file or folder.
+
+The expectations are the documented domains of the arguments (AdamW's learning rate > 0 and
+betas in [0, 1), torch's label smoothing in [0, 1], a DataLoader's batch_size >= 1 and
+num_workers >= 0) and the paths the test itself creates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import kernels
+from tasks.data.dates import DatesDataModule
+from tasks.data.speech_corpora import LibriSpeechDataModule
+from tasks.data.vision import DigitsDataModule, ImageFolderDataModule
+from tasks.seq2seq import Seq2Seq
+from tasks.vision import ImageClassification
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"lr": 0.0}, "lr"), ({"lr": -1e-3}, "lr"), ({"lr": NAN}, "lr"), ({"lr": INF}, "lr"), ({"lr": True}, "lr"),
+    ({"weight_decay": -0.1}, "weight_decay"), ({"weight_decay": NAN}, "weight_decay"),
+    ({"betas": (1.5, 0.999)}, "betas"), ({"betas": (0.9,)}, "betas"), ({"betas": (0.9, NAN)}, "betas"),
+    ({"warmup": INF}, "warmup"), ({"warmup": -0.1}, "warmup"),
+    ({"label_smoothing": 1.0}, "label_smoothing"), ({"label_smoothing": -0.1}, "label_smoothing"),
+])
+def test_bad_optimizer_and_loss_settings_fail_at_construction_naming_the_argument(kwargs, name):
+    """Before, lr=0 trained nothing without a word, a negative or NaN lr failed only when fit()
+    reached configure_optimizers (torch's "Invalid learning rate"), and warmup=inf raised an
+    OverflowError."""
+    with kernels.reference_only(), pytest.raises(ValueError, match=rf"^{name} must be"):
+        ImageClassification("vit_digits", model_args={"depth": 1}, **kwargs)
+
+
+def test_seq2seq_checks_its_label_smoothing():
+    with kernels.reference_only(), pytest.raises(ValueError, match=r"^label_smoothing must be in \[0, 1\)"):
+        Seq2Seq(label_smoothing=2.0)
+
+
+def test_good_optimizer_settings_are_kept():
+    with kernels.reference_only():
+        task = ImageClassification("vit_digits", model_args={"depth": 1}, lr=3e-4, weight_decay=0.0,
+                                   betas=[0.9, 0.95], warmup=10, label_smoothing=0.1)
+    optimizer = torch.optim.AdamW(task.parameters(), lr=task.hparams.lr, betas=tuple(task.hparams.betas))
+    assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["betas"] == (0.9, 0.95)
+    assert math.isclose(task.hparams.label_smoothing, 0.1)
+
+
+@pytest.mark.parametrize("build", [DatesDataModule, DigitsDataModule])
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
+    ({"batch_size": True}, "batch_size must be a positive int, got True"),
+    ({"batch_size": 2.5}, "batch_size must be a positive int, got 2.5"),
+    ({"num_workers": -1}, r"num_workers must be an int >= 0 .*got -1"),
+    ({"num_workers": 1.5}, r"num_workers must be an int >= 0 .*got 1.5"),
+])
+def test_data_modules_check_batch_size_and_workers_at_construction(build, kwargs, message):
+    """Before, the DataLoader refused them only after setup() had built the data (minutes for
+    synthesized speech or the stdlib corpus), without naming the data module."""
+    with pytest.raises(ValueError, match=rf"^{build.__name__}: {message}"):
+        build(**kwargs)
+
+
+def _librispeech(root, subsets):
+    """One (empty) utterance per subset: enough for torchaudio's LIBRISPEECH to list it."""
+    for name in subsets:
+        chapter = root / "LibriSpeech" / name / "19" / "198"
+        chapter.mkdir(parents=True)
+        (chapter / "19-198-0000.flac").write_bytes(b"")
+        (chapter / "19-198.trans.txt").write_text("19-198-0000 HELLO\n")
+
+
+def test_librispeech_takes_one_training_subset_as_a_str(tmp_path):
+    """A str is one subset's name, as for val_subset and test_subset; before, it was read as a
+    list of its characters ("LibriSpeech t: no directory at .../LibriSpeech/t")."""
+    _librispeech(tmp_path, ["train-clean-100", "dev-clean", "test-clean"])
+    dm = LibriSpeechDataModule(str(tmp_path), train_subsets="train-clean-100", num_workers=0)
+    dm.setup("fit")
+    assert dm.train_subsets == ["train-clean-100"] and len(dm.train_set) == 1
+    with pytest.raises(ValueError, match="train_subsets names no subset"):
+        LibriSpeechDataModule(str(tmp_path), train_subsets=[], num_workers=0)
+
+
+def test_an_image_folder_with_an_empty_class_folder_is_named(tmp_path):
+    """torchvision says only "Found no valid file for the classes dog": which of the splits'
+    folders it means was left to guess."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+    for folder in ("train/cat", "train/dog", "val/cat"):
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "0.png")
+    (tmp_path / "val" / "dog" / "notes.txt").write_text("not an image")
+    val = re.escape(os.path.abspath(tmp_path / "val"))
+    with pytest.raises(FileNotFoundError, match=rf"^ImageFolderDataModule: '{val}': .*dog.*ending in \.jpg"):
+        ImageFolderDataModule(str(tmp_path), image_size=8, num_workers=0).setup("fit")
