@@ -14,14 +14,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
 from zoo import TransformerConfig
+from zoo.config import is_finite_number
 
 # Parameters that never get weight decay: embeddings and position tables, by name.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "pos_table", "mask_token")
-
-
-def _is_real(value: Any) -> bool:
-    """A finite int or float that is not a bool (True would pass as 1)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -66,7 +62,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 def check_label_smoothing(label_smoothing: float) -> None:
     """ValueError unless label_smoothing is a number in [0, 1) (1 would make every target uniform;
     torch's cross-entropy refuses more only at the first training step)."""
-    if not _is_real(label_smoothing) or not 0 <= label_smoothing < 1:
+    if not is_finite_number(label_smoothing) or not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
 
 
@@ -103,18 +99,17 @@ class ZooTask(L.LightningModule):
         super().__init__()
         # Checked here, not when fit() reaches configure_optimizers after the data is set up: lr=0
         # would train nothing without a word, and torch's "Invalid learning rate" names no task.
-        if not _is_real(lr) or lr <= 0:
+        if not is_finite_number(lr) or lr <= 0:
             raise ValueError(f"lr must be a finite number > 0 (AdamW's peak learning rate), got {lr!r}")
-        if not _is_real(weight_decay) or weight_decay < 0:
+        if not is_finite_number(weight_decay) or weight_decay < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2 \
-                or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+                or not all(is_finite_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas!r}")
-        if not _is_real(warmup) or not warmup >= 0 or (warmup >= 1 and warmup != int(warmup)):
+        if not is_finite_number(warmup) or not warmup >= 0 or (warmup >= 1 and warmup != int(warmup)):
             raise ValueError(f"warmup must be a fraction of the training steps in [0, 1) or a whole number "
                              f"of steps, got {warmup!r}")
-        if isinstance(min_lr_ratio, bool) or not isinstance(min_lr_ratio, (int, float)) \
-                or not 0 <= min_lr_ratio <= 1:
+        if not is_finite_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1] (the final learning rate over lr), got {min_lr_ratio!r}")
         self.save_hyperparameters()
         overrides = dict(model_args or {})

@@ -13,12 +13,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .config import is_finite_number
+
 TokenIds = Union[int, Sequence[int], None]
-
-
-def _is_number(value) -> bool:
-    """An int or float that is not a bool (True would read as 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -40,7 +37,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     Tokens are taken from the most likely down; the most likely token is always kept
     (nucleus sampling). Raises ValueError unless 0 < p <= 1.
     """
-    if not _is_number(p) or not 0.0 < p <= 1.0:
+    if not is_finite_number(p) or not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
     if p >= 1.0:
         return logits
@@ -62,11 +59,11 @@ def check_sampling(do_sample: bool, temperature: float, top_k: Optional[int], to
     if not do_sample:
         return
     # `not x > 0` rather than `x <= 0`: NaN fails every comparison and would reach the sampler.
-    if not _is_number(temperature) or not temperature > 0:
+    if not is_finite_number(temperature) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not is_finite_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
