@@ -56,9 +56,9 @@ def test_good_optimizer_settings_are_kept():
 
 @pytest.mark.parametrize("build", [DatesDataModule, DigitsDataModule])
 @pytest.mark.parametrize("kwargs,message", [
-    ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
-    ({"batch_size": True}, "batch_size must be a positive int, got True"),
-    ({"batch_size": 2.5}, "batch_size must be a positive int, got 2.5"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ({"batch_size": True}, "batch_size must be an int >= 1, got True"),
+    ({"batch_size": 2.5}, "batch_size must be an int >= 1, got 2.5"),
     ({"num_workers": -1}, r"num_workers must be an int >= 0 .*got -1"),
     ({"num_workers": 1.5}, r"num_workers must be an int >= 0 .*got 1.5"),
 ])
@@ -67,6 +67,25 @@ def test_data_modules_check_batch_size_and_workers_at_construction(build, kwargs
     synthesized speech or the stdlib corpus), without naming the data module."""
     with pytest.raises(ValueError, match=rf"^{build.__name__}: {message}"):
         build(**kwargs)
+
+
+@pytest.mark.parametrize("build,kwargs,message", [
+    ("LanguageModelDataModule", {"block_size": 2.5}, "block_size must be an int >= 2, got 2.5"),
+    ("LanguageModelDataModule", {"subword_vocab_size": 0}, "subword_vocab_size must be an int >= 1, got 0"),
+    ("MaskedLMDataModule", {"max_length": 64.0}, r"max_length must be an int >= 3 .*got 64.0"),
+    ("TSVDataModule", {"train_path": "pairs.tsv", "max_length": 1}, r"max_length must be an int >= 2 .*got 1"),
+    ("ImageFolderDataModule", {"root": "images", "image_size": 0}, "image_size must be an int >= 1, got 0"),
+])
+def test_data_module_sizes_are_ints_checked_at_construction(build, kwargs, message):
+    """A fractional size passed construction and failed when the data was sliced (block_size
+    2.5), or a too-small one only at the first loader (max_length 1): now at construction, naming
+    the module and the argument, before any data is read."""
+    import importlib
+
+    module = {"TSVDataModule": "parallel", "ImageFolderDataModule": "vision"}.get(build, "text")
+    cls = getattr(importlib.import_module(f"tasks.data.{module}"), build)
+    with pytest.raises(ValueError, match=rf"^{build}: {message}"):
+        cls(**kwargs)
 
 
 def _librispeech(root, subsets):

@@ -25,16 +25,18 @@ class SplitDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int, shuffle: bool = True):
         super().__init__()
-        name = type(self).__name__
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{name}: batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"{name}: num_workers must be an int >= 0 (0: load in the main process), "
-                             f"got {num_workers!r}")
+        self.check_int("batch_size", batch_size, 1)
+        self.check_int("num_workers", num_workers, 0, " (0: load in the main process)")
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
+
+    def check_int(self, name: str, value, minimum: int, note: str = "") -> None:
+        """ValueError naming this data module and the argument unless value is an int (not a
+        bool) >= minimum: at construction, before setup() reads or synthesizes any data."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{type(self).__name__}: {name} must be an int >= {minimum}{note}, got {value!r}")
 
     def collate_fn(self, train: bool) -> Optional[Callable]:
         """The collate function of the training (train=True) or an evaluation loader; None is

@@ -60,6 +60,7 @@ class PairsDataModule(SplitDataModule):
 
     def __init__(self, batch_size: int, num_workers: int, max_length: int):
         super().__init__(batch_size, num_workers)
+        self.check_int("max_length", max_length, 2, " (a token and eos)")
         self.max_length = max_length
         self.tokenizer = None
 

@@ -172,6 +172,7 @@ class _TextDataModule(SplitDataModule):
                  tokenizer_kind: str, subword_vocab_size: int, val_fraction: float, test_fraction: float,
                  batch_size: int, num_workers: int):
         super().__init__(batch_size, num_workers)
+        self.check_int("subword_vocab_size", subword_vocab_size, 1)
         if tokenizer_kind not in ("bytes", "chars", "subword"):
             raise ValueError(f"tokenizer_kind must be one of bytes, chars, subword; got {tokenizer_kind!r}")
         self.corpora, self.paths, self.suffixes = _as_list(corpora), paths, _as_list(suffixes)
@@ -258,8 +259,7 @@ class LanguageModelDataModule(_TextDataModule):
                  batch_size: int = 32, num_workers: int = 0):
         super().__init__(corpora, paths, suffixes, tokenizer_kind, subword_vocab_size, val_fraction, test_fraction,
                          batch_size, num_workers)
-        if block_size < 2:
-            raise ValueError(f"block_size must be >= 2, got {block_size}")
+        self.check_int("block_size", block_size, 2)
         self.block_size = block_size
         self.streams: dict[str, Tensor] = {}
 
@@ -359,8 +359,7 @@ class MaskedLMDataModule(_TextDataModule):
                  test_fraction: float = 0.05, batch_size: int = 32, num_workers: int = 0):
         super().__init__(corpora, paths, suffixes, tokenizer_kind, subword_vocab_size, val_fraction, test_fraction,
                          batch_size, num_workers)
-        if max_length < 3:
-            raise ValueError(f"max_length must be >= 3 (<bos>, a token, <eos>), got {max_length}")
+        self.check_int("max_length", max_length, 3, " (<bos>, a token, <eos>)")
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
         self.max_length, self.mask_prob, self.mask_seed = max_length, mask_prob, mask_seed

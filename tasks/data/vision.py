@@ -144,6 +144,7 @@ class ImageFolderDataModule(SplitDataModule):
     def __init__(self, root: str, image_size: int = 224, batch_size: int = 64, num_workers: int = 4,
                  train_dir: str = "train", val_dir: str = "val", test_dir: Optional[str] = None):
         super().__init__(batch_size, num_workers)
+        self.check_int("image_size", image_size, 1)
         self.root, self.image_size = root, image_size
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
 
