@@ -162,8 +162,10 @@ class Transformer(nn.Module):
             if last is not None and last >= self.cfg.max_seq_len:
                 raise ValueError(f"position {last} is past max_seq_len = {self.cfg.max_seq_len} "
                                  f"of the {self.cfg.positions} position table")
+            # No cast to x's dtype: under autocast a convolution front end hands over bf16, and the
+            # float32 table makes the residual stream float32, as the references' is (HF Whisper).
             x = x + (self.pos_embed(position_ids) if self.pos_embed is not None
-                     else self.pos_table[position_ids].to(x.dtype))
+                     else self.pos_table[position_ids])
         if self.input_norm is not None:
             x = self.input_norm(x)
         x = self.drop(x)
