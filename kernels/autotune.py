@@ -27,6 +27,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
@@ -69,8 +70,23 @@ def pick(configs: list, wanted: list, describe: Callable) -> list:
     return kept[:1] if mode() == "first" else kept
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value, tensors: bool = True):
+    """A key entry for an argument: plain values as they are, tensors by dtype (where
+    ``tensors``). Anything else raises TypeError: its hash may be its identity, so a key
+    would never repeat, or two different values could share one entry."""
+    if type(value) in _PLAIN:
+        return value
+    if tensors and isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype)
+    raise TypeError(f"no autotune fast-path key for {type(value).__name__}")
+
+
 class ParallelAutotuner(Autotuner):
-    """``triton.autotune`` that compiles a new key's candidates on threads before timing them.
+    """``triton.autotune`` that compiles a new key's candidates on threads before timing them,
+    and launches a tuned key's pick without Triton's per-call key building (``run``).
 
     ``Autotuner.run`` calls ``prune_configs`` once per new key, just before it times the
     pruned candidates; here that step also compiles them together (``JITFunction.run`` with
@@ -78,6 +94,48 @@ class ParallelAutotuner(Autotuner):
     the timing loop finds each one in the kernel cache. A compile that fails is left to the
     timing loop, which reports it as plain autotuning would.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        names = self.arg_names
+        self._arg_set = frozenset(names)
+        self._key_positions = tuple((names.index(k), k) for k in self.keys)
+        self._chosen: dict = {}
+
+    def run(self, *args, **kwargs):
+        """``Autotuner.run``, with a cheap path once a key is tuned.
+
+        Triton's ``run`` rebuilds its key on every call from dicts of all arguments (a list
+        membership test per argument, then ``hasattr(arg, "dtype")`` on each): with the
+        attention kernels' ~45 arguments that was ~100 us a launch on the H100 machine's host,
+        as much as the launch itself (docs/kernel-notes.md, "Host time"). Here a key that
+        determines Triton's (the autotune arguments' values, every keyword argument the kernel
+        takes, and each positional argument's dtype) maps to the ``Config`` that
+        ``Autotuner.run`` chose for it, and later calls launch that config directly.
+        """
+        try:
+            key = self._fast_key(args, kwargs)
+        except TypeError:  # an argument the key cannot hold: Triton's path every time
+            return super().run(*args, **kwargs)
+        config = self._chosen.get(key)
+        if config is not None:
+            return self.fn.run(*args, **kwargs, **config.all_kwargs())
+        self.best_config = None
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            # Set by Triton just before its launch: the pick for this key, even if the launch
+            # itself then failed; still None if tuning failed.
+            if self.best_config is not None and self.best_config.pre_hook is None:
+                self._chosen[key] = self.best_config
+
+    def _fast_key(self, args: tuple, kwargs: dict) -> tuple:
+        """Raises TypeError where an argument the key needs is not a plain value. (List
+        comprehensions: this runs on every launch, and they are the cheapest loop here.)"""
+        plain, arg_set, n = _PLAIN, self._arg_set, len(args)
+        named = tuple([(k, v if type(v) in plain else _plain(v)) for k, v in kwargs.items() if k in arg_set])
+        values = tuple([_plain(args[i], tensors=False) for i, _ in self._key_positions if i < n])
+        return values, named, tuple([getattr(a, "dtype", None) for a in args])
 
     def prune_configs(self, kwargs: dict) -> list:
         pruned = super().prune_configs(kwargs)

@@ -67,9 +67,10 @@ def test_compile_threads(monkeypatch):
 
 
 _LAUNCH_WITHOUT_A_GPU = r"""
-import json, threading
+import json, os, threading
 import torch, triton
 from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
 from torch._library.triton import set_wrap_triton_enabled
 from triton.runtime.driver import driver
 from kernels import flash_attention as fa
@@ -116,17 +117,49 @@ def counting_compile(*args, **kwargs):
 
 tuner.fn.device_caches[0]  # creates the binder, which holds the compile function it calls
 tuner.fn.compile = counting_compile
+# Spies: calls of Triton's own Autotuner.run (the tuning path), and the tile of every launch
+# (timing launches included) with the phase it happened in.
+phase = ["first"]
+tuning_runs, launches = [], []
+real_tuning_run = Autotuner.run
+
+
+def counting_tuning_run(self, *args, **kwargs):
+    tuning_runs.append(phase[0])
+    return real_tuning_run(self, *args, **kwargs)
+
+
+Autotuner.run = counting_tuning_run
+real_fn_run = tuner.fn.run
+
+
+def recording_fn_run(*args, **kwargs):
+    if not kwargs.get("warmup"):
+        launches.append([phase[0], kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]])
+    return real_fn_run(*args, **kwargs)
+
+
+tuner.fn.run = recording_fn_run
 report = {}
-for call in ("first", "again"):
-    q, k, v = (torch.randn(2, 80, 4, 64, dtype=torch.bfloat16) for _ in range(3))
+calls = [("first", 64, True), ("again", 64, True)]
+if os.environ.get("THIRD_CALL"):
+    calls.append(("other key", 64, False))  # not causal: another autotune key
+for call, head_dim, causal in calls:
+    phase[0] = call
+    q, k, v = (torch.randn(2, 80, 4, head_dim, dtype=torch.bfloat16) for _ in range(3))
     before = len(compiles)
     try:  # as the triton_op runs its body in eager mode: kernels launch directly, not through the HOP
         with set_wrap_triton_enabled(False):
-            fa.forward(q, k, v, None, None, 80, 80, None, None, None, 0.0, 0.125, 0.0, -1, 0, True)
+            fa.forward(q, k, v, None, None, 80, 80, None, None, None, 0.0, 0.125, 0.0, -1, 0 if causal else -1,
+                       True)
         report[call] = "returned"
     except LaunchReached:
         report[call] = "launch reached"
     report[call + " compiles"] = compiles[before:]
+    report[call + " tuning runs"] = tuning_runs.count(call)
+    report[call + " launches"] = [entry[1:] for entry in launches if entry[0] == call]
+    best = tuner.best_config
+    report[call + " best"] = [best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages]
 report["kernels cached"] = len(tuner.fn.device_caches[0][0])
 report["keys tuned"] = len(tuner.cache)
 print(json.dumps(report))
@@ -153,11 +186,27 @@ def test_candidates_compile_on_threads_under_the_keys_the_launch_uses(tmp_path):
     assert len(first) == n and all(name.startswith("tritonzoo-compile") for name in first), first
     assert report["again"] == "launch reached" and report["again compiles"] == []
     assert report["kernels cached"] == n and report["keys tuned"] == 1
+    _check_fast_path(report, n)
+
+
+def _check_fast_path(report, n_candidates):
+    """The first call tunes through Triton's Autotuner.run (timing launches, then the launch of
+    the pick); the second, same key, skips it and launches the pick alone."""
+    assert report["first tuning runs"] == 1
+    assert len(report["first launches"]) == n_candidates + 1
+    assert report["first launches"][-1] == report["first best"]
+    assert report["again tuning runs"] == 0, "a tuned key went through Autotuner.run again"
+    assert report["again launches"] == [report["first best"]]
 
 
 @pytest.mark.slow
 def test_first_mode_compiles_one_candidate(tmp_path):
-    report = _launch_without_a_gpu(TRITONZOO_AUTOTUNE="first", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    report = _launch_without_a_gpu(TRITONZOO_AUTOTUNE="first", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+                                   THIRD_CALL="1")
     assert report["first"] == "launch reached"
     assert report["first compiles"] == ["MainThread"] and report["again compiles"] == []
-    assert report["kernels cached"] == 1
+    _check_fast_path(report, 1)
+    # A new key (not causal) is tuned again, by Triton's run, and launches its own pick.
+    assert report["other key"] == "launch reached" and report["other key tuning runs"] == 1
+    assert report["other key launches"][-1] == report["other key best"]
+    assert report["kernels cached"] == 2 and report["keys tuned"] == 2
