@@ -234,14 +234,19 @@ def test_when_the_shortcut_applies():
             assert runtime.eager_path(x)
 
 
-def test_host_overhead_tool_times_every_workload():
-    """tasks.host_overhead (launches stubbed, so it runs without a GPU) prints a time for each call."""
+@pytest.mark.parametrize("jit", [pytest.param(False, id="stubbed"), pytest.param(True, id="jit", marks=pytest.mark.slow)])
+def test_host_overhead_tool_times_every_workload(jit, tmp_path):
+    """tasks.host_overhead prints a time for each call, in each autotuner mode: with the launches
+    stubbed, and with --jit, Triton's JIT run for real up to a no-op launcher (each kernel
+    compiled for sm_90a first; no GPU either way)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "tasks.host_overhead", "--calls", "3"], capture_output=True,
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    command = [sys.executable, "-m", "tasks.host_overhead", "--calls", "3"] + (["--jit"] if jit else [])
+    out = subprocess.run(command, capture_output=True,
                          text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "us," not in line]
