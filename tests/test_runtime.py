@@ -234,7 +234,8 @@ def test_when_the_shortcut_applies():
             assert runtime.eager_path(x)
 
 
-@pytest.mark.parametrize("jit", [pytest.param(False, id="stubbed"), pytest.param(True, id="jit", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("jit", [pytest.param(False, id="stubbed"),
+                                 pytest.param(True, id="jit", marks=pytest.mark.slow)])
 def test_host_overhead_tool_times_every_workload(jit, tmp_path):
     """tasks.host_overhead prints a time for each call, in each autotuner mode: with the launches
     stubbed, and with --jit, Triton's JIT run for real up to a no-op launcher (each kernel
