@@ -130,6 +130,7 @@ def workloads() -> dict:
     w = torch.ones(64, dtype=bf16)
     x_grad = x.clone().requires_grad_()
     w_grad = w.clone().requires_grad_()
+    b_grad = torch.zeros(64, dtype=bf16, requires_grad=True)
     out_grad = torch.ones(1, 16, 2, 64, dtype=bf16)
     return {
         "flash_attn_with_kvcache (decode step, no grad)": lambda: kernels.flash_attn_with_kvcache(
@@ -145,6 +146,10 @@ def workloads() -> dict:
         "rms_norm forward + backward, weight trains": lambda: torch.autograd.grad(
             kernels.rms_norm(x_grad, w_grad), (x_grad, w_grad), x),
         "swiglu forward (no grad)": lambda: kernels.swiglu(x),
+        "layer_norm forward + backward, weight and bias train": lambda: torch.autograd.grad(
+            kernels.layer_norm(x_grad, w_grad, b_grad), (x_grad, w_grad, b_grad), x),
+        "gelu with bias forward + backward": lambda: torch.autograd.grad(
+            kernels.gelu(x_grad, b_grad), (x_grad, b_grad), x),
     }
 
 
