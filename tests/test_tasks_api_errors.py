@@ -88,6 +88,44 @@ def test_data_module_sizes_are_ints_checked_at_construction(build, kwargs, messa
         cls(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"train_per_word": 0}, r"train_per_word must be an int >= 1, got 0"),
+    ({"eval_per_word": 2.5}, r"eval_per_word must be an int >= 1, got 2.5"),
+    ({"duration": 0}, r"duration must be a number of seconds > 0 or None, got 0"),
+    ({"duration": NAN}, r"duration must be a number of seconds > 0 or None, got nan"),
+    ({"snr_db": (40.0, 10.0)}, r"snr_db must be a \(min, max\) pair of numbers with min <= max"),
+    ({"snr_db": (10.0, NAN)}, r"snr_db must be a \(min, max\) pair of numbers"),
+    ({"snr_db": 20.0}, r"snr_db must be a \(min, max\) pair"),
+    ({"speeds": (220, 120)}, r"speeds must be a \(min, max\) pair of ints within \[80, 450\]"),
+    ({"speeds": (120.5, 220)}, r"speeds must be a \(min, max\) pair of ints"),
+    ({"speeds": (40, 220)}, r"speeds must be .* within \[80, 450\] .*got \(40, 220\)"),
+    ({"pitches": (20, 150)}, r"pitches must be a \(min, max\) pair of ints within \[0, 99\]"),
+    ({"shares": (100, 0, 0)}, r"shares must be three ints >= 1 \(train, val, test"),
+    ({"shares": (70, 30)}, r"shares must be three ints >= 1"),
+    ({"synth_workers": 0}, r"synth_workers must be an int >= 1, got 0"),
+])
+def test_keyword_synthesis_settings_fail_at_construction(kwargs, message):
+    """Before, each of these passed construction: reversed or fractional speeds failed inside
+    the synthesis loop with random's "empty range", pitches past 99 and speeds below 80 went to
+    espeak-ng outside its documented ranges (its man page: -p 0 to 99; speak_lib.h: rate 80 to
+    450 words per minute), a NaN SNR made every training clip NaN, a zero share ended in "no
+    voice variant for the val split" after listing espeak's voices, and synth_workers=0
+    silently became the CPU count."""
+    from tasks.data.speech import KeywordDataModule
+
+    with pytest.raises(ValueError, match=rf"^KeywordDataModule: {message}"):
+        KeywordDataModule(**kwargs)
+
+
+def test_keyword_words_must_be_strings():
+    from tasks.data.speech import KeywordDataModule
+
+    with pytest.raises(ValueError, match=r"words must be non-empty strings"):
+        KeywordDataModule(words=["yes", 3])
+    dm = KeywordDataModule(words=["yes", "no"], speeds=(80, 450), pitches=(0, 99), shares=(1, 1, 1), duration=None)
+    assert dm.speeds == (80, 450) and dm.pitches == (0, 99) and dm.duration is None
+
+
 def _librispeech(root, subsets):
     """One (empty) utterance per subset: enough for torchaudio's LIBRISPEECH to list it."""
     for name in subsets:

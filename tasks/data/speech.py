@@ -25,6 +25,8 @@ import torchaudio
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
+from zoo.config import is_finite_number
+
 from .loaders import SplitDataModule
 
 
@@ -275,8 +277,8 @@ class KeywordDataModule(WaveformDataModule):
         duration: seconds of each item (None: variable length, padded per batch).
         snr_db: the range of the added white noise's signal-to-noise ratio.
         speed_perturb: training clips are resampled by a factor in 1 +- this (see KeywordClips).
-        speeds, pitches: ranges of espeak-ng's -s (words per minute) and -p (0-99).
-        shares: percentages of the variants in train, val, test.
+        speeds, pitches: (min, max) of espeak-ng's -s (words per minute, 80-450) and -p (0-99).
+        shares: percentages of the variants in train, val, test (each >= 1).
         cache_dir: where the synthesized set is kept ("~" expanded).
         seed, batch_size, num_workers: as usual; synth_workers: espeak-ng processes at once.
 
@@ -296,16 +298,45 @@ class KeywordDataModule(WaveformDataModule):
             words = list(WORD_SETS[words])
         if len(words) < 2 or len(set(words)) != len(words):
             raise ValueError(f"words must be at least two distinct words, got {words}")
+        if not all(isinstance(w, str) and w.strip() for w in words):
+            raise ValueError(f"words must be non-empty strings, got {words}")
         self.classes, self.num_classes = list(words), len(words)
+        self.check_int("train_per_word", train_per_word, 1)
+        self.check_int("eval_per_word", eval_per_word, 1)
         self.train_per_word, self.eval_per_word = train_per_word, eval_per_word
-        if not 0.0 <= speed_perturb < 0.5:
+        if duration is not None and not (is_finite_number(duration) and duration > 0):
+            raise ValueError(f"{type(self).__name__}: duration must be a number of seconds > 0 or None, "
+                             f"got {duration!r}")
+        if not (is_finite_number(speed_perturb) and 0.0 <= speed_perturb < 0.5):
             raise ValueError(f"speed_perturb must be in [0, 0.5), got {speed_perturb}")
+        self._check_range("snr_db", snr_db, None, None, integer=False)
+        # espeak-ng's documented ranges: -s 80..450 words per minute (speak_lib.h), -p 0..99 (man page).
+        self._check_range("speeds", speeds, 80, 450, integer=True)
+        self._check_range("pitches", pitches, 0, 99, integer=True)
+        if (not isinstance(shares, (tuple, list)) or len(shares) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shares)):
+            raise ValueError(f"{type(self).__name__}: shares must be three ints >= 1 (train, val, test: each "
+                             f"split needs voices of its own), got {shares!r}")
+        if synth_workers is not None:
+            self.check_int("synth_workers", synth_workers, 1)
         self.duration, self.snr_db, self.speed_perturb = duration, tuple(snr_db), speed_perturb
         self.speeds, self.pitches, self.shares = tuple(speeds), tuple(pitches), tuple(shares)
         self.cache_dir, self.seed = os.path.expanduser(cache_dir), seed
         self.synth_workers = synth_workers or os.cpu_count() or 1
         self.clips: Optional[dict] = None
         self.synthesis_seconds: Optional[float] = None  # set when prepare_data() or setup() synthesized
+
+    def _check_range(self, name: str, value, low, high, integer: bool) -> None:
+        """ValueError naming the argument unless value is a (min, max) pair of finite numbers
+        (ints where ``integer``) with min <= max, inside [low, high] where those are given."""
+        kind = "ints" if integer else "numbers"
+        ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            (isinstance(v, int) and not isinstance(v, bool)) if integer else is_finite_number(v) for v in value)
+        ok = ok and value[0] <= value[1] and (low is None or value[0] >= low) and (high is None or value[1] <= high)
+        if not ok:
+            bounds = f" within [{low}, {high}]" if low is not None else ""
+            raise ValueError(f"{type(self).__name__}: {name} must be a (min, max) pair of {kind}{bounds} "
+                             f"with min <= max, got {value!r}")
 
     def cache_path(self) -> str:
         """The cache file of this configuration of the data set."""
