@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import (as_int, cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward,
+from .runtime import (as_bool, as_int, cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward,
                       shared_layout, unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -371,8 +371,7 @@ def _apply(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inplace: bool
     seqlen_ro, half = cos.shape
     if not 1 <= 2 * half <= D:
         raise ValueError(f"rotary_dim = 2 * cos.shape[1] = {2 * half} must be in [2, headdim = {D}]")
-    if not isinstance(interleaved, bool) or not isinstance(inplace, bool):
-        raise TypeError(f"interleaved and inplace must be bool, got {interleaved!r} and {inplace!r}")
+    interleaved, inplace = as_bool(interleaved, "interleaved"), as_bool(inplace, "inplace")
     offsets, offset = None, 0
     seqlen_offsets = _offsets(seqlen_offsets, B)
     if position_ids is not None:

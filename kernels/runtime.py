@@ -25,6 +25,7 @@ import os
 import threading
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch.library import wrap_triton
@@ -93,6 +94,15 @@ def scalar_value(value):
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
         return value.item()
     return value
+
+
+def as_bool(value, name: str) -> bool:
+    """value as a Python bool: bools and numpy bools (which are no subclass of bool), as
+    FlashAttention-2's Python functions take them; anything else refused with TypeError
+    naming the argument (no truthiness: a 0 or a string passed by mistake is not a flag)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def as_int(value, name: str, expected: str, error: type = ValueError) -> int:

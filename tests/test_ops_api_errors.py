@@ -179,6 +179,30 @@ def test_rotary_packed_takes_numpy_offsets_and_max_seqlen(backend):
     torch.testing.assert_close(out.double().cpu(), _rotated(x.cpu()[None], angles, positions)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("interleaved", [np.True_, np.False_], ids=["interleaved", "rotate_half"])
+def test_rotary_flags_take_numpy_bools(backend, interleaved):
+    """numpy bools for interleaved / inplace (no subclass of bool) are taken, as
+    FlashAttention-2's apply_rotary_emb takes them; they were refused with a TypeError.
+    Oracle: the rotation in float64 complex numbers, pairs as the layout defines them."""
+    device, ctx = backend
+    angles = _tables(12, 4)
+    cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
+    x = torch.randn(2, 5, 2, 8, device=device)
+    with ctx():
+        out = apply_rotary_emb(x.clone(), cos, sin, interleaved=interleaved, inplace=np.False_)
+    if interleaved:
+        xd = x.cpu().double()
+        rotation = torch.polar(torch.ones_like(angles), angles)[:5][None, :, None]
+        z = torch.complex(xd[..., 0::2], xd[..., 1::2]) * rotation
+        expected = torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+    else:
+        expected = _rotated(x.cpu(), angles, torch.arange(5).expand(2, 5))
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=1e-5)
+    for flag in (1, "yes", torch.tensor(True)):
+        with pytest.raises(TypeError, match="interleaved must be a bool"):
+            apply_rotary_emb(x, cos, sin, interleaved=flag)
+
+
 @pytest.mark.parametrize("offsets", [True, 1.0, np.float64(1.0), torch.tensor(1.0)])
 def test_rotary_seqlen_offsets_that_are_not_integers_are_named(offsets):
     angles = _tables(12, 4)

@@ -260,7 +260,8 @@ _COS, _SIN = tables(8, 16)
     (dict(position_ids=torch.full((2, 5), 8)), ValueError, "positions from 8 to 8"),
     (dict(position_ids=torch.zeros(2, 5, dtype=torch.long), seqlen_offsets=1), ValueError,
      "seqlen_offsets must be 0 when position_ids"),
-    (dict(interleaved=1), TypeError, "interleaved and inplace must be bool"),
+    (dict(interleaved=1), TypeError, "interleaved must be a bool, got 1"),
+    (dict(inplace="no"), TypeError, "inplace must be a bool, got 'no'"),
 ])
 def test_bad_input_raises_naming_the_argument(kwargs, error, match):
     args = dict(x=_X, cos=_COS, sin=_SIN)
