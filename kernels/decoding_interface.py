@@ -12,7 +12,7 @@ from torch import Tensor
 from . import decoding
 from .decoding import _capacity
 from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, check_options
-from .runtime import as_int, unit_stride
+from .runtime import as_bool, as_int, unit_stride
 
 
 # --------------------------------------------------------------------------------------
@@ -180,8 +180,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shape), got {num_splits!r}")
     left, right = _window(causal, window_size, capacity)
     per_token = left >= 0 or right >= 0
-    if not isinstance(rotary_from_leftpad, bool):
-        raise TypeError(f"rotary_from_leftpad must be a bool, got {rotary_from_leftpad!r}")
+    rotary_from_leftpad = as_bool(rotary_from_leftpad, "rotary_from_leftpad")
     _check_values(q, k_cache, cache_seqlens, snew, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
                   capacity, per_token, rotary_from_leftpad)
     q = unit_stride(q)

@@ -444,6 +444,7 @@ def _small():
     (dict(window_size=(-2, 0)), ValueError, "window_size left must be -1"),
     (dict(softcap=-1.0), ValueError, "softcap must be"),
     (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(nheads,\) = \(4,\)"),
+    (dict(rotary_from_leftpad=1), TypeError, "rotary_from_leftpad must be a bool, got 1"),
 ])
 def test_bad_input_names_the_argument(change, error, match):
     q, kc, vc = _small()
@@ -462,6 +463,10 @@ def test_outputs_do_not_require_grad_as_fa2s():
     out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, return_softmax_lse=True)
     assert not out.requires_grad and not lse.requires_grad and out.grad_fn is None
     assert torch.equal(flash_attn_with_kvcache(q, kc, vc, cache_seqlens=np.int64(4), num_splits=np.int32(2)), out)
+    # numpy bools act as bools (they were refused for rotary_from_leftpad, no subclass of bool)
+    assert torch.equal(flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, causal=np.True_,
+                                               rotary_from_leftpad=np.False_),
+                       flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, causal=True))
 
 
 def test_paged_errors():
