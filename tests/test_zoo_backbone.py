@@ -10,6 +10,7 @@ import torch
 import kernels
 import zoo
 from zoo import Transformer, TransformerConfig
+from zoo.backbone import Block
 from zoo.layers import alibi_slopes, apply_rotary, sinusoidal_table
 
 VARIANTS = {
@@ -384,6 +385,24 @@ def _check_bf16_parity(source, device):
 @pytest.mark.parametrize("source", ["timm_vit", "hf_bert", "hf_gpt2", "hf_whisper"])
 def test_imported_models_bf16_parity_on_gpu(source):
     _check_bf16_parity(source, "cuda")
+
+
+@pytest.mark.usefixtures("reference_attention")
+@pytest.mark.parametrize("name", ["vit_digits", "bert_tiny", "gpt_nano", "seq2seq_tiny", "speech_tiny"])
+def test_residual_stream_stays_float32_under_autocast(name):
+    """Every block of every domain returns float32 under bf16 autocast, as the references'
+    residual streams are (their embeddings and position tables are float32): only matmuls
+    and attention run in bf16. The speech encoder's stream was bf16 (its position table was
+    cast to the convolution's output)."""
+    model = zoo.create_model(name).eval()
+    args, kwargs = _preset_batch(name, model, "cpu")
+    dtypes = []
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.register_forward_hook(lambda m, inputs, out: dtypes.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*args, **kwargs)
+    assert dtypes and set(dtypes) == {torch.float32}, dtypes
 
 
 @pytest.mark.usefixtures("reference_attention")
