@@ -35,8 +35,8 @@ import triton.runtime.jit as _jit  # noqa: E402
 #: How the autotuned launches (attention, decoding) are run: "stub", a no-op; "triton",
 #: Triton's own Autotuner.run for every call; "fast", kernels.autotune's run, which skips
 #: Triton's per-call key building once a key is tuned. Tuning times nothing (every candidate
-#: ties) and JITFunction.run is a no-op in all three, so the last two differ by exactly
-#: the Python between a launcher's call and Triton's JIT.
+#: ties) and JITFunction.run is the same in all three (a no-op, or with --jit Triton's own),
+#: so the last two differ by exactly the Python between a launcher's call and Triton's JIT.
 AUTOTUNER_MODES = ("stub", "triton", "fast")
 
 
@@ -51,6 +51,12 @@ def _set_autotuner(mode: str) -> None:
 
 def _stub_launches() -> None:
     _jit.JITFunction.run = lambda self, *args, **kwargs: None
+    _triton_path_on_cpu_tensors()
+
+
+def _triton_path_on_cpu_tensors() -> None:
+    """Every op takes its Triton path for the CPU tensors that stand in for CUDA ones; the
+    autotuner's timing is stubbed (every candidate ties)."""
     _autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
     importlib.import_module("kernels")  # every kernels.* module, patched below
     for name, module in list(sys.modules.items()):
@@ -94,12 +100,7 @@ def _jit_for_real() -> None:
     from triton.runtime.driver import driver
     os.environ.setdefault("TRITONZOO_AUTOTUNE", "first")  # one compile per key, not five
     driver.set_active(_StandInDriver())
-    _autotuner.Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
-    importlib.import_module("kernels")
-    for name, module in list(sys.modules.items()):
-        if name.startswith("kernels.") and hasattr(module, "use_triton"):
-            module.use_triton = lambda t: True
-    sys.modules["kernels.decoding_interface"]._check_values = lambda *args: None
+    _triton_path_on_cpu_tensors()
 
 
 def _median_us(fn, calls: int, repeats: int = 5) -> float:
