@@ -255,6 +255,27 @@ def test_host_overhead_tool_times_every_workload(jit, tmp_path):
     assert all(len(r) == 6 and all(float(x) > 0 for x in r[2:5]) for r in rows), out.stdout
 
 
+def test_host_profile_tool_writes_each_model_shape(tmp_path):
+    """tasks.host_profile (host against kernel time at the models' attention shapes; on a CPU
+    cut-down shapes and host time only) runs and writes its JSON and table."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tasks.bench_attention import MODEL_SHAPES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "tasks.host_profile", "--device", "cpu", "--calls", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "host_profile.json").read_text())
+    assert [r["label"].split(" (")[0] for r in report["results"]] == [m[0] for m in MODEL_SHAPES]
+    assert all(r["host_fwd_us"] > 0 and r["host_fwd_bwd_us"] > 0 for r in report["results"])
+    assert (tmp_path / "host_profile.md").read_text().count("\n| ") == len(MODEL_SHAPES) + 1
+
+
 def test_ops_run_on_their_tensors_device(monkeypatch):
     """A body runs with the current CUDA device switched to its first tensor's when they differ
     (as FlashAttention-2's CUDAGuard), and untouched when they agree. Triton launches on the
