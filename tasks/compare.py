@@ -240,9 +240,22 @@ def metadata(device: str, command: Optional[str], steps: int, warmup: int, peak:
         "timing": f"median of {steps} step(s) after {warmup} warm-up step(s), each timed between device "
                   f"synchronizations; eager mode (no torch.compile)",
         "peak_tflops": peak, "peak_note": peak_note,
+        "kernel_ops": kernel_ops_note(device),
         "flops": "analytic matmul FLOPs, 2 per multiply-add, attention in full (4*S^2*D per layer) also when "
                  "causal; training = 3x forward; cross-checked with torch.utils.flop_counter (eager attention)",
     }
+
+
+def kernel_ops_note(device: str) -> str:
+    """Which of our models' norms and GELUs ran tritonzoo's kernels (zoo.layers.kernel_pays)."""
+    from zoo import layers
+
+    if device != "cuda":
+        return "norms, GELU, rotary and losses through the kernels' PyTorch paths"
+    if layers.KERNEL_MIN_ELEMENTS == 0:
+        return "norms and GELU through tritonzoo's Triton kernels at every size (TRITONZOO_KERNEL_MIN_ELEMENTS=0)"
+    return (f"norms and GELU through tritonzoo's Triton kernels from {layers.KERNEL_MIN_ELEMENTS:,} elements a "
+            f"call, torch's fused ops below (TRITONZOO_KERNEL_MIN_ELEMENTS)")
 
 
 def run(names: Sequence[str] = (), batch_size: Optional[int] = None, seq_len: Optional[int] = None,

@@ -63,7 +63,10 @@ def markdown(report: dict) -> str:
              f"- versions: torch {meta['torch']}, triton {meta['triton']}, timm {meta['timm']}, "
              f"transformers {meta['transformers']}, Python {meta['python']}",
              f"- date: {meta['date']}", f"- precision: {meta['precision']}; {meta['timing']}",
-             f"- FLOPs: {meta['flops']}", f"- MFU peak: {meta['peak_note']}", ""]
+             f"- FLOPs: {meta['flops']}", f"- MFU peak: {meta['peak_note']}"]
+    if "kernel_ops" in meta:  # reports written before 2026-11-25 lack it
+        lines.append(f"- our ops: {meta['kernel_ops']}")
+    lines.append("")
     lines += ["### Models", "", "| model | input | parameters | reference | reference parameters | fwd GFLOPs / sample "
               "(analytic) | flop_counter | counter / analytic |", "|---|---|---|---|---|---|---|---|"]
     for e in models:

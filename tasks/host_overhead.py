@@ -28,6 +28,7 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: real JITFunctions
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import triton.runtime.autotuner as _autotuner  # noqa: E402
 import triton.runtime.jit as _jit  # noqa: E402
 
@@ -151,6 +152,11 @@ def workloads() -> dict:
             kernels.layer_norm(x_grad, w_grad, b_grad), (x_grad, w_grad, b_grad), x),
         "gelu with bias forward + backward": lambda: torch.autograd.grad(
             kernels.gelu(x_grad, b_grad), (x_grad, b_grad), x),
+        # What the zoo runs instead below zoo.layers.KERNEL_MIN_ELEMENTS on CUDA (here on CPU tensors).
+        "torch's F.layer_norm forward + backward, weight and bias train": lambda: torch.autograd.grad(
+            F.layer_norm(x_grad, (64,), w_grad, b_grad), (x_grad, w_grad, b_grad), x),
+        "torch's F.gelu(x + bias) forward + backward": lambda: torch.autograd.grad(
+            F.gelu(x_grad + b_grad), (x_grad, b_grad), x),
     }
 
 

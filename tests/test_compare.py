@@ -374,6 +374,15 @@ def test_read_run_counts_the_steps_a_real_run_took(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device, threshold, says", [
+    ("cpu", 1 << 27, "PyTorch paths"), ("cuda", 1 << 27, "from 134,217,728 elements a call, torch's fused ops below"),
+    ("cuda", 0, "at every size (TRITONZOO_KERNEL_MIN_ELEMENTS=0)")])
+def test_kernel_ops_note_says_where_the_kernels_ran(device, threshold, says, monkeypatch):
+    from zoo import layers
+    monkeypatch.setattr(layers, "KERNEL_MIN_ELEMENTS", threshold)
+    assert says in compare.kernel_ops_note(device)
+
+
 def test_cpu_run_writes_every_output(tmp_path):
     _write_run(tmp_path / "runs" / "digits" / "version_0", RUN_ROWS)
     (tmp_path / "seq2seq_dates.yaml").write_text(SEQ2SEQ_YAML)
@@ -391,6 +400,7 @@ def test_cpu_run_writes_every_output(tmp_path):
     for key in ("device", "torch", "triton", "timm", "transformers", "date", "command", "precision", "timing"):
         assert saved["metadata"][key], key
     assert saved["metadata"]["command"] == "zoo compare test" and saved["metadata"]["peak_tflops"] is None
+    assert f"- our ops: {saved['metadata']['kernel_ops']}" in (out / "compare.md").read_text()
 
     with (out / "compare.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))

@@ -8,13 +8,16 @@ paths (CPU training), through the Triton interpreter, and under torch.compile.
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
 import zoo
-from zoo.layers import LayerNorm, Rotary, apply_rotary, token_cross_entropy
+from zoo import layers
+from zoo.layers import LayerNorm, RMSNorm, Rotary, apply_rotary, kernel_pays, token_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("reference_attention")
 
@@ -111,25 +114,132 @@ CASES = {
 }
 
 
+def _outputs_and_grads(model, run):
+    torch.manual_seed(1)
+    out, loss = run(model)
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return out, loss, grads
+
+
+def _assert_same_results(model, results, ref_results, tol=1e-5):
+    (out, loss, grads), (ref_out, ref_loss, ref_grads) = results, ref_results
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for n, g, ref in zip(names, grads, ref_grads):
+        assert (g is None) == (ref is None), n
+        if g is not None:
+            torch.testing.assert_close(g, ref, rtol=tol, atol=tol, msg=lambda m: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_ops_match_torch_ops(case):
     name, overrides, run = CASES[case]
     ours, torch_ops = _pair(name, **overrides)
-    results = []
-    for model in (ours, torch_ops):
-        torch.manual_seed(1)
-        out, loss = run(model)
-        assert loss.dtype == torch.float32
-        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-        results.append((out, loss, grads))
-    (out, loss, grads), (ref_out, ref_loss, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    names = [n for n, p in ours.named_parameters() if p.requires_grad]
-    for n, g, ref in zip(names, grads, ref_grads):
-        assert (g is None) == (ref is None), n
+    _assert_same_results(ours, _outputs_and_grads(ours, run), _outputs_and_grads(torch_ops, run))
+
+
+def _count_kernel_calls(monkeypatch) -> collections.Counter:
+    """Counts the calls of the kernels that kernel_pays routes (norms, GELU) from here on."""
+    calls = collections.Counter()
+
+    def counting(name, op):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+        return call
+
+    for name in ("layer_norm", "rms_norm", "gelu"):
+        monkeypatch.setattr(kernels, name, counting(name, getattr(kernels, name)))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["vit", "vit_fc_norm_no_norm_bias", "bert", "gpt_rotary_swiglu_rmsnorm"])
+def test_small_ops_take_torchs_fused_ops_with_the_same_results(case, monkeypatch):
+    """Where kernel_pays says no (on CUDA, below KERNEL_MIN_ELEMENTS; forced here), the norms
+    and the GELU run torch's F.layer_norm, F.rms_norm and F.gelu(linear(x)), not the kernels:
+    the same outputs and gradients as through the kernels, which the same model calls otherwise."""
+    name, overrides, run = CASES[case]
+    ours, _ = _pair(name, **overrides)
+    calls = _count_kernel_calls(monkeypatch)
+    through_kernels = _outputs_and_grads(ours, run)
+    assert sum(calls.values()) > 0
+    calls.clear()
+    monkeypatch.setattr(layers, "kernel_pays", lambda x, numel=None: False)
+    _assert_same_results(ours, _outputs_and_grads(ours, run), through_kernels)
+    assert not calls
+
+
+class _Sized:
+    """What kernel_pays reads of a tensor: its device and its element count."""
+
+    def __init__(self, device: str, numel: int):
+        self.device, self._numel = torch.device(device), numel
+
+    def numel(self) -> int:
+        return self._numel
+
+
+def test_kernel_pays_from_the_threshold_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(layers, "KERNEL_MIN_ELEMENTS", 1000)
+    assert not kernel_pays(_Sized("cuda", 999)) and kernel_pays(_Sized("cuda", 1000))
+    assert kernel_pays(_Sized("cuda", 10), numel=1000) and not kernel_pays(_Sized("cuda", 10 ** 6), numel=999)
+    assert kernel_pays(_Sized("cpu", 1)) and kernel_pays(_Sized("meta", 1))  # the PyTorch path / interpreter
+
+
+@pytest.mark.parametrize("text, expected", [(None, 1 << 27), ("0", 0), ("4096", 4096), (" 12 ", 12)])
+def test_kernel_min_elements_from_the_environment(text, expected, monkeypatch):
+    if text is None:
+        monkeypatch.delenv("TRITONZOO_KERNEL_MIN_ELEMENTS", raising=False)
+    else:
+        monkeypatch.setenv("TRITONZOO_KERNEL_MIN_ELEMENTS", text)
+    assert layers._kernel_min_elements() == expected
+
+
+@pytest.mark.parametrize("text", ["-1", "1e6", "1.5", "", "many"])
+def test_bad_kernel_min_elements_is_refused(text, monkeypatch):
+    monkeypatch.setenv("TRITONZOO_KERNEL_MIN_ELEMENTS", text)
+    with pytest.raises(ValueError, match=r"TRITONZOO_KERNEL_MIN_ELEMENTS must be an integer >= 0 .*got '"):
+        layers._kernel_min_elements()
+
+
+@pytest.mark.gpu
+def test_cuda_takes_torchs_ops_below_the_threshold_under_autocast(monkeypatch):
+    """On CUDA under bf16 autocast: below KERNEL_MIN_ELEMENTS the norms and the GELU run torch's
+    ops (no kernel call), from it up the kernels, with the same outputs, gradients and dtypes
+    (torch's layer_norm returns float32 under autocast; the zoo's norms return x's dtype)."""
+    ours, _ = _pair("vit_digits", depth=2)
+    model = ours.cuda()
+    images = torch.randn(4, 1, 8, 8, device="cuda")
+    calls = _count_kernel_calls(monkeypatch)
+    results, counts = [], []
+    for threshold in (1 << 40, 0):
+        monkeypatch.setattr(layers, "KERNEL_MIN_ELEMENTS", threshold)
+        calls.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(images)
+        grads = torch.autograd.grad(logits.float().square().sum(), list(model.parameters()), allow_unused=True)
+        results.append((logits, grads))
+        counts.append(sum(calls.values()))
+        for norm in (LayerNorm(64), RMSNorm(64)):
+            norm = norm.cuda().bfloat16()
+            x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = norm(x)
+            assert y.dtype == torch.bfloat16
+            reference = F.layer_norm if isinstance(norm, LayerNorm) else F.rms_norm
+            args = (norm.weight.double(), norm.bias.double()) if isinstance(norm, LayerNorm) else \
+                (norm.weight.double(), norm.eps)
+            torch.testing.assert_close(y.double(), reference(x.double(), (64,), *args), rtol=2e-2, atol=2e-2)
+    assert counts[0] == 0 and counts[1] > 0
+    (logits, grads), (kernel_logits, kernel_grads) = results
+    assert logits.dtype == kernel_logits.dtype
+    torch.testing.assert_close(logits.float(), kernel_logits.float(), rtol=2e-2, atol=2e-2)
+    for g, ref in zip(grads, kernel_grads):
+        assert (g is None) == (ref is None)
         if g is not None:
-            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(g, ref, rtol=5e-2, atol=5e-2 * ref.abs().max().item())
 
 
 def test_left_padded_generation_matches_torch_ops():
@@ -212,12 +322,13 @@ def test_float64_model_falls_back_to_torch_ops():
 
 
 @pytest.mark.parametrize("variant", ["rotary_swiglu_rmsnorm", "gelu_layernorm"])
-def test_kernel_ops_through_the_interpreter(variant, device):
+def test_kernel_ops_through_the_interpreter(variant, device, monkeypatch):
     """The Triton kernels themselves (the interpreter on CPU), forward and backward, against
     torch's ops. Attention is eager in both, so only the ops under test differ."""
     overrides = dict(GPT_MODERN) if variant == "rotary_swiglu_rmsnorm" else dict(mlp="gelu_tanh", norm_bias=False)
     ours, torch_ops = _pair("gpt_nano", depth=1, dim=32, heads=2, vocab_size=64, attn_backend="eager", **overrides)
     assert device == "cuda" or kernels.INTERPRET  # Triton runs, not the ops' PyTorch paths
+    monkeypatch.setattr(layers, "KERNEL_MIN_ELEMENTS", 0)  # on CUDA, not torch's ops at these sizes
     ours, torch_ops = ours.to(device), torch_ops.to(device)
     ids, mask, positions = _left_padded(2, 7, 64, pad=2)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)

@@ -3,8 +3,10 @@
 With kernel_ops (TransformerConfig.kernel_ops, the default) the norms, the MLP's
 activations, rotary positions and the token loss run tritonzoo's kernels (kernels/:
 Triton on CUDA, their PyTorch path on CPU); without, torch's own ops. Both compute the
-same function with the same parameters, so a checkpoint loads into either. Tensors of a
-dtype the kernels do not take (float64) use torch's ops either way, but a float64 model is
+same function with the same parameters, so a checkpoint loads into either. On CUDA, a norm
+or a GELU over fewer than KERNEL_MIN_ELEMENTS elements takes torch's fused op even with
+kernel_ops (kernel_pays): there a launch of ours costs more host time than torch's whole
+op. Tensors of a dtype the kernels do not take (float64) use torch's ops either way, but a float64 model is
 not float64 throughout: RMSNorm's statistics, rotary's angles, the sinusoidal table and the
 "eager" attention scores are float32, as on the other dtypes (the "triton" and "sdpa"
 backends keep float64: the former hands it to torch's SDPA).
@@ -13,6 +15,7 @@ backends keep float64: the former hands it to torch's SDPA).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +30,38 @@ from .config import TransformerConfig
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _kernel_min_elements() -> int:
+    text = os.environ.get("TRITONZOO_KERNEL_MIN_ELEMENTS")
+    if text is None:
+        return 1 << 27
+    value = int(text) if text.strip().isdigit() else -1
+    if value < 0:
+        raise ValueError(f"TRITONZOO_KERNEL_MIN_ELEMENTS must be an integer >= 0 (0: the kernels at every size), "
+                         f"got {text!r}")
+    return value
+
+
+#: On CUDA, the norms and the GELU run tritonzoo's kernels from this many elements up, torch's
+#: fused ops below (TRITONZOO_KERNEL_MIN_ELEMENTS in the environment when zoo is imported, 0 for
+#: the kernels at every size). Measured on an H100 (docs/benchmarks.md, "Second H100 run"):
+#: layer_norm forward + backward over 16384 x 1024 took 0.94 ms with ours, 0.17 with torch's,
+#: and over 16384 x 4096 0.97 against 0.45, our call's host time being longer than its
+#: kernels; over 16384 x 16384 (2^28) ours took 1.64 against 1.97. 2^27 lies between the last two.
+KERNEL_MIN_ELEMENTS = _kernel_min_elements()
+
+
+def kernel_pays(x: Tensor, numel: Optional[int] = None) -> bool:
+    """Whether a norm or GELU over ``numel`` elements (default: x's) takes tritonzoo's kernel
+    rather than torch's fused op: always off CUDA (the kernels' PyTorch path, or the Triton
+    interpreter), on CUDA from KERNEL_MIN_ELEMENTS elements up."""
+    return x.device.type != "cuda" or (x.numel() if numel is None else numel) >= KERNEL_MIN_ELEMENTS
+
+
+def _in_dtype(y: Tensor, x: Tensor) -> Tensor:
+    """y in x's dtype: torch's norms under CUDA autocast return float32, the kernels x's dtype."""
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, statistics in float32."""
 
@@ -38,7 +73,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel_ops and x.dtype in KERNEL_DTYPES:
-            return kernels.rms_norm(x, self.weight, eps=self.eps)
+            if self.weight.dtype != x.dtype or kernel_pays(x):
+                return kernels.rms_norm(x, self.weight, eps=self.eps)
+            return _in_dtype(F.rms_norm(x, self.weight.shape, self.weight, self.eps), x)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -60,7 +97,11 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         # The kernel normalizes over the last dim only; a multi-dim normalized_shape takes torch's op.
         if self.kernel_ops and len(self.normalized_shape) == 1 and x.dtype in KERNEL_DTYPES:
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+            # torch's op where it is faster, when x and the parameters share a dtype (a mixed
+            # pair would leave torch's fused implementation, or fail).
+            if kernel_pays(x) or any(p is not None and p.dtype != x.dtype for p in (self.weight, self.bias)):
+                return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+            return _in_dtype(super().forward(x), x)
         return super().forward(x)
 
     def extra_repr(self) -> str:
@@ -113,7 +154,10 @@ class MLP(nn.Module):
 
 
 def fused_linear_gelu(x: Tensor, linear: nn.Linear, approximate: str = "none") -> Tensor:
-    """gelu(linear(x)) with the bias added in kernels.gelu rather than in the matmul."""
+    """gelu(linear(x)) with the bias added in kernels.gelu rather than in the matmul; torch's
+    gelu of linear(x) where the activations are too few for the kernel to pay (kernel_pays)."""
+    if not kernel_pays(x, x.numel() // max(1, x.shape[-1]) * linear.out_features):
+        return F.gelu(linear(x), approximate=approximate)
     h = F.linear(x, linear.weight)
     bias = linear.bias
     # Under autocast the matmul runs in the autocast dtype; the bias follows it, as in nn.Linear.
