@@ -148,9 +148,9 @@ class _Problem:
             if chunk_bias.dtype == torch.bool:
                 s = s.masked_fill(~chunk_bias, -math.inf)
             else:
-                # As the kernels: finite scores clamped at -2^31 (flash_attention._scores).
+                # As the kernels: finite scores clamped to [-2^31, 2^31] (flash_attention._scores).
                 s = s + chunk_bias.float()
-                s = torch.where(s == -math.inf, s, s.clamp_min(-2.0 ** 31))
+                s = torch.where(s.abs() == math.inf, s, s.clamp(-2.0 ** 31, 2.0 ** 31))
         valid = torch.ones_like(rel, dtype=torch.bool)
         if self.len_k is not None:
             valid = valid & (cols < self.len_k)

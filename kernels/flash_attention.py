@@ -149,12 +149,15 @@ def _scores(qk, qi, kj, q_len, k_len, diag, sm_scale, qk_scale, softcap, slope,
                 s = tl.where(keep != 0, s, float("-inf"))
             else:
                 s = s + tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-                # Finite scores are clamped at -2^31, -inf stays -inf. A mask of finfo.min must
-                # stay finite in log2 units (x LOG2E would overflow to -inf, and a row of it would
-                # read as having no key, where torch gives the uniform average); and a row's
-                # float64 log-sum-exp (_attn_fwd) keeps log2(l) to 1e-6 only up to |m| ~ 3e9.
-                # Unlike torch, a row whose scores all lie below -2^31 is averaged uniformly.
-                s = tl.where(s == float("-inf"), s, tl.maximum(s, -2147483648.0))
+                # Finite scores are clamped to [-2^31, 2^31]; -inf and +inf stay. A mask of
+                # finfo.min must stay finite in log2 units (x LOG2E would overflow to -inf, and a
+                # row of it would read as having no key, where torch gives the uniform average);
+                # and a row's float64 log-sum-exp (_attn_fwd) keeps log2(l) to 1e-6 only up to
+                # |m| ~ 3e9: beyond, the backward's lse round trip (x LN2, x LOG2E) is off by
+                # more than 1 (a +1e30 mask entry gave inf and NaN gradients). Unlike torch, a
+                # row whose scores all lie below -2^31, or whose top scores all lie above 2^31,
+                # averages those uniformly.
+                s = tl.where(tl.abs(s) == float("inf"), s, tl.minimum(tl.maximum(s, -2147483648.0), 2147483648.0))
         s = s * LOG2E
     else:
         t = qk

@@ -123,6 +123,42 @@ def test_a_row_masked_with_a_huge_constant_has_torchs_gradients(device, fill):
         torch.testing.assert_close(g.cpu(), r, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("fill", [1e20, 1e30, 3e38])
+def test_a_huge_positive_mask_entry_has_torchs_results(device, fill):
+    """A row with one key raised by a huge positive mask value attends to that key alone, as
+    torch: outputs and gradients. Before scores were clamped at +2^31, +1e30 gave inf and NaN
+    gradients (the float64 log-sum-exp's round trip through natural-log units, x LN2 then
+    x LOG2E, is off by ~1e14 at 1e30 in log2 units) and 3e38 a NaN output."""
+    q, k, v = _bhsd(1, 2, 4, 8, device), _bhsd(1, 2, 8, 8, device), _bhsd(1, 2, 8, 8, device)
+    mask = torch.zeros(4, 8, device=device)
+    mask[0, 2] = mask[2, 7] = mask[3, 0] = fill  # row 1: no big entry
+    _compare_with_torch(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_top_scores_above_2_31_are_averaged(device, path):
+    """The documented difference from torch (docs/reuse.md): finite scores are clamped to
+    [-2^31, 2^31], so a row whose top scores all lie above 2^31 averages their values (torch,
+    in float32, attends to the largest alone). Oracle: the mean of those rows of v, by hand."""
+    from kernels import reference_only
+    from kernels.flash_attn_interface import run_attention
+
+    q, k, v = (torch.randn(1, 1, 3, 8, device=device) for _ in range(3))
+    mask = torch.zeros(3, 3, device=device)
+    mask[0, 1], mask[0, 2] = 1e30, 2e30
+    if path == "kernel":
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:  # the op's PyTorch path (scaled_dot_product_attention hands CPU tensors to torch's own)
+        with reference_only():
+            out, _, _ = run_attention(*(x.transpose(1, 2) for x in (q, k, v)), max_seqlen_q=3, max_seqlen_k=3,
+                                      softmax_scale=8 ** -0.5, bias=mask.expand(1, 1, 3, 3), window_right=-1,
+                                      bottom_right=False)
+        out = out.transpose(1, 2)
+    torch.testing.assert_close(out[0, 0, 0], (v[0, 0, 1] + v[0, 0, 2]) / 2, rtol=0, atol=1e-6)
+    expected_rest = _math_sdpa(q.double(), k.double(), v.double(), attn_mask=mask.double())[0, 0, 1:]
+    torch.testing.assert_close(out[0, 0, 1:].double(), expected_rest, rtol=0, atol=2e-6)
+
+
 def test_huge_mask_rows_on_the_pytorch_path_too():
     """The PyTorch path of the same op (kernels.reference_only) keeps the same float64 log-sum-exp."""
     from kernels import reference_only
