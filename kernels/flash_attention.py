@@ -22,6 +22,7 @@ semantics in attention_reference.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -777,6 +778,43 @@ _attn_fwd_tuned = _tuned(_attn_fwd, _FWD_CANDIDATES)
 _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _DKDV_CANDIDATES)
 _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _DQ_CANDIDATES)
 
+#: The kernels a launch configuration can be forced for (forced_config).
+FORCEABLE = ("fwd", "dkdv", "dq")
+_forced: dict = {}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: dict):
+    """Inside the block, ``kernel`` ("fwd", "dkdv" or "dq") launches with ``config`` (BLOCK_M,
+    BLOCK_N and Triton's launch options: num_warps, num_stages, maxnreg) instead of the
+    autotuner's pick (or, in the interpreter, its fixed tiles): for trying configurations
+    outside the candidate tables (tasks.tune_attention). Process-wide, not thread-safe."""
+    if kernel not in FORCEABLE:
+        raise ValueError(f"kernel must be one of {FORCEABLE}, got {kernel!r}")
+    missing = {"BLOCK_M", "BLOCK_N"} - set(config)
+    if missing:
+        raise ValueError(f"config needs {sorted(missing)}, got {config!r}")
+    previous = _forced.get(kernel)
+    _forced[kernel] = dict(config)
+    try:
+        yield
+    finally:
+        if previous is None:
+            _forced.pop(kernel)
+        else:
+            _forced[kernel] = previous
+
+
+def _launch(kernel: str, raw, tuned, interpret_config: dict, grid, args: tuple, flags: dict) -> None:
+    """Launches ``raw`` with a forced configuration, its interpreter tiles, or ``tuned``."""
+    config = _forced.get(kernel) if _forced else None
+    if config is not None:
+        launch(raw)[grid](*args, **flags, **config)
+    elif INTERPRET:
+        raw[grid](*args, **flags, **interpret_config)
+    else:
+        launch(tuned)[grid](*args, **flags)
+
 
 # --------------------------------------------------------------------------------------
 # Launchers
@@ -887,10 +925,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
     def grid(meta):
         return (cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.nheads, geo.batch)
 
-    if INTERPRET:
-        _attn_fwd[grid](*args, **flags, **_INTERPRET_FWD)
-    else:
-        launch(_attn_fwd_tuned)[grid](*args, **flags)
+    _launch("fwd", _attn_fwd, _attn_fwd_tuned, _INTERPRET_FWD, grid, args, flags)
     return out, lse
 
 
@@ -941,12 +976,8 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     def dq_grid(meta):
         return (cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.nheads, geo.batch)
 
-    if INTERPRET:
-        _attn_bwd_dkdv[dkdv_grid](*dkdv_args, **flags, **_INTERPRET_DKDV)
-        _attn_bwd_dq[dq_grid](*dq_args, **flags, **_INTERPRET_DQ)
-    else:
-        launch(_attn_bwd_dkdv_tuned)[dkdv_grid](*dkdv_args, **flags)
-        launch(_attn_bwd_dq_tuned)[dq_grid](*dq_args, **flags)
+    _launch("dkdv", _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, _INTERPRET_DKDV, dkdv_grid, dkdv_args, flags)
+    _launch("dq", _attn_bwd_dq, _attn_bwd_dq_tuned, _INTERPRET_DQ, dq_grid, dq_args, flags)
     return dq, dk, dv
 
 
