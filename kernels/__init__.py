@@ -30,6 +30,9 @@ from .sdpa import (
     scaled_dot_product_attention,
     sdpa_stats,
 )
+from .launcher import bind_all as _bind_all
+
+_bind_all()  # every kernel of the modules above launches through launcher.bind_once's path
 
 __all__ = [
     "attention",

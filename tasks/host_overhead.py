@@ -12,8 +12,10 @@ tensors stand in for CUDA ones, with the Triton path forced on.
 
 With --jit, Triton's JITFunction.run runs for real against a stand-in CUDA driver: each
 kernel compiles for sm_90a once (seconds each, one autotune candidate), and every later call
-goes through Triton's argument binding, specialization, cache lookup and launch metadata up
-to the launcher, which is a no-op. What remains unmeasured is cuLaunchKernel itself.
+goes through the kernels' launch path (kernels.launcher: a remembered argument pattern
+launches directly; TRITONZOO_BIND_ONCE=0 for Triton's argument binding, specialization and
+cache lookup on every call) and launch metadata up to the launcher, which is a no-op. What
+remains unmeasured is cuLaunchKernel itself.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def _set_autotuner(mode: str) -> None:
 
 
 def _stub_launches() -> None:
+    from kernels import launcher
     _jit.JITFunction.run = lambda self, *args, **kwargs: None
+    launcher._BoundRun.__call__ = lambda self, *args, **kwargs: None  # the kernels' own launch path
     _triton_path_on_cpu_tensors()
 
 
