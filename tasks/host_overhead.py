@@ -9,6 +9,12 @@ tensors stand in for CUDA ones, with the Triton path forced on.
 
     PYTHONPATH=. python -m tasks.host_overhead            # median microseconds per call
     PYTHONPATH=. python -m tasks.host_overhead --jit      # Triton's JIT included (compiles first)
+    PYTHONPATH=. python -m tasks.host_overhead --models   # host ms per training step, models vs references
+
+--models times a forward + backward of the models `zoo compare` measures on a GPU, narrowed to
+64 wide with one head and small inputs (the same ops in the same number, almost no CPU work in
+them), beside their timm / Hugging Face references at the same configuration: the host time
+of a training step, which on the H100 machine bounds the step when it exceeds the GPU time.
 
 With --jit, Triton's JITFunction.run runs for real against a stand-in CUDA driver: each
 kernel compiles for sm_90a once (seconds each, one autotune candidate), and every later call
@@ -108,7 +114,7 @@ def _jit_for_real() -> None:
     _triton_path_on_cpu_tensors()
 
 
-def _median_us(fn, calls: int, repeats: int = 5) -> float:
+def _median_us(fn, calls: int, repeats: int = 5, summary=statistics.median) -> float:
     for _ in range(20):
         fn()
     runs = []
@@ -117,7 +123,7 @@ def _median_us(fn, calls: int, repeats: int = 5) -> float:
         for _ in range(calls):
             fn()
         runs.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(runs)
+    return summary(runs)
 
 
 def workloads() -> dict:
@@ -164,17 +170,82 @@ def workloads() -> dict:
     }
 
 
+#: The models `zoo compare` puts beside their references, narrowed (MODEL_NARROWING) so that
+#: their CPU work is small: the same ops in the same number, on tiny tensors.
+MODELS = ("vit_base_patch16_224", "bert_base", "gpt2", "whisper_base_encoder")
+MODEL_NARROWING = dict(dim=64, heads=1)
+MODEL_SIZES = {"vit_base_patch16_224": dict(img_size=32), "whisper_base_encoder": dict(max_seq_len=8),
+               "bert_base": dict(vocab_size=512), "gpt2": dict(vocab_size=512)}
+#: Tokens per sample (speech: mel frames, two per encoder position).
+MODEL_INPUT_LENGTHS = {"whisper_base_encoder": 16}
+
+
+def _fastest_ms(fn, steps: int) -> float:
+    """The fastest of 7 repeats of ``steps`` calls, in ms a call: whole model steps on a shared
+    2-core machine vary by 20-30% between repeats, and interference only ever adds time."""
+    return _median_us(fn, steps, repeats=7, summary=min) / 1e3
+
+
+def _route_as_on_cuda() -> None:
+    """zoo.layers.kernel_pays as on CUDA for the CPU tensors that stand in for CUDA ones: torch's
+    fused norms and GELU below KERNEL_MIN_ELEMENTS (read at each call, so 0 means every size)."""
+    from zoo import layers
+
+    layers.kernel_pays = lambda x, numel=None: (x.numel() if numel is None else numel) >= layers.KERNEL_MIN_ELEMENTS
+
+
+def model_steps(names, steps: int) -> list[tuple[str, str, float]]:
+    """(model, implementation, host ms per training step): forward + backward of each model of
+    ``names`` (narrowed), on the triton and sdpa backends with the zoo's routing of the norms and
+    GELU, on triton with every op on the kernels, and its reference (timm, Hugging Face)."""
+    import zoo
+    from tasks.compare_measure import make_workload, ours_loss
+    from tasks.compare_reference import reference_for
+    from zoo import layers
+
+    rows = []
+    for name in names:
+        model = zoo.create_model(name, **MODEL_NARROWING, **MODEL_SIZES.get(name, {}))
+        w = make_workload(model, 1, MODEL_INPUT_LENGTHS.get(name, 8), "cpu")
+        threshold = layers.KERNEL_MIN_ELEMENTS
+        for label, backend, min_elements in (("ours, triton", "triton", threshold), ("ours, sdpa", "sdpa", threshold),
+                                             ("ours, triton, every op on the kernels", "triton", 0)):
+            model.set_attn_backend(backend)
+            layers.KERNEL_MIN_ELEMENTS = min_elements
+            try:
+                rows.append((name, label, _fastest_ms(lambda: ours_loss(model, w).backward(), steps)))
+            finally:
+                layers.KERNEL_MIN_ELEMENTS = threshold
+        ref = reference_for(model, w)
+        ref_model = ref.build()
+        rows.append((name, ref.name, _fastest_ms(lambda: ref.loss(ref_model, w).backward(), steps)))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat (5 repeats)")
     parser.add_argument("--jit", action="store_true",
                         help="run Triton's JIT for real up to a no-op launcher (compiles each kernel first)")
+    parser.add_argument("--models", nargs="*", default=None, metavar="PRESET",
+                        help=f"host ms per training step of narrowed models and their references instead "
+                             f"(default with no names: {' '.join(MODELS)}); implies --jit")
     args = parser.parse_args(argv)
-    if args.jit:
+    if args.jit or args.models is not None:
         _jit_for_real()
     else:
         _stub_launches()
     torch.set_num_threads(1)
+    if args.models is not None:
+        _route_as_on_cuda()
+        print(f"torch {torch.__version__}, 1 thread; host ms per training step (forward + backward, batch 1, "
+              f"{MODEL_NARROWING} and small inputs), Triton's JIT run up to a no-op launcher, the zoo's norm and "
+              f"GELU routing as on CUDA (fastest of 7 repeats of {args.calls} steps)")
+        print("| model | implementation | host ms a step |")
+        print("|---|---|---|")
+        for name, label, ms in model_steps(args.models or MODELS, args.calls):
+            print(f"| {name} | {label} | {ms:.2f} |", flush=True)
+        return 0
     launches = "Triton's JIT run up to a no-op launcher" if args.jit else "launches stubbed"
     print(f"torch {torch.__version__}, 1 thread; host microseconds per call, {launches} (median of 5);")
     print("autotuned launches (attention, decoding): no-op / through Triton's Autotuner.run / "

@@ -255,6 +255,26 @@ def test_host_overhead_tool_times_every_workload(jit, tmp_path):
     assert all(len(r) == 6 and all(float(x) > 0 for x in r[2:5]) for r in rows), out.stdout
 
 
+@pytest.mark.slow
+def test_host_overhead_tool_times_model_steps(tmp_path):
+    """tasks.host_overhead --models: host ms per training step of a narrowed ViT-B beside timm's,
+    on both backends and with every op on the kernels (Triton's JIT for real, no GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-m", "tasks.host_overhead", "--models", "vit_base_patch16_224",
+                          "--calls", "2"], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| vit")]
+    assert [r[1].strip() for r in rows] == ["ours, triton", "ours, sdpa", "ours, triton, every op on the kernels",
+                                            "timm VisionTransformer"], out.stdout
+    assert all(float(r[2]) > 0 for r in rows)
+
+
 def test_host_profile_tool_writes_each_model_shape(tmp_path):
     """tasks.host_profile (host against kernel time at the models' attention shapes; on a CPU
     cut-down shapes and host time only) runs and writes its JSON and table."""
