@@ -30,6 +30,9 @@ from typing import Callable
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
+
+from . import launcher
 
 AUTOTUNE_VARIABLE = "TRITONZOO_AUTOTUNE"
 THREADS_VARIABLE = "TRITONZOO_COMPILE_THREADS"
@@ -101,9 +104,10 @@ class ParallelAutotuner(Autotuner):
         self._arg_set = frozenset(names)
         self._key_positions = tuple((names.index(k), k) for k in self.keys)
         self._chosen: dict = {}
+        self._direct: dict = {}  # bind-once launch key -> ((compiled kernel, tail), config kwargs)
 
     def run(self, *args, **kwargs):
-        """``Autotuner.run``, with a cheap path once a key is tuned.
+        """``Autotuner.run``, with cheap paths once a key is tuned.
 
         Triton's ``run`` rebuilds its key on every call from dicts of all arguments (a list
         membership test per argument, then ``hasattr(arg, "dtype")`` on each): with the
@@ -111,18 +115,44 @@ class ParallelAutotuner(Autotuner):
         as much as the launch itself (docs/kernel-notes.md, "Host time"). Here a key that
         determines Triton's (the autotune arguments' values, every keyword argument the kernel
         takes, and each positional argument's dtype) maps to the ``Config`` that
-        ``Autotuner.run`` chose for it, and later calls launch that config directly.
+        ``Autotuner.run`` chose for it, and later calls launch that config directly. Where the
+        kernel has kernels.launcher's bind-once run, the launch key of that run (a superset)
+        maps straight to the compiled kernel and its config: one key and one lookup a launch.
         """
+        bound = launcher.bound_run(self.fn)
+        direct_key = None
+        if bound is not None and not kwargs.get("warmup") and not self.fn.pre_run_hooks:
+            device = driver.active.get_current_device()
+            named = {k: v for k, v in kwargs.items() if k != "grid" and k != "warmup"}
+            try:
+                direct_key = bound.key(device, args, named)
+                hit = self._direct.get(direct_key)
+            except TypeError:  # an argument the key cannot hold: the paths below
+                direct_key = hit = None
+            if hit is not None:
+                remembered, config_kwargs = hit
+                return bound.launch(remembered, device, args, {**named, **config_kwargs}, kwargs["grid"])
+        kernel, config = self._run(args, kwargs)
+        if direct_key is not None and config is not None and config.pre_hook is None:
+            config_kwargs = config.all_kwargs()
+            # What the launch of fn.run(*args, **kwargs, **config_kwargs) just remembered.
+            remembered = bound.bindings.get(bound.key(device, args, {**named, **config_kwargs}))
+            if remembered is not None:
+                launcher.remember(self._direct, direct_key, (remembered, config_kwargs))
+        return kernel
+
+    def _run(self, args: tuple, kwargs: dict):
+        """(what the launch returned, the Config it used or None)."""
         try:
             key = self._fast_key(args, kwargs)
         except TypeError:  # an argument the key cannot hold: Triton's path every time
-            return super().run(*args, **kwargs)
+            return super().run(*args, **kwargs), None
         config = self._chosen.get(key)
         if config is not None:
-            return self.fn.run(*args, **kwargs, **config.all_kwargs())
+            return self.fn.run(*args, **kwargs, **config.all_kwargs()), config
         self.best_config = None
         try:
-            return super().run(*args, **kwargs)
+            return super().run(*args, **kwargs), self.best_config
         finally:
             # Set by Triton just before its launch: the pick for this key, even if the launch
             # itself then failed; still None if tuning failed.

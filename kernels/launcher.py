@@ -58,7 +58,8 @@ class _BoundRun:
         # time tools stub it) applies here too.
         return JITFunction.run(self.fn, *args, **kwargs)
 
-    def _key(self, device, args: tuple, kwargs: dict) -> tuple:
+    def key(self, device, args: tuple, kwargs: dict) -> tuple:
+        """The call's key; TypeError for an argument it cannot hold."""
         # Tensors by dtype and alignment, never by identity: a key must not hold a tensor (it
         # would never repeat, and the table would keep the tensor alive). torch.compile's
         # wrapper passes every argument by keyword.
@@ -74,20 +75,24 @@ class _BoundRun:
             return self.triton_run(*args, grid=grid, warmup=warmup, **kwargs)
         device = driver.active.get_current_device()
         try:
-            key = self._key(device, args, kwargs)
+            key = self.key(device, args, kwargs)
             bound = self.bindings.get(key)
         except TypeError:  # an argument the key cannot hold (or hash): Triton's run every time
             return self.triton_run(*args, grid=grid, warmup=False, **kwargs)
         if bound is None:
             kernel = self.triton_run(*args, grid=grid, warmup=False, **kwargs)
             if kernel is not None and not hasattr(kernel, "result"):  # compiled, not a pending future
-                if len(self.bindings) >= MAX_BINDINGS:
-                    del self.bindings[next(iter(self.bindings))]
-                # The parameters after the positional ones, in signature order: Triton's run
-                # launches with every parameter's value (keyword or default) in that order.
-                tail = tuple((name, default) for name, default in self.params[len(args):])
-                self.bindings[key] = (kernel, tail)
+                remember(self.bindings, key, (kernel, self.tail(len(args))))
             return kernel
+        return self.launch(bound, device, args, kwargs, grid)
+
+    def tail(self, positional: int) -> tuple:
+        """The parameters after the positional ones, in signature order, with their defaults:
+        Triton's run launches with every parameter's value (keyword or default) in that order."""
+        return tuple(self.params[positional:])
+
+    def launch(self, bound: tuple, device, args: tuple, kwargs: dict, grid):
+        """Launches a remembered (kernel, tail) as Triton's run would for these arguments."""
         kernel, tail = bound
         values = args + tuple([kwargs[name] if name in kwargs else default for name, default in tail])
         if callable(grid):
@@ -102,6 +107,19 @@ class _BoundRun:
                    kernel.packed_metadata, launch_metadata, knobs.runtime.launch_enter_hook,
                    knobs.runtime.launch_exit_hook, *values)
         return kernel
+
+
+def remember(table: dict, key, value) -> None:
+    """table[key] = value, dropping the oldest entry past MAX_BINDINGS."""
+    if len(table) >= MAX_BINDINGS:
+        del table[next(iter(table))]
+    table[key] = value
+
+
+def bound_run(kernel) -> "_BoundRun | None":
+    """The bind-once run of a JITFunction, or None where it has none."""
+    run = getattr(kernel, "run", None)
+    return run if isinstance(run, _BoundRun) else None
 
 
 def bind_all(prefix: str = "kernels.") -> None:

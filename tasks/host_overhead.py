@@ -62,6 +62,7 @@ def _stub_launches() -> None:
     from kernels import launcher
     _jit.JITFunction.run = lambda self, *args, **kwargs: None
     launcher._BoundRun.__call__ = lambda self, *args, **kwargs: None  # the kernels' own launch path
+    launcher.bound_run = lambda kernel: None  # and the autotuner's direct use of it
     _triton_path_on_cpu_tensors()
 
 

@@ -1,5 +1,6 @@
 """kernels.launcher.bind_once: a remembered argument pattern launches exactly what Triton's
-own JITFunction.run launches for it: the same compiled kernel, grid, stream and arguments.
+own JITFunction.run launches for it: the same compiled kernel, grid, stream and arguments;
+for the autotuned kernels too, whose remembered launches skip the autotuner's own key.
 
 Without a GPU: Triton's JIT runs for real against a stand-in H100 driver (kernels compile
 for sm_90a; tasks.host_overhead) whose launcher records each launch instead of making it.
@@ -113,6 +114,10 @@ ops["rms_norm forward + backward"]()
 report["rms_norm after the misaligned one"] = launches[before:]
 report["bindings"] = {name: len(value.run.bindings) for name, value in
                       (("rms fwd", kernels.norms._fwd_fused), ("attn fwd", kernels.flash_attention._attn_fwd))}
+report["autotuner direct"] = {name: len(tuner._direct) for name, tuner in
+                              (("attn fwd", kernels.flash_attention._attn_fwd_tuned),
+                               ("attn dq", kernels.flash_attention._attn_bwd_dq_tuned),
+                               ("decoding", kernels.decoding._kvcache_attn_tuned))}
 print(json.dumps(report))
 """
 
@@ -125,7 +130,7 @@ def test_direct_launches_equal_tritons(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    names = [n for n in report if n not in ("rms_norm after the misaligned one", "bindings")]
+    names = [n for n in report if n not in ("rms_norm after the misaligned one", "bindings", "autotuner direct")]
     assert len(names) == 9
     for name in names:
         first, second, third = report[name]
@@ -141,6 +146,8 @@ def test_direct_launches_equal_tritons(tmp_path):
     assert report["rms_norm after the misaligned one"] == aligned["launches"]
     # The norms' forward kernel: rms_norm aligned, misaligned, and layer_norm (other constexprs).
     assert report["bindings"]["rms fwd"] == 3 and report["bindings"]["attn fwd"] == 1
+    # The autotuned kernels' remembered launches go straight from the launch key to the kernel.
+    assert report["autotuner direct"] == {"attn fwd": 1, "attn dq": 1, "decoding": 1}
 
 
 def test_bind_once_leaves_other_objects_alone(monkeypatch):
