@@ -31,8 +31,20 @@ from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-#: Whether bind_once installs the direct path (TRITONZOO_BIND_ONCE, default on).
-ENABLED: bool = os.environ.get("TRITONZOO_BIND_ONCE", "1").strip() != "0"
+VARIABLE = "TRITONZOO_BIND_ONCE"
+
+
+def enabled_by_environment() -> bool:
+    """TRITONZOO_BIND_ONCE: unset, empty or 1 for the direct path, 0 for Triton's run; ValueError
+    naming the variable for anything else (a typo must not silently keep the default)."""
+    value = os.environ.get(VARIABLE, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{VARIABLE}={os.environ[VARIABLE]!r}: expected 0 or 1")
+    return value != "0"
+
+
+#: Whether bind_once installs the direct path (TRITONZOO_BIND_ONCE, read at import).
+ENABLED: bool = enabled_by_environment()
 #: Argument patterns remembered per kernel. Past this, the oldest is dropped (a workload
 #: whose shapes change on every call gains nothing but stays bounded).
 MAX_BINDINGS = 512

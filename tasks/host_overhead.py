@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: real JITFunctions
 
@@ -195,13 +196,13 @@ def _route_as_on_cuda() -> None:
     layers.kernel_pays = lambda x, numel=None: (x.numel() if numel is None else numel) >= layers.KERNEL_MIN_ELEMENTS
 
 
-def model_steps(names, steps: int) -> list[tuple[str, str, float]]:
+def model_steps(names, steps: int) -> list[tuple[str, str, Optional[float]]]:
     """(model, implementation, host ms per training step): forward + backward of each model of
     ``names`` (narrowed), on the triton and sdpa backends with the zoo's routing of the norms and
     GELU, on triton with every op on the kernels, and its reference (timm, Hugging Face)."""
     import zoo
     from tasks.compare_measure import make_workload, ours_loss
-    from tasks.compare_reference import reference_for
+    from tasks.compare_reference import NoReference, reference_for
     from zoo import layers
 
     rows = []
@@ -217,7 +218,11 @@ def model_steps(names, steps: int) -> list[tuple[str, str, float]]:
                 rows.append((name, label, _fastest_ms(lambda: ours_loss(model, w).backward(), steps)))
             finally:
                 layers.KERNEL_MIN_ELEMENTS = threshold
-        ref = reference_for(model, w)
+        try:
+            ref = reference_for(model, w)
+        except NoReference as why:
+            rows.append((name, f"no reference: {why}", None))
+            continue
         ref_model = ref.build()
         rows.append((name, ref.name, _fastest_ms(lambda: ref.loss(ref_model, w).backward(), steps)))
     return rows
@@ -232,6 +237,13 @@ def main(argv=None) -> int:
                         help=f"host ms per training step of narrowed models and their references instead "
                              f"(default with no names: {' '.join(MODELS)}); implies --jit")
     args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error(f"--calls must be at least 1, got {args.calls}")
+    if args.models:
+        import zoo
+        unknown = [name for name in args.models if name not in zoo.list_models()]
+        if unknown:
+            parser.error(f"unknown preset(s) {', '.join(unknown)}; the presets: {', '.join(zoo.list_models())}")
     if args.jit or args.models is not None:
         _jit_for_real()
     else:
@@ -245,7 +257,7 @@ def main(argv=None) -> int:
         print("| model | implementation | host ms a step |")
         print("|---|---|---|")
         for name, label, ms in model_steps(args.models or MODELS, args.calls):
-            print(f"| {name} | {label} | {ms:.2f} |", flush=True)
+            print(f"| {name} | {label} | {'—' if ms is None else f'{ms:.2f}'} |", flush=True)
         return 0
     launches = "Triton's JIT run up to a no-op launcher" if args.jit else "launches stubbed"
     print(f"torch {torch.__version__}, 1 thread; host microseconds per call, {launches} (median of 5);")

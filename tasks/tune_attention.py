@@ -147,6 +147,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         configs = [parse_config(c) for c in args.configs] if args.configs else None
     except ValueError as error:
         parser.error(str(error))
+    from kernels.flash_attn_interface import MAX_HEAD_DIM
+    if not 1 <= args.head_dim <= MAX_HEAD_DIM:
+        parser.error(f"--head-dim must be 1 to {MAX_HEAD_DIM}, got {args.head_dim}")
+    for name in ("seqlen", "batch", "heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

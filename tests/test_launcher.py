@@ -187,3 +187,23 @@ def test_bindings_stay_bounded(monkeypatch):
     for n in range(5):
         bound(n, grid=(1,), warmup=False)
     assert len(bound.bindings) == 3 and [key[-1] for key in bound.bindings] == [(2,), (3,), (4,)]
+
+
+@pytest.mark.parametrize("value, expected", [(None, True), ("", True), ("1", True), (" 0 ", False)])
+def test_bind_once_variable(value, expected, monkeypatch):
+    from kernels import launcher
+
+    if value is None:
+        monkeypatch.delenv(launcher.VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(launcher.VARIABLE, value)
+    assert launcher.enabled_by_environment() is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "off", "2", "false"])
+def test_bad_bind_once_variable_is_refused(value, monkeypatch):
+    from kernels import launcher
+
+    monkeypatch.setenv(launcher.VARIABLE, value)
+    with pytest.raises(ValueError, match=f"TRITONZOO_BIND_ONCE='{value}': expected 0 or 1"):
+        launcher.enabled_by_environment()

@@ -275,6 +275,19 @@ def test_host_overhead_tool_times_model_steps(tmp_path):
     assert all(float(r[2]) > 0 for r in rows)
 
 
+@pytest.mark.parametrize("argv, says", [(["--models", "vit_bse"], "unknown preset(s) vit_bse; the presets:"),
+                                        (["--calls", "0"], "--calls must be at least 1, got 0")])
+def test_host_overhead_tool_refuses_bad_arguments(argv, says):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "tasks.host_overhead", *argv], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]
+
+
 def test_host_profile_tool_writes_each_model_shape(tmp_path):
     """tasks.host_profile (host against kernel time at the models' attention shapes; on a CPU
     cut-down shapes and host time only) runs and writes its JSON and table."""

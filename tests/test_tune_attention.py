@@ -110,3 +110,15 @@ def test_every_table_config_is_right_when_forced_on_the_gpu(kernel):
                                                                 maxnreg=168)]
     report = tune_attention.run(kernel, 2, 512, 4, 128, kernel != "dq", configs, "cuda", warmup=5, rep=10)
     assert all(row.get("ok") for row in report["rows"]), tune_attention.format_table(report)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--kernel", "dkdv", "--head-dim", "300"], "--head-dim must be 1 to 256, got 300"),
+    (["--kernel", "fwd", "--seqlen", "0"], "--seqlen must be at least 1, got 0"),
+    (["--kernel", "dq", "--heads", "-2"], "--heads must be at least 1, got -2"),
+    (["--kernel", "dq", "--configs", "64,64,8"], "a config is BLOCK_M,BLOCK_N,num_warps,num_stages"),
+    (["--kernel", "bwd"], "invalid choice: 'bwd'")])
+def test_tool_refuses_bad_arguments(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune_attention.main(argv)
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
