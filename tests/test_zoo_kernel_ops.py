@@ -197,7 +197,7 @@ def test_kernel_min_elements_from_the_environment(text, expected, monkeypatch):
     assert layers._kernel_min_elements() == expected
 
 
-@pytest.mark.parametrize("text", ["-1", "1e6", "1.5", "", "many"])
+@pytest.mark.parametrize("text", ["-1", "1e6", "1.5", "", "many", "\u00b2"])
 def test_bad_kernel_min_elements_is_refused(text, monkeypatch):
     monkeypatch.setenv("TRITONZOO_KERNEL_MIN_ELEMENTS", text)
     with pytest.raises(ValueError, match=r"TRITONZOO_KERNEL_MIN_ELEMENTS must be an integer >= 0 .*got '"):

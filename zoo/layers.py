@@ -6,10 +6,10 @@ Triton on CUDA, their PyTorch path on CPU); without, torch's own ops. Both compu
 same function with the same parameters, so a checkpoint loads into either. On CUDA, a norm
 or a GELU over fewer than KERNEL_MIN_ELEMENTS elements takes torch's fused op even with
 kernel_ops (kernel_pays): there a launch of ours costs more host time than torch's whole
-op. Tensors of a dtype the kernels do not take (float64) use torch's ops either way, but a float64 model is
-not float64 throughout: RMSNorm's statistics, rotary's angles, the sinusoidal table and the
-"eager" attention scores are float32, as on the other dtypes (the "triton" and "sdpa"
-backends keep float64: the former hands it to torch's SDPA).
+op. Tensors of a dtype the kernels do not take (float64) use torch's ops either way, but a
+float64 model is not float64 throughout: RMSNorm's statistics, rotary's angles, the
+sinusoidal table and the "eager" attention scores are float32, as on the other dtypes (the
+"triton" and "sdpa" backends keep float64: the former hands it to torch's SDPA).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _kernel_min_elements() -> int:
     text = os.environ.get("TRITONZOO_KERNEL_MIN_ELEMENTS")
     if text is None:
         return 1 << 27
-    value = int(text) if text.strip().isdigit() else -1
+    value = int(text) if text.strip().isdecimal() else -1
     if value < 0:
         raise ValueError(f"TRITONZOO_KERNEL_MIN_ELEMENTS must be an integer >= 0 (0: the kernels at every size), "
                          f"got {text!r}")
