@@ -116,7 +116,7 @@ def _jit_for_real() -> None:
     _triton_path_on_cpu_tensors()
 
 
-def _median_us(fn, calls: int, repeats: int = 5, summary=statistics.median) -> float:
+def _time_us(fn, calls: int, repeats: int = 5, summary=statistics.median) -> float:
     for _ in range(20):
         fn()
     runs = []
@@ -185,7 +185,7 @@ MODEL_INPUT_LENGTHS = {"whisper_base_encoder": 16}
 def _fastest_ms(fn, steps: int) -> float:
     """The fastest of 7 repeats of ``steps`` calls, in ms a call: whole model steps on a shared
     2-core machine vary by 20-30% between repeats, and interference only ever adds time."""
-    return _median_us(fn, steps, repeats=7, summary=min) / 1e3
+    return _time_us(fn, steps, repeats=7, summary=min) / 1e3
 
 
 def _route_as_on_cuda() -> None:
@@ -230,13 +230,16 @@ def model_steps(names, steps: int) -> list[tuple[str, str, Optional[float]]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat (5 repeats)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="calls per timed repeat (default 200; with --models, training steps, default 10)")
     parser.add_argument("--jit", action="store_true",
                         help="run Triton's JIT for real up to a no-op launcher (compiles each kernel first)")
     parser.add_argument("--models", nargs="*", default=None, metavar="PRESET",
                         help=f"host ms per training step of narrowed models and their references instead "
                              f"(default with no names: {' '.join(MODELS)}); implies --jit")
     args = parser.parse_args(argv)
+    if args.calls is None:
+        args.calls = 10 if args.models is not None else 200
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
     if args.models:
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
         for mode in AUTOTUNER_MODES:
             _set_autotuner(mode)
             fn()  # compiles, with --jit, outside the timing
-            times.append(f"{_median_us(fn, args.calls):.0f}")
+            times.append(f"{_time_us(fn, args.calls):.0f}")
         print(f"| {name} | {' | '.join(times)} |", flush=True)
     return 0
 
