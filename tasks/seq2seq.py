@@ -86,18 +86,20 @@ class Seq2Seq(ZooTask):
         return loss
 
     def decode(self, src_ids: torch.Tensor, src_mask: Optional[torch.Tensor] = None, tokenizer=None,
-               max_new_tokens: Optional[int] = None, num_beams: Optional[int] = None) -> list[str]:
+               max_new_tokens: Optional[int] = None, num_beams: Optional[int] = None, **sampling) -> list[str]:
         """Decoded strings (B of them) for padded source ids (B, S): tokens up to the first eos.
 
         Only ids that are text to the tokenizer (and eos) are generated: never another special,
         nor an id past the tokenizer's vocabulary (the model's may be larger: 128 for 72 dates
-        characters), which decoding would otherwise drop and so hide from exact match and CER."""
+        characters), which decoding would otherwise drop and so hide from exact match and CER.
+        sampling: Seq2SeqTransformer.generate's do_sample, temperature, top_k, top_p, generator."""
         tokenizer = tokenizer or tokenizer_for(self)
         max_new_tokens = self.hparams.max_new_tokens if max_new_tokens is None else max_new_tokens
         num_beams = self.hparams.num_beams if num_beams is None else num_beams
         out = self.model.generate(src_ids, src_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                   bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                                  suppress_tokens=suppressed_ids(tokenizer, self.model.cfg.tgt_vocab_size))
+                                  suppress_tokens=suppressed_ids(tokenizer, self.model.cfg.tgt_vocab_size),
+                                  **sampling)
         texts = []
         for row in out[:, 1:].tolist():
             if tokenizer.eos_id in row:
@@ -191,18 +193,31 @@ class Seq2Seq(ZooTask):
 
     @torch.no_grad()
     def generate_text(self, sources: Sequence[str], tokenizer=None, max_new_tokens: Optional[int] = None,
-                      num_beams: Optional[int] = None) -> list[str]:
+                      num_beams: Optional[int] = None, temperature: float = 0.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, seed: Optional[int] = None) -> list[str]:
         """Outputs for source strings: tokenize (with `tokenizer`, else the task's), decode, detokenize.
 
-        Raises ValueError for an empty list, an empty source or one past the encoder's max_seq_len,
+        temperature 0 (the default, what validation measures) decodes greedily, or by beam search
+        with num_beams > 1; above 0 it samples with temperature / top_k / top_p from a generator
+        seeded with `seed` (None: unseeded), one beam only. Raises ValueError for an empty list,
+        an empty source or one past the encoder's max_seq_len, a negative temperature, top_k or
+        top_p without a temperature, sampling with num_beams > 1, or bad sampling options;
         RuntimeError without a tokenizer.
         """
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy decoding or beam search), got {temperature!r}")
+        if temperature == 0 and (top_k is not None or top_p is not None):
+            raise ValueError("top_k and top_p filter sampling: give a temperature > 0 with them")
         tokenizer = tokenizer or tokenizer_for(self)
         batch = self.text_batch(sources, tokenizer)
         src, mask = batch["src_ids"], batch["src_mask"]
+        sampling = {}
+        if temperature > 0:
+            generator = torch.Generator(device=src.device).manual_seed(seed) if seed is not None else None
+            sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         was_training = self.training
         self.eval()
         try:
-            return self.decode(src, mask, tokenizer, max_new_tokens, num_beams)
+            return self.decode(src, mask, tokenizer, max_new_tokens, num_beams, **sampling)
         finally:
             self.train(was_training)

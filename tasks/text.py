@@ -305,13 +305,16 @@ class CausalLM(_LanguageModelTask):
         200, or fewer where the model's learned/sinusoidal positions end sooner. temperature
         0 is greedy; otherwise sampling with temperature / top_k / top_p from a generator
         seeded with `seed` (None: unseeded). Raises TypeError for a single string, ValueError
-        for a negative temperature, when the tokenizer does not fit the model, or what
+        for a negative temperature, top_k or top_p at temperature 0, when the tokenizer does not
+        fit the model, or what
         GPT.generate raises (prompt + max_new_tokens past max_seq_len, bad sampling options).
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy decoding), got {temperature!r}")
+        if temperature == 0 and (top_k is not None or top_p is not None):  # not ignored without a word
+            raise ValueError("top_k and top_p filter sampling: give a temperature > 0 with them")
         model = self._built_model()
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "

@@ -84,7 +84,11 @@ def test_generate_usage_errors_exit_2_with_the_generate_prefix(gpt_checkpoint, s
         ([gpt_checkpoint, "--num_beams", "2"], "--num_beams: a CausalLM checkpoint does not take it; it takes "
                                                "--max_new_tokens, --temperature, --top_k, --top_p, --seed"),
         ([seq2seq_checkpoint, "--prompt", "3", "--temperature", "0", "--top_k", "2"],
-         "--temperature, --top_k: a Seq2Seq checkpoint does not take them; it takes --max_new_tokens, --num_beams"),
+         "top_k and top_p filter sampling: give a temperature > 0 with them"),
+        ([gpt_checkpoint, "--temperature", "0", "--top_p", "0.9"],
+         "top_k and top_p filter sampling: give a temperature > 0 with them"),
+        ([seq2seq_checkpoint, "--prompt", "3", "--temperature", "0.7", "--num_beams", "2"],
+         "do_sample=True needs num_beams=1 (beam search does not sample)"),
         ([str(not_a_checkpoint)], f"{not_a_checkpoint}: not a checkpoint"),
         ([str(no_task)], f"{no_task}: not a tritonzoo task checkpoint (no 'zoo_task' entry)"),
     ]

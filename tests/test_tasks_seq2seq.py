@@ -247,3 +247,26 @@ def test_sources_with_characters_outside_the_alphabet_warn():
 def test_generate_text_without_a_tokenizer_says_what_is_missing():
     with pytest.raises(RuntimeError, match="tokenizer"):
         _task().generate_text(["3 March 2021"])
+
+
+def test_generate_text_samples_with_a_temperature():
+    """temperature 0 (the default) is the greedy decode that validation measures; above 0 it
+    samples, reproducibly with a seed, only inside the tokenizer's text (suppressed ids stay
+    out); top_k=1 is greedy again. Contradictory or bad options are refused."""
+    torch.manual_seed(0)
+    task = _task(max_new_tokens=12)
+    tokenizer = CharTokenizer(DATE_ALPHABET)
+    sources = ["3 March 2021", "Mar 3, 2021", "tuesday, march 3rd 2021"]
+    greedy = task.generate_text(sources, tokenizer)
+    assert task.generate_text(sources, tokenizer, temperature=0) == greedy
+    sampled = task.generate_text(sources, tokenizer, temperature=1.5, seed=4)
+    assert sampled == task.generate_text(sources, tokenizer, temperature=1.5, seed=4)
+    assert sampled != greedy  # an untrained model's distributions are broad: 36 characters drawn
+    assert all(set(text) <= set(DATE_ALPHABET) for text in sampled)
+    assert task.generate_text(sources, tokenizer, temperature=0.9, top_k=1, seed=1) == greedy
+    for kwargs, says in ((dict(temperature=-1.0), "temperature must be >= 0"),
+                         (dict(top_k=3), "give a temperature > 0"),
+                         (dict(temperature=0.5, num_beams=2), "needs num_beams=1"),
+                         (dict(temperature=0.5, top_p=0.0), r"top_p must be in \(0, 1\]")):
+        with pytest.raises(ValueError, match=says):
+            task.generate_text(sources, tokenizer, **kwargs)

@@ -119,6 +119,15 @@ def _favour(scores: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return scores + bias
 
 
+@pytest.mark.parametrize("kwargs", [dict(top_k=5), dict(top_p=0.9)])
+def test_filters_without_a_temperature_are_refused(kwargs):
+    """top_k / top_p at temperature 0 (greedy) would be ignored without a word: refused, as
+    the seq2seq task refuses them."""
+    gpt = CausalLM("gpt_nano", vocab_size=300, model_args=TINY_GPT).eval()
+    with pytest.raises(ValueError, match="top_k and top_p filter sampling: give a temperature > 0"):
+        gpt.generate_text(["The "], ByteTokenizer(), max_new_tokens=3, temperature=0, **kwargs)
+
+
 def test_a_model_vocabulary_padded_past_the_tokenizer_never_reaches_the_text(monkeypatch):
     """ids past the tokenizer's (and specials other than <eos>) are never generated, filled in or
     predicted: making them the model's favourites must not change a thing."""

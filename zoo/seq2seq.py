@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
 from .config import TransformerConfig, is_finite_number, is_int
-from .generation import suppress, suppress_index
+from .generation import check_sampling, decode, suppress, suppress_index
 from .layers import token_cross_entropy, vocab_logits
 from .registry import register_model
 from .text import padding_mask
@@ -228,26 +228,44 @@ class Seq2SeqTransformer(nn.Module):
     @torch.no_grad()
     def generate(self, src_ids: Tensor, src_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
                  num_beams: int = 1, length_penalty: float = 1.0, bos_id: Optional[int] = None,
-                 eos_id: Optional[int] = None, suppress_tokens: Optional[Sequence[int]] = None) -> Tensor:
+                 eos_id: Optional[int] = None, suppress_tokens: Optional[Sequence[int]] = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
         """Decodes target sequences (B, 1 + n): bos, the tokens, eos, then pad_id to the longest.
 
-        num_beams=1 is greedy (a finished row emits pad_id until all rows finish); more is
-        beam_search. Both run the encoder once and the decoder one token at a time with
-        its KV cache; the ids of suppress_tokens are never generated. bos_id / eos_id default
-        to the config's; a negative eos_id means no stop token. Raises ValueError for
-        max_new_tokens < 1, num_beams < 1, bad suppress_tokens, bos_id or eos_id outside the
+        num_beams=1 is greedy, or with do_sample draws each token from the softmax of its
+        logits / temperature, filtered by top_k and top_p, with `generator` (as GPT.generate,
+        through zoo.generation.decode); a finished row emits pad_id until all rows finish.
+        More beams is beam_search, which does not sample. Both run the encoder once and the
+        decoder one token at a time with its KV cache; the ids of suppress_tokens are never
+        generated. bos_id / eos_id default to the config's; a negative eos_id means no stop
+        token. Raises ValueError for max_new_tokens < 1, num_beams < 1, do_sample with
+        num_beams > 1, bad sampling options, bad suppress_tokens, bos_id or eos_id outside the
         target vocabulary (TypeError if not an int), or past what the decoder's
-        learned/sinusoidal positions reach (checked before decoding).
+        learned/sinusoidal positions reach (all checked before decoding).
         """
         if num_beams != 1:
+            if do_sample:
+                raise ValueError(f"do_sample=True needs num_beams=1 (beam search does not sample), got "
+                                 f"num_beams={num_beams!r}")
             return self.beam_search(src_ids, src_mask, max_new_tokens, num_beams, length_penalty, bos_id, eos_id,
                                     suppress_tokens)
         _check_positive(max_new_tokens=max_new_tokens)
+        check_sampling(do_sample, temperature, top_k, top_p)
         self._check_length(max_new_tokens)
-        banned = suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)
+        suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)  # checked before encoding
         bos, eos = self._special_ids(bos_id, eos_id)
         memory, src_mask = self.encode(src_ids, src_mask)
-        return self._greedy(memory, src_mask, max_new_tokens, bos, eos, banned)
+        cache = self.decoder.new_cache(capacity=1 + max_new_tokens)
+        start = torch.full((memory.shape[0], 1), bos, dtype=torch.long, device=memory.device)
+
+        def step(tokens: Tensor) -> Tensor:
+            return self.decode_step(tokens[:, None], memory, src_mask, cache)[:, -1]
+
+        new = decode(step, step(start[:, 0]), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos if eos >= 0 else None,
+                     pad_token_id=self.cfg.pad_id, generator=generator, suppress_tokens=suppress_tokens)
+        return torch.cat([start, new], dim=1)
 
     def _special_ids(self, bos_id: Optional[int], eos_id: Optional[int]) -> tuple[int, int]:
         """(bos, eos) of a generate call: the arguments, else the config's.
@@ -276,21 +294,6 @@ class Seq2SeqTransformer(nn.Module):
         if dec.positions in ("learned", "sinusoidal") and max_new_tokens > dec.max_seq_len:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) is past the decoder's max_seq_len = "
                              f"{dec.max_seq_len} (it sees bos and every new token but the last)")
-
-    def _greedy(self, memory: Tensor, src_mask: Optional[Tensor], max_new_tokens: int, bos: int,
-                eos: int, banned: Optional[Tensor] = None) -> Tensor:
-        B = memory.shape[0]
-        cache = self.decoder.new_cache(capacity=1 + max_new_tokens)
-        seqs = torch.full((B, 1), bos, dtype=torch.long, device=memory.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=memory.device)
-        for _ in range(max_new_tokens):
-            logits = self.decode_step(seqs[:, -1:], memory, src_mask, cache)[:, -1]
-            token = suppress(logits, banned).argmax(-1).masked_fill(finished, self.cfg.pad_id)
-            seqs = torch.cat([seqs, token[:, None]], dim=1)
-            finished |= token == eos
-            if bool(finished.all()):
-                break
-        return seqs
 
     @torch.no_grad()
     def beam_search(self, src_ids: Tensor, src_mask: Optional[Tensor] = None, max_new_tokens: int = 32,
