@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -18,6 +21,29 @@ from zoo.config import is_finite_number
 
 # Parameters that never get weight decay: embeddings and position tables, by name.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "pos_table", "mask_token")
+
+
+def rng_states() -> dict:
+    """This process's random states: Python's, NumPy's, torch's CPU generator and (once CUDA is in
+    use) the current CUDA device's, as plain types and tensors (a checkpoint loads them with
+    torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Puts back what rng_states() returned (the CUDA state where CUDA is available)."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -128,8 +154,19 @@ class ZooTask(L.LightningModule):
         tokenizer = getattr(datamodule, "tokenizer", None) or getattr(self, "tokenizer", None)
         if tokenizer is not None:
             checkpoint["zoo_tokenizer"] = tokenizer.state()
+        # Every rank's random states (Lightning saves a checkpoint from all ranks at once): a
+        # run resumed from it draws the dropout, masks and augmentation it would have drawn.
+        states = rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            checkpoint["zoo_rng_states"] = gathered
+        else:
+            checkpoint["zoo_rng_states"] = [states]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Put back when training starts: after the restore, before the first step draws.
+        self._rng_states_to_restore = checkpoint.get("zoo_rng_states")
         # Tasks that decode text (seq2seq, CTC) keep the tokenizer as self.tokenizer.
         if hasattr(self, "tokenizer") and "zoo_tokenizer" in checkpoint:
             from .data.tokenizers import tokenizer_from_state
@@ -162,6 +199,14 @@ class ZooTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        states = self.__dict__.pop("_rng_states_to_restore", None)
+        if states is not None:
+            if len(states) == self.trainer.world_size:
+                set_rng_states(states[self.global_rank])
+            else:
+                rank_zero_warn(f"the checkpoint holds the random states of {len(states)} processes, this run has "
+                               f"{self.trainer.world_size}: they are not restored (the resumed run draws other "
+                               f"dropout, masks and augmentation than an uninterrupted one would)")
         # A resumed run gets back the optimizer's learning rates of its last step, and a LambdaLR
         # recomputes them only at its next step: the first step would use the old schedule's rate
         # (with a new max_steps, not this run's curve). Set them from the schedule now.

@@ -230,7 +230,7 @@ def test_shift_augmentation_differs_across_loader_workers():
 
     image = torch.zeros(1, 9, 9)
     image[0, 4, 4] = 1.0  # one lit pixel: its position after the shift is the shift
-    shifted = _Shift(TensorDataset(image.expand(16, 1, 9, 9), torch.zeros(16, dtype=torch.long)), pixels=2, seed=0)
+    shifted = _Shift(TensorDataset(image.expand(16, 1, 9, 9), torch.zeros(16, dtype=torch.long)), pixels=2)
     loader = DataLoader(shifted, batch_size=1, num_workers=2, shuffle=False)
     moves = [tuple((batch[0][0, 0] == 1).nonzero()[0].tolist()) for batch in loader]
     assert all(0 <= dy - 4 + 2 <= 4 and 0 <= dx - 4 + 2 <= 4 for dy, dx in moves)

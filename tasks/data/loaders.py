@@ -2,11 +2,104 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Callable, Optional
 
 import lightning as L
+import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader: Lightning checkpoints where it is in an epoch, so a run resumed
+    from a mid-epoch checkpoint continues with the batches that epoch had not yet given, in the
+    same order (a plain DataLoader restarts the epoch: its first batches are seen twice).
+
+    Each pass over the data (an epoch) draws from generators seeded with (seed, pass): the
+    shuffle order and the DataLoader's base seed for its workers. ``seed`` defaults to a draw
+    from torch's global generator, so the run's seed (``seed_everything``) sets it; it is part
+    of the state. ``state_dict()`` is {seed, epoch (passes started - 1), batches (given in that
+    pass), length (batches a pass)}; after ``load_state_dict`` the next pass is that epoch's,
+    starting after its first `batches` batches, which are skipped by index (never loaded).
+    Under a distributed strategy Lightning rebuilds the loader around its DistributedSampler
+    (whose order is its own seed and the epoch); the skipping and counting stay.
+
+    Counting what was given is what was trained on: Lightning fetches ahead only from loaders
+    without a length, and every data set here has one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None,
+                 sampler=None, *, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 **kwargs):
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, ()))
+        self.seed = seed
+        self._order = torch.Generator()
+        if shuffle and sampler is None and kwargs.get("batch_sampler") is None:
+            sampler, shuffle = RandomSampler(dataset, generator=self._order), None
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                         generator=generator if generator is not None else torch.Generator(), **kwargs)
+        self._epoch = -1  # the pass in progress (or last finished); -1 before the first
+        self._given = 0  # batches that pass has given
+        self._skip = 0  # batches the pass in progress skipped (read when its index sampler starts)
+        self._resume = False  # the next pass continues self._epoch instead of starting the next one
+
+    @property
+    def _index_sampler(self):
+        return _SkipFirst(DataLoader._index_sampler.fget(self), self)
+
+    def __iter__(self):
+        return self._one_pass()
+
+    def _one_pass(self):
+        # A generator: nothing happens until the first batch is asked for (Lightning calls iter()
+        # to check a loader is iterable, and before it sets the sampler's epoch).
+        if self._resume:
+            self._resume = False
+        else:
+            self._epoch, self._given, self._skip = self._epoch + 1, 0, 0
+        base = (self.seed * 1_000_003 + 2 * self._epoch) % 2 ** 62
+        self._order.manual_seed(base)
+        self.generator.manual_seed(base + 1)
+        for batch in super().__iter__():
+            self._given += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self._epoch, "batches": self._given, "length": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"seed", "epoch", "batches", "length"} - set(state)
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state lacks {sorted(missing)}; "
+                             f"expected what state_dict() returns, got keys {sorted(state)}")
+        self.seed = int(state["seed"])
+        epoch, batches, length = int(state["epoch"]), int(state["batches"]), int(state["length"])
+        if length != len(self):
+            warnings.warn(f"the training data has {len(self)} batches a pass, the checkpoint's had {length} "
+                          f"(another data set or batch size): epoch {epoch} starts again from its first batch",
+                          stacklevel=2)
+            self._epoch, self._resume, self._given, self._skip = epoch, True, 0, 0
+        elif batches >= length:  # that pass was complete: the next one starts afresh
+            self._epoch, self._resume, self._given, self._skip = epoch, False, length, 0
+        else:
+            self._epoch, self._resume, self._given, self._skip = epoch, True, batches, batches
+
+
+class _SkipFirst(Sampler):
+    """The loader's index sampler, less the first batches a resumed pass skips."""
+
+    def __init__(self, inner, loader: ResumableLoader):
+        self.inner, self.loader = inner, loader
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        # Read, not consumed: a worker pool's iterator starts its index sampler twice.
+        return itertools.islice(iter(self.inner), self.loader._skip, None)
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -14,7 +107,8 @@ class SplitDataModule(L.LightningDataModule):
     val_set and test_set (predict reads the test split).
 
     The training loader shuffles unless shuffle=False (exact comparisons); the others keep
-    their order. A module with its own batching overrides collate_fn. Under a distributed
+    their order; the training loader is a ResumableLoader (a run resumed mid-epoch continues
+    that epoch). A module with its own batching overrides collate_fn. Under a distributed
     strategy Lightning gives the training loader a DistributedSampler that shuffles whatever
     the loader did; with shuffle=False the loader brings its own, which does not (each rank
     then reads every world-size-th sample of the dataset order).
@@ -46,12 +140,14 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
+        options = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn(train),
+                       persistent_workers=self.num_workers > 0)
+        if not train:
+            return DataLoader(dataset, **options)
         sampler = None
-        if train and not self.shuffle and dist.is_available() and dist.is_initialized():
+        if not self.shuffle and dist.is_available() and dist.is_initialized():
             sampler = DistributedSampler(dataset, shuffle=False)  # kept by Lightning, which would shuffle
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train and self.shuffle,
-                          sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate_fn(train),
-                          persistent_workers=self.num_workers > 0)
+        return ResumableLoader(dataset, shuffle=self.shuffle, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

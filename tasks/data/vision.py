@@ -57,20 +57,22 @@ def _labelled_as(train, split):
 
 
 class _Shift(Dataset):
-    """Training augmentation for tiny images: a random shift by up to `pixels` (zero fill)."""
+    """Training augmentation for tiny images: a random shift by up to `pixels` (zero fill).
 
-    def __init__(self, base: Dataset, pixels: int, seed: int):
+    In the main process the shifts come from torch's global generator: the run's seed sets
+    them, and a resumed run, whose checkpoint holds that generator's state, draws what the
+    uninterrupted run would have. Each DataLoader worker draws from the seed the DataLoader
+    gives it instead (base seed + worker id), as a copy of a seeded generator in every worker
+    would draw the same shifts in each."""
+
+    def __init__(self, base: Dataset, pixels: int):
         self.base, self.pixels = base, pixels
-        self.generator = torch.Generator().manual_seed(seed)
         self._worker: Optional[tuple[int, torch.Generator]] = None
 
-    def _rng(self) -> torch.Generator:
-        # Each DataLoader worker holds a copy of this dataset, generator included: seeded alike,
-        # the workers would draw the same shifts. A worker draws from the seed the DataLoader
-        # gives it instead (base seed + worker id, new each epoch, set by the run's seed).
+    def _rng(self) -> Optional[torch.Generator]:
         info = torch.utils.data.get_worker_info()
         if info is None:
-            return self.generator
+            return None
         if self._worker is None or self._worker[0] != info.seed:
             self._worker = (info.seed, torch.Generator().manual_seed(info.seed))
         return self._worker[1]
@@ -128,7 +130,7 @@ class DigitsDataModule(SplitDataModule):
             idx = torch.tensor(list(idx))
             return TensorDataset(images[idx], labels[idx])
 
-        self.train_set = _Shift(subset(train), self.shift, self.split_seed)
+        self.train_set = _Shift(subset(train), self.shift)
         self.val_set, self.test_set = subset(val), subset(test)
 
 

@@ -1,0 +1,196 @@
+"""Resuming mid-epoch: the training loader's state (tasks.data.loaders.ResumableLoader) and the
+random states in the checkpoint (tasks.base). The oracle is always the uninterrupted run."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+import kernels
+from tasks import ImageClassification
+from tasks.data.loaders import ResumableLoader
+from tasks.data.vision import DigitsDataModule
+
+
+class _Counting(Dataset):
+    """Items 0..n-1, counting how often each is loaded."""
+
+    def __init__(self, n: int):
+        self.n, self.loads = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.loads.append(i)
+        return torch.tensor(i)
+
+
+def _batches(iterator, count=None):
+    out = []
+    for batch in iterator:
+        out.append(batch.tolist())
+        if count is not None and len(out) == count:
+            break
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_loaded_state_continues_the_pass_with_the_batches_not_yet_given(num_workers):
+    options = dict(batch_size=4, shuffle=True, num_workers=num_workers, persistent_workers=num_workers > 0)
+    uninterrupted = ResumableLoader(_Counting(23), seed=7, **options)
+    first_pass = _batches(uninterrupted)
+    second = iter(uninterrupted)
+    given = _batches(second, 3)
+    state = uninterrupted.state_dict()
+    assert state == {"seed": 7, "epoch": 1, "batches": 3, "length": 6}
+    rest, third_pass = _batches(second), _batches(uninterrupted)
+    assert sorted(sum(first_pass, [])) == list(range(23)) and first_pass != given + rest  # reshuffled
+
+    data = _Counting(23)
+    resumed = ResumableLoader(data, seed=99, **options)
+    resumed.load_state_dict(state)
+    assert _batches(resumed) == rest
+    if num_workers == 0:  # the skipped batches are never loaded (workers load in their own copies)
+        assert sorted(data.loads) == sorted(sum(rest, []))
+    assert _batches(resumed) == third_pass
+    assert resumed.state_dict() == {"seed": 7, "epoch": 2, "batches": 6, "length": 6}
+
+
+def test_a_state_taken_at_the_end_of_a_pass_starts_the_next():
+    uninterrupted = ResumableLoader(_Counting(10), batch_size=3, shuffle=True, seed=1)
+    _batches(uninterrupted)
+    state = uninterrupted.state_dict()
+    resumed = ResumableLoader(_Counting(10), batch_size=3, shuffle=True)
+    resumed.load_state_dict(state)
+    assert _batches(resumed) == _batches(uninterrupted)
+
+
+def test_an_unshuffled_loader_resumes_in_dataset_order():
+    loader = ResumableLoader(_Counting(10), batch_size=3, shuffle=False)
+    resumed = ResumableLoader(_Counting(10), batch_size=3, shuffle=False)
+    _batches(loader, 2)
+    resumed.load_state_dict(loader.state_dict())
+    assert _batches(resumed) == [[6, 7, 8], [9]]
+
+
+def test_a_state_of_another_length_restarts_the_epoch_with_a_warning():
+    loader = ResumableLoader(_Counting(10), batch_size=3, shuffle=True, seed=3)
+    _batches(loader)
+    _batches(iter(loader), 1)
+    state = loader.state_dict()  # epoch 1, 1 of 4 batches
+    other = ResumableLoader(_Counting(10), batch_size=2, shuffle=True)
+    with pytest.warns(UserWarning, match=r"5 batches a pass, the checkpoint's had 4 .* epoch 1 starts again"):
+        other.load_state_dict(state)
+    batches = _batches(other)
+    assert len(batches) == 5 and sorted(sum(batches, [])) == list(range(10))
+    assert other.state_dict()["epoch"] == 1
+
+
+def test_a_malformed_state_is_refused_by_name():
+    loader = ResumableLoader(_Counting(4), batch_size=2)
+    with pytest.raises(ValueError, match=r"lacks \['batches', 'length'\].* got keys \['epoch', 'seed'\]"):
+        loader.load_state_dict({"seed": 1, "epoch": 0})
+
+
+def test_lightning_rebuilds_it_around_a_distributed_sampler():
+    """What Lightning does to the training loader under DDP: the same class and seed, the
+    DistributedSampler's order, and still resumable."""
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader
+
+    loader = ResumableLoader(_Counting(20), batch_size=2, shuffle=True, seed=5)
+    assert _is_dataloader_shuffled(loader)  # so Lightning's DistributedSampler shuffles
+
+    def rank_loader(rank):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        return _update_dataloader(loader, sampler)
+
+    rank1 = rank_loader(1)
+    assert type(rank1) is ResumableLoader and rank1.seed == 5
+    expected = list(DistributedSampler(loader.dataset, num_replicas=2, rank=1, shuffle=True, seed=0))
+    full = _batches(rank1)
+    assert sum(full, []) == expected
+    _batches(iter(rank1), 2)
+    resumed = rank_loader(1)
+    resumed.load_state_dict(rank1.state_dict())
+    resumed.sampler.set_epoch(1), rank1.sampler.set_epoch(1)  # as Lightning does each epoch
+    assert _batches(resumed) == _batches(rank1)[2:]
+
+
+class _Losses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _fit(root, steps_before_stop=None, ckpt_path=None, batch_size=128, **trainer_options):
+    """vit_digits (2 blocks) with everything random on: shuffled batches, shift augmentation,
+    drop path and dropout. 1,257 training digits at batch 128: 10 batches an epoch."""
+    L.seed_everything(0, verbose=False)
+    task = ImageClassification(model="vit_digits", model_args={"depth": 2, "drop_path": 0.2, "dropout": 0.1},
+                               lr=3e-3, warmup=3)
+    losses = _Losses()
+    callbacks = [losses]
+    if steps_before_stop is not None:
+        callbacks += [_StopAt(steps_before_stop),
+                      L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=steps_before_stop)]
+    trainer = L.Trainer(default_root_dir=root, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=16,
+                        enable_checkpointing=steps_before_stop is not None, callbacks=callbacks, **trainer_options)
+    with kernels.reference_only(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(task, DigitsDataModule(batch_size=batch_size, shift=1), ckpt_path=ckpt_path)
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    return losses.losses, task
+
+
+def test_a_run_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_run(tmp_path):
+    """Stopped at step 6 of a 16-step run (mid-epoch 0 of 10-batch epochs) and resumed from that
+    checkpoint, the run gives the uninterrupted run's losses at every later step and its final
+    weights, across the epoch boundary (without the loader's state it retrains batches 1-6;
+    without the random states it draws other shifts, drop paths and dropout)."""
+    uninterrupted, expected = _fit(tmp_path / "once")
+    stopped, _ = _fit(tmp_path / "stopped", steps_before_stop=6)
+    assert stopped == uninterrupted[:6]
+    (checkpoint,) = (tmp_path / "stopped").glob("*.ckpt")
+    resumed, task = _fit(tmp_path / "resumed", ckpt_path=str(checkpoint))
+    assert resumed == uninterrupted[6:]
+    loops = torch.load(checkpoint, weights_only=True)["loops"]  # plain types: loads without pickled objects
+    assert loops["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6
+    for (name, a), (_, b) in zip(expected.named_parameters(), task.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_ddp_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_weights(tmp_path, monkeypatch):
+    """The same on 2 gloo processes: Lightning's DistributedSampler inside the loader, each rank's
+    random states gathered into the checkpoint and put back (64 a rank: 10 batches an epoch)."""
+    # Spawned workers start fresh: without the interpreter variable they take the PyTorch path
+    # too. (This process must not launch interpreted kernels while it is unset.)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ddp = dict(batch_size=64, devices=2, strategy="ddp_spawn")
+    _, expected = _fit(tmp_path / "once", **ddp)
+    _, stopped = _fit(tmp_path / "stopped", steps_before_stop=6, **ddp)
+    (checkpoint,) = (tmp_path / "stopped").glob("*.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert len(saved["zoo_rng_states"]) == 2
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6
+    _, resumed = _fit(tmp_path / "resumed", ckpt_path=str(checkpoint), **ddp)
+    moved = max((a - b).abs().max().item() for a, b in zip(expected.parameters(), stopped.parameters()))
+    assert moved > 1e-3  # steps 7-16 changed the weights: the comparison below is not of step 6's
+    for (name, a), (_, b) in zip(expected.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
