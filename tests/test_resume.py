@@ -3,9 +3,11 @@ random states in the checkpoint (tasks.base). The oracle is always the uninterru
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -59,6 +61,42 @@ def test_a_loaded_state_continues_the_pass_with_the_batches_not_yet_given(num_wo
         assert sorted(data.loads) == sorted(sum(rest, []))
     assert _batches(resumed) == third_pass
     assert resumed.state_dict() == {"seed": 7, "epoch": 2, "batches": 6, "length": 6}
+
+
+class _Noisy(Dataset):
+    """Item i: i plus draws from torch's, NumPy's and Python's global generators."""
+
+    def __len__(self):
+        return 23
+
+    def __getitem__(self, i):
+        return torch.tensor([i, float(torch.rand(())), float(np.random.rand()), random.random()])
+
+
+def _noisy_collate(items):
+    return torch.stack(items) + torch.randint(0, 1000, (len(items), 1))  # the collate function draws too
+
+
+def test_random_draws_are_those_of_the_batch_with_or_without_workers_and_after_a_resume():
+    def loader(num_workers, seed=11):
+        return ResumableLoader(_Noisy(), batch_size=4, shuffle=True, seed=seed, num_workers=num_workers,
+                               collate_fn=_noisy_collate, persistent_workers=num_workers > 0)
+
+    main = loader(0)
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    in_main = [_batches(main) for _ in range(2)]
+    # The main process's generators (the model's dropout) are as they were.
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
+    assert in_main[0] != in_main[1]  # each epoch draws anew
+    assert _batches(loader(2)) == in_main[0]  # two workers: the same draws
+    assert _batches(loader(0, seed=12)) != in_main[0]
+    stopped = loader(2)
+    _batches(stopped)
+    _batches(iter(stopped), 2)
+    resumed = loader(2, seed=None)
+    resumed.load_state_dict(stopped.state_dict())
+    assert _batches(resumed) == in_main[1][2:]
 
 
 def test_a_state_taken_at_the_end_of_a_pass_starts_the_next():

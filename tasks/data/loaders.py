@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import random
 import warnings
 from typing import Callable, Optional
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, default_collate
 
 
 class ResumableLoader(DataLoader):
@@ -18,10 +20,15 @@ class ResumableLoader(DataLoader):
     same order (a plain DataLoader restarts the epoch: its first batches are seen twice).
 
     Each pass over the data (an epoch) draws from generators seeded with (seed, pass): the
-    shuffle order and the DataLoader's base seed for its workers. ``seed`` defaults to a draw
-    from torch's global generator, so the run's seed (``seed_everything``) sets it; it is part
-    of the state. ``state_dict()`` is {seed, epoch (passes started - 1), batches (given in that
-    pass), length (batches a pass)}; after ``load_state_dict`` the next pass is that epoch's,
+    shuffle order and the DataLoader's base seed for its workers. Each batch is loaded and
+    collated with Python's, NumPy's and torch's global generators seeded with (seed, pass,
+    batch) (in the main process they are put back afterwards): the random draws of data sets
+    and collate functions (augmentation, masks) are a function of the batch, the same with or
+    without workers, and again after a resume. ``seed`` defaults to a draw from torch's global
+    generator, so the run's seed (``seed_everything``) sets it; it is part of the state.
+
+    ``state_dict()`` is {seed, epoch (passes started - 1), batches (given in that pass), length
+    (batches a pass)}; after ``load_state_dict`` the next pass is that epoch's,
     starting after its first `batches` batches, which are skipped by index (never loaded).
     Under a distributed strategy Lightning rebuilds the loader around its DistributedSampler
     (whose order is its own seed and the epoch); the skipping and counting stay.
@@ -39,7 +46,12 @@ class ResumableLoader(DataLoader):
         self._order = torch.Generator()
         if shuffle and sampler is None and kwargs.get("batch_sampler") is None:
             sampler, shuffle = RandomSampler(dataset, generator=self._order), None
-        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+        collate = kwargs.pop("collate_fn", None)
+        if isinstance(dataset, _SeededFetch):  # rebuilt from this loader's own attributes
+            dataset, collate = dataset.dataset, dataset.collate
+        if batch_size is not None or kwargs.get("batch_sampler") is not None:  # batches: each seeded
+            dataset, collate = _SeededFetch(dataset, collate or default_collate), _collated
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
                          generator=generator if generator is not None else torch.Generator(), **kwargs)
         self._epoch = -1  # the pass in progress (or last finished); -1 before the first
         self._given = 0  # batches that pass has given
@@ -89,7 +101,8 @@ class ResumableLoader(DataLoader):
 
 
 class _SkipFirst(Sampler):
-    """The loader's index sampler, less the first batches a resumed pass skips."""
+    """The loader's index sampler, less the first batches a resumed pass skips; each batch of
+    indices carries its seed."""
 
     def __init__(self, inner, loader: ResumableLoader):
         self.inner, self.loader = inner, loader
@@ -99,7 +112,61 @@ class _SkipFirst(Sampler):
 
     def __iter__(self):
         # Read, not consumed: a worker pool's iterator starts its index sampler twice.
-        return itertools.islice(iter(self.inner), self.loader._skip, None)
+        loader = self.loader
+        skip, base = loader._skip, (loader.seed * 1_000_003 + loader._epoch) % 2 ** 62
+        for number, indices in enumerate(self.inner):
+            if number >= skip:
+                yield _SeededBatch(indices, (base * 1_000_003 + number) % 2 ** 62) \
+                    if isinstance(indices, list) else indices
+
+
+class _SeededBatch(list):
+    """A batch of indices and the seed its loading draws from."""
+
+    def __init__(self, indices, seed: int):
+        super().__init__(indices)
+        self.seed = seed
+
+
+@contextlib.contextmanager
+def _global_generators_seeded(seed: int):
+    """Python's, NumPy's and torch's CPU generator seeded with `seed`, then put back."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+class _SeededFetch(Dataset):
+    """The data set as a ResumableLoader reads it: a batch of indices is loaded and collated in
+    one call (DataLoader's __getitems__ hook) under its seed; the loader's collate_fn then only
+    unwraps it (_collated)."""
+
+    def __init__(self, dataset: Dataset, collate: Callable):
+        self.dataset, self.collate = dataset, collate
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, indices) -> list:
+        seed = getattr(indices, "seed", None)
+        with _global_generators_seeded(seed) if seed is not None else contextlib.nullcontext():
+            fetch = getattr(self.dataset, "__getitems__", None)
+            items = fetch(list(indices)) if fetch is not None else [self.dataset[i] for i in indices]
+            return [self.collate(items)]
+
+
+def _collated(data: list):
+    return data[0]
 
 
 class SplitDataModule(L.LightningDataModule):

@@ -59,23 +59,13 @@ def _labelled_as(train, split):
 class _Shift(Dataset):
     """Training augmentation for tiny images: a random shift by up to `pixels` (zero fill).
 
-    In the main process the shifts come from torch's global generator: the run's seed sets
-    them, and a resumed run, whose checkpoint holds that generator's state, draws what the
-    uninterrupted run would have. Each DataLoader worker draws from the seed the DataLoader
-    gives it instead (base seed + worker id), as a copy of a seeded generator in every worker
-    would draw the same shifts in each."""
+    The shifts come from torch's global generator, which the training loader (ResumableLoader)
+    seeds for each batch, in the main process and in each worker alike: the run's seed sets
+    them, whatever the number of workers, and a resumed run draws the same. (In a worker of a
+    plain DataLoader, torch seeds that generator per worker.)"""
 
     def __init__(self, base: Dataset, pixels: int):
         self.base, self.pixels = base, pixels
-        self._worker: Optional[tuple[int, torch.Generator]] = None
-
-    def _rng(self) -> Optional[torch.Generator]:
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            return None
-        if self._worker is None or self._worker[0] != info.seed:
-            self._worker = (info.seed, torch.Generator().manual_seed(info.seed))
-        return self._worker[1]
 
     def __len__(self):
         return len(self.base)
@@ -83,7 +73,7 @@ class _Shift(Dataset):
     def __getitem__(self, i):
         image, label = self.base[i]
         if self.pixels:
-            dy, dx = (torch.randint(-self.pixels, self.pixels + 1, (2,), generator=self._rng())).tolist()
+            dy, dx = torch.randint(-self.pixels, self.pixels + 1, (2,)).tolist()
             image = torch.roll(image, shifts=(dy, dx), dims=(1, 2))
             if dy > 0:
                 image[:, :dy] = 0
