@@ -73,8 +73,8 @@ class _Noisy(Dataset):
         return torch.tensor([i, float(torch.rand(())), float(np.random.rand()), random.random()])
 
 
-def _noisy_collate(items):
-    return torch.stack(items) + torch.randint(0, 1000, (len(items), 1))  # the collate function draws too
+def _noisy_collate(items):  # the collate function draws too: a fifth column
+    return torch.cat([torch.stack(items), torch.randint(0, 1000, (len(items), 1))], dim=1)
 
 
 def test_random_draws_are_those_of_the_batch_with_or_without_workers_and_after_a_resume():
@@ -91,6 +91,11 @@ def test_random_draws_are_those_of_the_batch_with_or_without_workers_and_after_a
     assert in_main[0] != in_main[1]  # each epoch draws anew
     assert _batches(loader(2)) == in_main[0]  # two workers: the same draws
     assert _batches(loader(0, seed=12)) != in_main[0]
+    with pytest.MonkeyPatch.context() as patch:  # another DDP rank, seeded alike, draws otherwise
+        patch.setattr("tasks.data.loaders._rank", lambda: 1)
+        other_rank = _batches(loader(0))
+    assert [row[0] for batch in other_rank for row in batch] == [row[0] for batch in in_main[0] for row in batch]
+    assert other_rank != in_main[0]
     stopped = loader(2)
     _batches(stopped)
     _batches(iter(stopped), 2)

@@ -22,7 +22,7 @@ class ResumableLoader(DataLoader):
     Each pass over the data (an epoch) draws from generators seeded with (seed, pass): the
     shuffle order and the DataLoader's base seed for its workers. Each batch is loaded and
     collated with Python's, NumPy's and torch's global generators seeded with (seed, pass,
-    batch) (in the main process they are put back afterwards): the random draws of data sets
+    process rank, batch) (in the main process they are put back afterwards): the random draws of data sets
     and collate functions (augmentation, masks) are a function of the batch, the same with or
     without workers, and again after a resume. ``seed`` defaults to a draw from torch's global
     generator, so the run's seed (``seed_everything``) sets it; it is part of the state.
@@ -114,10 +114,17 @@ class _SkipFirst(Sampler):
         # Read, not consumed: a worker pool's iterator starts its index sampler twice.
         loader = self.loader
         skip, base = loader._skip, (loader.seed * 1_000_003 + loader._epoch) % 2 ** 62
+        # The rank too (rank 0's seeds are the plain ones): ranks seeded alike by one
+        # seed_everything would otherwise draw alike for their different samples.
+        rank = (_rank() * 0x9E3779B97F4A7C15) % 2 ** 62
         for number, indices in enumerate(self.inner):
             if number >= skip:
-                yield _SeededBatch(indices, (base * 1_000_003 + number) % 2 ** 62) \
+                yield _SeededBatch(indices, ((base * 1_000_003 + number) % 2 ** 62) ^ rank) \
                     if isinstance(indices, list) else indices
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class _SeededBatch(list):
