@@ -3,7 +3,9 @@ random states in the checkpoint (tasks.base). The oracle is always the uninterru
 
 from __future__ import annotations
 
+import functools
 import random
+import shutil
 import warnings
 
 import lightning as L
@@ -14,7 +16,10 @@ from torch.utils.data import Dataset, DistributedSampler
 
 import kernels
 from tasks import ImageClassification
+from tasks.data.dates import DatesDataModule
 from tasks.data.loaders import ResumableLoader
+from tasks.data.speech import KeywordDataModule
+from tasks.data.text import LanguageModelDataModule, MaskedLMDataModule
 from tasks.data.vision import DigitsDataModule
 
 
@@ -162,6 +167,60 @@ def test_lightning_rebuilds_it_around_a_distributed_sampler():
     resumed.load_state_dict(rank1.state_dict())
     resumed.sampler.set_epoch(1), rank1.sampler.set_epoch(1)  # as Lightning does each epoch
     assert _batches(resumed) == _batches(rank1)[2:]
+
+
+def _flat(batch):
+    """A batch (tensors, strings, in tuples, lists and dicts) as a list of its leaves."""
+    if isinstance(batch, dict):
+        return [leaf for key in sorted(batch) for leaf in _flat(batch[key])]
+    if isinstance(batch, (tuple, list)):
+        return [leaf for part in batch for leaf in _flat(part)]
+    return [batch]
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def _keywords(cache):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    return KeywordDataModule(words=["yes", "no", "stop"], train_per_word=12, eval_per_word=6, cache_dir=str(cache),
+                             batch_size=8, speed_perturb=0.1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: DigitsDataModule(batch_size=64, shift=2),
+    lambda tmp: MaskedLMDataModule(corpora=["pydoc_topics"], tokenizer_kind="chars", max_length=64, batch_size=16),
+    lambda tmp: LanguageModelDataModule(corpora=["pydoc_topics"], tokenizer_kind="chars", block_size=64,
+                                        batch_size=16),
+    lambda tmp: DatesDataModule(train_size=256, val_size=32, test_size=32, batch_size=32),
+    _keywords,
+], ids=["digits-shift", "masked-lm", "causal-lm", "dates", "spoken-keywords"])
+def test_every_embedded_data_module_resumes_its_training_batches(make, tmp_path):
+    """Each data module's training loader, stopped after 3 batches of its second epoch and
+    rebuilt from its state in a fresh data module, gives the rest of that epoch as the
+    uninterrupted loader does, random augmentation (shifts; the clips' gain, offset, noise
+    and speed) and masks included."""
+    make = functools.partial(make, tmp_path)
+    dm = make()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableLoader)
+    first_epoch = [_flat(batch) for batch in loader]
+    running = iter(loader)
+    for _ in range(3):
+        next(running)
+    state = loader.state_dict()
+    rest = [_flat(batch) for batch in running]
+    fresh = make()
+    fresh.setup("fit")
+    resumed = fresh.train_dataloader()
+    resumed.load_state_dict(state)
+    again = [_flat(batch) for batch in resumed]
+    assert len(again) == len(rest) == len(first_epoch) - 3 > 0
+    for got, want in zip(again, rest):
+        assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
 
 
 class _Losses(L.Callback):
