@@ -162,11 +162,16 @@ def test_lightning_rebuilds_it_around_a_distributed_sampler():
     expected = list(DistributedSampler(loader.dataset, num_replicas=2, rank=1, shuffle=True, seed=0))
     full = _batches(rank1)
     assert sum(full, []) == expected
-    _batches(iter(rank1), 2)
+    rank1.sampler.set_epoch(1)  # as Lightning does at each epoch's start
+    second = iter(rank1)
+    _batches(second, 2)
+    state = rank1.state_dict()
+    assert state["epoch"] == 1
+    rest = _batches(second)
     resumed = rank_loader(1)
-    resumed.load_state_dict(rank1.state_dict())
-    resumed.sampler.set_epoch(1), rank1.sampler.set_epoch(1)  # as Lightning does each epoch
-    assert _batches(resumed) == _batches(rank1)[2:]
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # Lightning, resuming in epoch 1
+    assert _batches(resumed) == rest and rest != full[2:]
 
 
 def _flat(batch):
@@ -276,6 +281,18 @@ def test_a_run_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_run(tmp_pat
     assert loops["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6
     for (name, a), (_, b) in zip(expected.named_parameters(), task.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("stop", [4, 6])
+def test_a_run_with_shortened_epochs_resumes_exactly(tmp_path, stop):
+    """limit_train_batches=4: Lightning ends each epoch after 4 of the loader's 10 batches. A
+    checkpoint at an epoch's end (step 4) must start the next epoch afresh, one mid-epoch
+    (step 6) continue it."""
+    uninterrupted, _ = _fit(tmp_path / "once", limit_train_batches=4)
+    _fit(tmp_path / "stopped", steps_before_stop=stop, limit_train_batches=4)
+    (checkpoint,) = (tmp_path / "stopped").glob("*.ckpt")
+    resumed, _ = _fit(tmp_path / "resumed", ckpt_path=str(checkpoint), limit_train_batches=4)
+    assert resumed == uninterrupted[stop:]
 
 
 def test_a_ddp_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_weights(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, default_collate
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler,
+                              default_collate)
 
 
 class ResumableLoader(DataLoader):
@@ -33,8 +34,11 @@ class ResumableLoader(DataLoader):
     Under a distributed strategy Lightning rebuilds the loader around its DistributedSampler
     (whose order is its own seed and the epoch); the skipping and counting stay.
 
-    Counting what was given is what was trained on: Lightning fetches ahead only from loaders
-    without a length, and every data set here has one.
+    The epoch is Lightning's, which it passes to the sampler's set_epoch at each epoch's start
+    (without it, as outside Lightning, each pass is the next epoch). So a pass that Lightning
+    cut short (limit_train_batches) ends the epoch: a checkpoint at its end resumes with the
+    next epoch, not with the rest of the pass. Counting what was given is what was trained on:
+    Lightning fetches ahead only from loaders without a length, and every data set here has one.
     """
 
     def __init__(self, dataset: Dataset, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None,
@@ -44,8 +48,10 @@ class ResumableLoader(DataLoader):
             seed = int(torch.randint(0, 2 ** 62, ()))
         self.seed = seed
         self._order = torch.Generator()
-        if shuffle and sampler is None and kwargs.get("batch_sampler") is None:
-            sampler, shuffle = RandomSampler(dataset, generator=self._order), None
+        if sampler is None and kwargs.get("batch_sampler") is None:
+            sampler = _EpochRandomSampler(dataset, generator=self._order) if shuffle \
+                else _EpochSequentialSampler(dataset)
+            shuffle = None
         collate = kwargs.pop("collate_fn", None)
         if isinstance(dataset, _SeededFetch):  # rebuilt from this loader's own attributes
             dataset, collate = dataset.dataset, dataset.collate
@@ -68,10 +74,12 @@ class ResumableLoader(DataLoader):
     def _one_pass(self):
         # A generator: nothing happens until the first batch is asked for (Lightning calls iter()
         # to check a loader is iterable, and before it sets the sampler's epoch).
-        if self._resume:
-            self._resume = False
+        told = getattr(self.sampler, "epoch", None)  # Lightning's epoch, set through set_epoch
+        if self._resume and told in (None, self._epoch):
+            pass  # the checkpoint's epoch goes on (Lightning may have ended it early: limit_train_batches)
         else:
-            self._epoch, self._given, self._skip = self._epoch + 1, 0, 0
+            self._epoch, self._given, self._skip = self._epoch + 1 if told is None else told, 0, 0
+        self._resume = False
         base = (self.seed * 1_000_003 + 2 * self._epoch) % 2 ** 62
         self._order.manual_seed(base)
         self.generator.manual_seed(base + 1)
@@ -98,6 +106,25 @@ class ResumableLoader(DataLoader):
             self._epoch, self._resume, self._given, self._skip = epoch, False, length, 0
         else:
             self._epoch, self._resume, self._given, self._skip = epoch, True, batches, batches
+
+
+class _EpochRandomSampler(RandomSampler):
+    """RandomSampler with the set_epoch Lightning calls at each epoch's start (the order comes from
+    the loader's generator, seeded for the epoch); epoch None until then."""
+
+    epoch: Optional[int] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class _EpochSequentialSampler(SequentialSampler):
+    """SequentialSampler with set_epoch, as _EpochRandomSampler."""
+
+    epoch: Optional[int] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 class _SkipFirst(Sampler):
