@@ -301,14 +301,19 @@ def test_a_ddp_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_weights(tm
     # Spawned workers start fresh: without the interpreter variable they take the PyTorch path
     # too. (This process must not launch interpreted kernels while it is unset.)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    ddp = dict(batch_size=64, devices=2, strategy="ddp_spawn")
-    _, expected = _fit(tmp_path / "once", **ddp)
-    _, stopped = _fit(tmp_path / "stopped", steps_before_stop=6, **ddp)
+    def fit(root, **kwargs):
+        # Lightning keeps the first run's MASTER_PORT in the environment; the next run's rendezvous
+        # on it can find it still taken (EADDRINUSE): each run picks a free port of its own.
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        return _fit(root, batch_size=64, devices=2, strategy="ddp_spawn", **kwargs)[1]
+
+    expected = fit(tmp_path / "once")
+    stopped = fit(tmp_path / "stopped", steps_before_stop=6)
     (checkpoint,) = (tmp_path / "stopped").glob("*.ckpt")
     saved = torch.load(checkpoint, weights_only=True)
     assert len(saved["zoo_rng_states"]) == 2
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6
-    _, resumed = _fit(tmp_path / "resumed", ckpt_path=str(checkpoint), **ddp)
+    resumed = fit(tmp_path / "resumed", ckpt_path=str(checkpoint))
     moved = max((a - b).abs().max().item() for a, b in zip(expected.parameters(), stopped.parameters()))
     assert moved > 1e-3  # steps 7-16 changed the weights: the comparison below is not of step 6's
     for (name, a), (_, b) in zip(expected.named_parameters(), resumed.named_parameters()):
