@@ -20,25 +20,26 @@ class ResumableLoader(DataLoader):
     from a mid-epoch checkpoint continues with the batches that epoch had not yet given, in the
     same order (a plain DataLoader restarts the epoch: its first batches are seen twice).
 
-    Each pass over the data (an epoch) draws from generators seeded with (seed, pass): the
-    shuffle order and the DataLoader's base seed for its workers. Each batch is loaded and
-    collated with Python's, NumPy's and torch's global generators seeded with (seed, pass,
-    process rank, batch) (in the main process they are put back afterwards): the random draws of data sets
-    and collate functions (augmentation, masks) are a function of the batch, the same with or
-    without workers, and again after a resume. ``seed`` defaults to a draw from torch's global
-    generator, so the run's seed (``seed_everything``) sets it; it is part of the state.
-
-    ``state_dict()`` is {seed, epoch (passes started - 1), batches (given in that pass), length
-    (batches a pass)}; after ``load_state_dict`` the next pass is that epoch's,
-    starting after its first `batches` batches, which are skipped by index (never loaded).
-    Under a distributed strategy Lightning rebuilds the loader around its DistributedSampler
-    (whose order is its own seed and the epoch); the skipping and counting stay.
+    Each epoch draws from generators seeded with (seed, epoch): the shuffle order and the
+    DataLoader's base seed for its workers. Each batch is loaded and collated with Python's,
+    NumPy's and torch's global generators seeded with (seed, epoch, process rank, batch), put
+    back afterwards in the main process: the random draws of data sets and collate functions
+    (augmentation, masks) are a function of the batch, the same with or without workers, and
+    again after a resume. ``seed`` defaults to a draw from torch's global generator, so the
+    run's seed (``seed_everything``) sets it; it is part of the state.
 
     The epoch is Lightning's, which it passes to the sampler's set_epoch at each epoch's start
-    (without it, as outside Lightning, each pass is the next epoch). So a pass that Lightning
-    cut short (limit_train_batches) ends the epoch: a checkpoint at its end resumes with the
-    next epoch, not with the rest of the pass. Counting what was given is what was trained on:
-    Lightning fetches ahead only from loaders without a length, and every data set here has one.
+    (without it, as outside Lightning, each pass over the data is the next epoch). So a pass
+    that Lightning cut short (limit_train_batches) ends the epoch: a checkpoint at its end
+    resumes with the next epoch, not with the rest of the pass.
+
+    ``state_dict()`` is {seed, epoch, batches (given in that epoch), length (batches an epoch)};
+    after ``load_state_dict`` the next pass, if it is that epoch's, starts after its first
+    `batches` batches, which are skipped by index (never loaded). Under a distributed strategy
+    Lightning rebuilds the loader around its DistributedSampler (whose order is its own seed
+    and the epoch); the skipping, counting and seeding stay. Counting what was given is what
+    was trained on: Lightning fetches ahead only from loaders without a length, and every data
+    set here has one.
     """
 
     def __init__(self, dataset: Dataset, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None,
@@ -128,8 +129,8 @@ class _EpochSequentialSampler(SequentialSampler):
 
 
 class _SkipFirst(Sampler):
-    """The loader's index sampler, less the first batches a resumed pass skips; each batch of
-    indices carries its seed."""
+    """The loader's index sampler, less the first batches a resumed epoch skips; each batch of
+    indices carries the seed of its loading (_SeededBatch)."""
 
     def __init__(self, inner, loader: ResumableLoader):
         self.inner, self.loader = inner, loader
