@@ -187,6 +187,22 @@ def _same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
+def test_an_iterable_training_set_keeps_a_plain_loader():
+    """A data module whose training set is an IterableDataset (no indices to skip or seed by)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from tasks.data.loaders import SplitDataModule
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(5))
+
+    dm = SplitDataModule(batch_size=2, num_workers=0, shuffle=False)
+    dm.train_set = Stream()
+    loader = dm.train_dataloader()
+    assert type(loader) is DataLoader and [batch.tolist() for batch in loader] == [[0, 1], [2, 3], [4]]
+
+
 def _keywords(cache):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")

@@ -11,8 +11,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import (DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler,
-                              default_collate)
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, Sampler,
+                              SequentialSampler, default_collate)
 
 
 class ResumableLoader(DataLoader):
@@ -244,8 +244,8 @@ class SplitDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a data loader")
         options = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn(train),
                        persistent_workers=self.num_workers > 0)
-        if not train:
-            return DataLoader(dataset, **options)
+        if not train or isinstance(dataset, IterableDataset):  # an iterable set has no indices to skip by
+            return DataLoader(dataset, shuffle=self.shuffle if train else None, **options)
         sampler = None
         if not self.shuffle and dist.is_available() and dist.is_initialized():
             sampler = DistributedSampler(dataset, shuffle=False)  # kept by Lightning, which would shuffle
