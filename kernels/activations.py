@@ -14,7 +14,8 @@ pass over (rows, cols) tiles; the bias gradient is reduced per row tile inside t
 backward kernel, then across tiles (deterministic, no atomics).
 
 torch.library ops: tritonzoo::gelu_fwd/gelu_bwd, tritonzoo::glu_fwd/glu_bwd; the
-*_reference functions are the PyTorch path of the same semantics.
+*_reference functions are the PyTorch path of the same semantics. Eager float32 calls on
+that path run torch's F.gelu / F.silu under torch's autograd (kernels.runtime.torch_native).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import cdiv, launch, eager_op, on_device, INTERPRET, run_backward, unit_stride, use_triton
+from .runtime import cdiv, launch, eager_op, on_device, INTERPRET, run_backward, torch_native, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Activation codes of the kernels (constexpr ACT).
@@ -424,6 +425,8 @@ def gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") ->
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
         bias = bias.contiguous()
+    if x.dtype == torch.float32 and torch_native(x):
+        return F.gelu(x + bias if bias is not None else x, approximate=approximate)
     return _call_gelu_fwd(_rows(x), bias, act).view(*x.shape)
 
 
@@ -433,6 +436,9 @@ def _glu(x, y, act, what):
         if x.shape[-1] % 2:
             raise ValueError(f"{what} with y=None splits x's last dim in two halves; it must be even, "
                              f"got shape {tuple(x.shape)}")
+        if x.dtype == torch.float32 and torch_native(x):
+            a, b = x.chunk(2, dim=-1)
+            return _act_reference(a, act) * b
         out_shape = (*x.shape[:-1], x.shape[-1] // 2)
         return _call_glu_fwd(_rows(x), None, act).view(*out_shape)
     _check_x(y, "y")
@@ -442,6 +448,8 @@ def _glu(x, y, act, what):
         raise TypeError(f"y has dtype {y.dtype} but x has {x.dtype}; they must match")
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    if x.dtype == torch.float32 and torch_native(x):
+        return _act_reference(x, act) * y
     return _call_glu_fwd(_rows(x), _rows(y), act).view(*x.shape)
 
 

@@ -7,6 +7,11 @@ everything else runs the chunked path below: memory-efficient (queries in chunks
 full S x S score tensor unless the chunk covers it), drawing dropout from the same Philox
 stream as the kernels, so for one seed both paths drop the same elements.
 
+Eager float32 calls that do not take the log-sum-exp or the probabilities skip the op and
+run torch's attention under torch's autograd where it computes the same function
+(native_forward; kernels.runtime.torch_native): plain attention, also with a key-padding
+mask under which every query has a key, and with dropout, which is then torch's draw.
+
 Layout: padded q (B, Sq, H, D), k/v (B, Sk, Hk, D); packed (varlen) batches are
 padded to max_seqlen by index arithmetic (no host sync), run, and packed back.
 """
@@ -280,8 +285,8 @@ class Packing:
 # --------------------------------------------------------------------------------------
 
 
-def _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right,
-                        bottom_right, packing: Optional[tuple["Packing", "Packing"]] = None) -> Optional[bool]:
+def plain_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right,
+                 bottom_right, packing: Optional[tuple["Packing", "Packing"]] = None) -> Optional[bool]:
     """is_causal for torch's CPU flash attention when it computes exactly this call, else None.
 
     It covers no mask and causal with the diagonal at the keys' start (torch's is_causal),
@@ -329,6 +334,26 @@ def _torch_flash_forward(q, k, v, softmax_scale, causal, mask=None):
     return out.transpose(1, 2).contiguous().to(q.dtype), lse.float().contiguous()
 
 
+def native_forward(q, k, v, softmax_scale, causal, key_padding_mask=None, dropout_p=0.0):
+    """Float32 attention as torch's own, under torch's autograd (runtime.torch_native; the caller
+    checked that torch computes this call: flash_attn_interface._native). Returns out (B, Sq, H, D),
+    contiguous. key_padding_mask (B, Sk) bool or None; dropout from torch's generator."""
+    groups = q.shape[2] // k.shape[2]
+    qt, kt, vt = _bhsd32(q), _bhsd32(k, groups), _bhsd32(v, groups)
+    if key_padding_mask is None and dropout_p == 0:
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, causal,
+                                                                            scale=softmax_scale)
+    else:
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :]
+            if causal:  # torch takes a mask or is_causal; the top-left diagonal as plain_causal's
+                mask = mask & torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
+        out = runtime.torch_sdpa(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None,
+                                 scale=softmax_scale)
+    return out.transpose(1, 2).contiguous()
+
+
 def _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal, mask=None):
     B, Sk, Hk, D = k.shape
     groups = q.shape[2] // Hk
@@ -344,16 +369,16 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bia
             dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.forward."""
     if cu_seqlens_q is None:
-        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
-                                     window_right, bottom_right)
+        causal = plain_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                              window_right, bottom_right)
         if causal is not None:
             return _torch_flash_forward(q, k, v, softmax_scale, causal)
         return forward_padded(q, k, v, None, None, bias, alibi_slopes, seed, dropout_p, softmax_scale,
                               softcap, window_left, window_right, bottom_right)
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
     pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
-    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
-                                 window_right, bottom_right, (pq, pk))
+    causal = plain_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                          window_right, bottom_right, (pq, pk))
     if causal is not None:  # rows past a sequence's queries compute garbage that packing drops
         out, lse = _torch_flash_forward(pq.pad(q), pk.pad(k), pk.pad(v), softmax_scale, causal, _key_padding_mask(pk))
     else:
@@ -369,8 +394,8 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
              alibi_slopes, seed, dropout_p, softmax_scale, softcap, window_left, window_right, bottom_right):
     """Same contract as flash_attention.backward."""
     if cu_seqlens_q is None:
-        causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
-                                     window_right, bottom_right)
+        causal = plain_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                              window_right, bottom_right)
         if causal is not None and dlse is None:
             return _torch_flash_backward(dout, q, k, v, out, lse, softmax_scale, causal)
         return backward_padded(dout, dlse, q, k, v, out, lse, None, None, bias, alibi_slopes, seed, dropout_p,
@@ -378,8 +403,8 @@ def backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     pq = Packing(cu_seqlens_q, max_seqlen_q, q.shape[0])
     pk = Packing(cu_seqlens_k, max_seqlen_k, k.shape[0])
     lse_pad = pq.pad(lse.transpose(0, 1)).transpose(1, 2)  # (B, H, max_q)
-    causal = _torch_flash_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
-                                 window_right, bottom_right, (pq, pk))
+    causal = plain_causal(q, k, bias, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+                          window_right, bottom_right, (pq, pk))
     if causal is not None and dlse is None:
         # Padding rows read packed row 0: a zero output gradient and an lse of +inf (no
         # probability mass) make them add nothing to dk and dv.

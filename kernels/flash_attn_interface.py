@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import attention_op, attention_reference, flash_attention
-from .runtime import as_float, as_int, autocast_dtype, scalar_value, unit_stride, use_triton
+from .runtime import as_float, as_int, autocast_dtype, scalar_value, torch_native, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -138,17 +138,26 @@ def _window(causal: bool, window_size, max_seqlen_k: int) -> tuple[int, int]:
 
 def run_attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seqlens_q=None, cu_seqlens_k=None,
               bias=None, alibi_slopes=None, dropout_p=0.0, softcap=0.0, window_left=-1, window_right=-1,
-              bottom_right=True):
+              bottom_right=True, need_lse=True, key_padding_mask=None):
     """Runs the attention op on validated inputs; returns (out, lse, seed).
 
     Under autocast, floating inputs are cast to the autocast dtype first, as torch's
-    SDPA is. seed is the dropout key tensor (None without dropout).
+    SDPA is. seed is the dropout key tensor (None without dropout). need_lse=False (the
+    caller drops lse) lets float32 attention on the PyTorch path run torch's own attention
+    under torch's autograd where it computes the same function (runtime.torch_native, _native);
+    lse and seed are then None. key_padding_mask (B, Sk) bool: the mask bias was expanded from.
     """
     dtype = autocast_dtype(q.device.type)
     if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
+    if not need_lse and cu_seqlens_q is None and q.dtype == torch.float32 and torch_native(q):
+        causal = _native(q, k, bias, key_padding_mask, alibi_slopes, softmax_scale, softcap, window_left,
+                         window_right, bottom_right)
+        if causal is not None:
+            out = attention_reference.native_forward(q, k, v, softmax_scale, causal, key_padding_mask, dropout_p)
+            return out, None, None
     q, k, v = map(unit_stride, (q, k, v))
     seed = None
     if dropout_p > 0:
@@ -158,6 +167,26 @@ def run_attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seql
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, alibi_slopes, seed,
         float(dropout_p), float(softmax_scale), float(softcap), window_left, window_right, bottom_right)
     return out, lse, seed
+
+
+def _native(q, k, bias, key_padding_mask, alibi_slopes, softmax_scale, softcap, window_left, window_right,
+            bottom_right):
+    """is_causal for attention_reference.native_forward when torch's attention computes this call, else None.
+
+    The PyTorch path's test of plain attention (no ALiBi, softcap or window; a diagonal torch
+    can draw; see attention_reference.plain_causal), plus a key-padding mask under which every
+    query has a key (torch's softmax of a row without one is NaN, the op's output 0): with
+    causal, every sequence's first key. Dropout is torch's then: the same distribution, not
+    the kernels' Philox samples (which the op's path draws, to drop what the kernels drop).
+    """
+    if bias is not None and key_padding_mask is None:
+        return None
+    causal = attention_reference.plain_causal(q, k, None, alibi_slopes, 0.0, softmax_scale, softcap, window_left,
+                                              window_right, bottom_right)
+    if causal is None or key_padding_mask is None:
+        return causal
+    has_key = key_padding_mask[:, 0].all() if causal else key_padding_mask.any(-1).all()
+    return causal if bool(has_key) else None
 
 
 def attention_probs(q, k, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -211,7 +240,8 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
     out, lse, seed = run_attention(q, k, v, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                alibi_slopes=alibi_slopes, dropout_p=dropout_p, softcap=softcap,
-                               window_left=left, window_right=right, bottom_right=True)
+                               window_left=left, window_right=right, bottom_right=True,
+                               need_lse=return_attn_probs)
     if not return_attn_probs:
         return out
     probs = attention_probs(q, k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -275,7 +305,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, dropout_p=0.0, so
     out, lse, _ = run_attention(q, k, v, max_seqlen_q=Sq, max_seqlen_k=Sk,
                                 softmax_scale=D ** -0.5 if softmax_scale is None else softmax_scale,
                                 bias=bias, alibi_slopes=alibi_slopes, dropout_p=dropout_p, softcap=softcap,
-                                window_left=left, window_right=right, bottom_right=True)
+                                window_left=left, window_right=right, bottom_right=True, need_lse=return_lse,
+                                key_padding_mask=key_padding_mask)
     return (out, lse) if return_lse else out
 
 

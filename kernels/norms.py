@@ -18,6 +18,8 @@ The launchers check nothing (the public functions at the bottom do); the torch.l
 ops are tritonzoo::norm_fwd / norm_bwd; norm_reference_* is the PyTorch path of the
 same semantics (CPU without the interpreter): in float32, torch's fused LayerNorm (forward
 and backward) and RMSNorm (forward); otherwise elementwise ops with float32 statistics.
+Eager float32 layer_norm / rms_norm calls on that path call F.layer_norm / F.rms_norm
+themselves, under torch's autograd (_native_norm; kernels.runtime.torch_native).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .norms_looped import _bwd_looped, _dwdb_looped, _fwd_looped
 from .runtime import (as_float, cdiv, launch, eager_op, on_device, INTERPRET, next_power_of_2, run_backward,
-                      unit_stride, use_triton)
+                      torch_native, unit_stride, use_triton)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest hidden size accepted (the looped kernels have no limit of their own).
@@ -402,6 +405,17 @@ def _check_residual(residual) -> None:
                         f"got {type(residual).__name__}")
 
 
+def _native_norm(x, weight, bias, eps, is_rms):
+    """layer_norm / rms_norm as torch's own differentiable norm (runtime.torch_native): float32,
+    hidden > 1 (at hidden 1 torch's LayerNorm backward gives about 1e-4 where the gradient is
+    exactly 0). Not the add variants: their sum output requires grad even where neither
+    input does (a gradient may be asked of it), which torch's x + residual would not."""
+    if is_rms:
+        y = F.rms_norm(x, x.shape[-1:], weight, eps)
+        return y + bias if bias is not None else y
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
 def _run(x, residual, weight, bias, eps, is_rms):
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -424,6 +438,8 @@ def _run(x, residual, weight, bias, eps, is_rms):
     eps = as_float(eps, "eps", "a finite number > 0")
     if not eps > 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if residual is None and torch_native(x) and x.shape[-1] > 1 and _torch_fused_applies(x, weight, bias):
+        return _native_norm(x, weight, bias, eps, is_rms)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     x2 = unit_stride(x2)

@@ -36,6 +36,9 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _state = threading.local()
 
+#: torch's own scaled_dot_product_attention, captured before kernels.patch_sdpa can replace it.
+torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on tensor ``t`` runs the Triton kernel (else the PyTorch path)."""
@@ -47,18 +50,36 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def reference_only():
+def reference_only(native: bool = True):
     """Run every op through its PyTorch reference path inside this block.
 
     For tools that cannot run interpreted Triton kernels (``torch.library.opcheck``,
-    ``torch.compile`` tracing on CPU), and for comparing the two paths.
+    ``torch.compile`` tracing on CPU), and for comparing the two paths. native=False also
+    turns off the torch-native calls of ``torch_native`` (what a CPU run without the
+    interpreter takes), so that the ops' own PyTorch bodies and autograd formulas run.
     """
-    previous = getattr(_state, "reference_only", False)
+    previous = getattr(_state, "reference_only", False), getattr(_state, "no_native", False)
     _state.reference_only = True
+    _state.no_native = previous[1] or not native
     try:
         yield
     finally:
-        _state.reference_only = previous
+        _state.reference_only, _state.no_native = previous
+
+
+def torch_native(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` may run torch's own differentiable op in place of the op's PyTorch path.
+
+    Some ops' PyTorch path is, for float32 inputs without extras, one torch op: LayerNorm,
+    RMSNorm, GELU, SwiGLU and GeGLU, attention (torch's CPU kernels). Their public functions
+    then call that op directly, under torch's autograd: the op's outputs, gradients to float32
+    rounding, without the op's autograd.Function and dispatch, which cost more on the CPU than
+    a small op's own work (on the vit_digits ViT, 64 wide, about a fifth of a training step).
+    Attention dropout there is torch's draw, not the kernels' Philox stream (docs/kernels.md).
+    True on the PyTorch path (not ``use_triton``), for eager calls on plain tensors
+    (``concrete``: a trace sees the op), outside ``reference_only(native=False)``.
+    """
+    return not use_triton(t) and concrete(t) and not getattr(_state, "no_native", False)
 
 
 _NO_AUTOCAST = frozenset({"meta"})

@@ -23,10 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, run_attention
-from .runtime import use_triton
-
-#: torch's own function, captured before any patch.
-torch_sdpa = F.scaled_dot_product_attention
+from .runtime import torch_sdpa, use_triton  # noqa: F401 (torch_sdpa: imported from here by zoo)
 
 SERVED = "served by the Triton kernel"
 

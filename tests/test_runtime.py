@@ -5,7 +5,8 @@ the body launches its kernels directly (not through wrap_triton's higher-order o
 The oracle is the op itself: every public op is run both ways on the same inputs (the
 shortcut switched off by patching ``runtime.eager_path``), and outputs, in-place cache
 writes and gradients must be bit-identical. A dispatch mode shows which way each call
-went, and a dynamo graph shows that torch.compile still sees the ops.
+went, and a dynamo graph shows that torch.compile still sees the ops. Also here:
+``runtime.torch_native``, where a float32 call on the PyTorch path runs torch's own op.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _run(case, eager: bool, monkeypatch):
         if not eager:
             m.setattr(runtime, "eager_path", lambda t: False)
         log = _OpLog()
-        with kernels.reference_only(), log:
+        with kernels.reference_only(native=False), log:  # the ops' own bodies (not torch_native's calls)
             outs = [o for o in fn() if o.is_floating_point()]
             loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
             grads = torch.autograd.grad(loss, leaves)
@@ -140,6 +141,124 @@ def test_eager_shortcut_matches_the_op_bit_for_bit(case, monkeypatch):
     for a, b in zip(outs + list(grads), outs_op + list(grads_op)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
+
+
+def _native_calls():
+    """Float32 calls whose PyTorch path is one torch op, which runtime.torch_native lets them call."""
+    x, b, y, z, w = _leaf(6, 17), _leaf(17), _leaf(6, 17), _leaf(5, 12), _leaf(17)
+    q, k, v = _leaf(2, 9, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)
+    qc, kc, vc = _leaf(2, 5, 2, 8), _leaf(2, 7, 2, 8), _leaf(2, 7, 2, 8)
+    right_padded = torch.arange(9) < torch.tensor([[9], [4]])
+    some_keys = torch.tensor([[False, True, False, True, True, False, False]] * 2)
+    return (x, b, y, z, w, q, k, v, qc, kc, vc), lambda: (
+        kernels.layer_norm(x, w, b), kernels.rms_norm(y, w, b, eps=1e-3),
+        kernels.gelu(x, b), kernels.gelu(y, approximate="tanh"), kernels.swiglu(x, y), kernels.geglu(z),
+        kernels.flash_attn_func(q, k, v), kernels.flash_attn_func(q, k, v, causal=True, softmax_scale=0.3),
+        kernels.attention(q, k, v), kernels.flash_attn_func(qc, kc, vc),  # 5 queries over 7 keys
+        kernels.attention(q, k, v, causal=True, key_padding_mask=right_padded),
+        kernels.attention(qc, kc, vc, key_padding_mask=some_keys))
+
+
+def _not_native_calls():
+    """Calls the op's own path must serve: other dtypes, outputs or semantics than torch's op has."""
+    x, r, w = _leaf(6, 17), _leaf(6, 17), _leaf(17)
+    q, k, v = _leaf(2, 5, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)
+    qs, ks, vs = _leaf(2, 9, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)
+    return {
+        # A query without a key: torch's softmax gives NaN there, the op 0.
+        "causal_left_padded": lambda: kernels.attention(qs, ks, vs, causal=True,
+                                                        key_padding_mask=torch.arange(9) >= torch.tensor([[0], [3]])),
+        "no_key": lambda: kernels.attention(q, k, v, key_padding_mask=torch.tensor([[True] * 9, [False] * 9])),
+        "alibi": lambda: kernels.flash_attn_func(q, k, v, alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05])),
+        "window": lambda: kernels.flash_attn_func(qs, ks, vs, window_size=(2, 1)),
+        "packed": lambda: kernels.flash_attn_varlen_func(qs[0], ks[0], vs[0], torch.tensor([0, 4, 9], dtype=torch.int32),
+                                                         torch.tensor([0, 4, 9], dtype=torch.int32), 5, 5),
+        "add_layer_norm": lambda: kernels.add_layer_norm(x, r, w)[1],  # the sum requires grad from no input
+        "bf16": lambda: kernels.layer_norm(x.bfloat16(), w),
+        "hidden_1": lambda: kernels.layer_norm(x[:, :1], w[:1]),
+        "gelu_bf16": lambda: kernels.gelu(x.bfloat16()),
+        "lse": lambda: kernels.attention(q, k, v, return_lse=True)[1],
+        "probs": lambda: kernels.flash_attn_func(q, k, v, return_attn_probs=True)[1],
+        "bottom_right": lambda: kernels.flash_attn_func(q, k, v, causal=True),  # 5 queries, 9 keys
+        "probs_dropout": lambda: kernels.flash_attn_func(q, k, v, dropout_p=0.2, return_attn_probs=True)[0],
+        "softcap": lambda: kernels.flash_attn_func(q, k, v, softcap=3.0),
+    }
+
+
+def _direct_bodies(monkeypatch):
+    """Records the op bodies that run (every eager call of an op on the PyTorch path goes through run_direct)."""
+    ran, real = [], runtime.run_direct
+    monkeypatch.setattr(runtime, "run_direct", lambda body, *a: ran.append(body.__name__) or real(body, *a))
+    return ran
+
+
+def test_torch_native_calls_match_the_ops_own_pytorch_path(monkeypatch):
+    """With torch_native, these calls run torch's ops (no op body) and give the op's values and
+    gradients; reference_only(native=False) runs the bodies. (The float64 oracles of
+    test_ops_norms / test_ops_activations / test_flash_attn check the native calls too: they
+    run under reference_only.)"""
+    ran = _direct_bodies(monkeypatch)
+    results = []
+    for native in (True, False):
+        torch.manual_seed(0)
+        leaves, fn = _native_calls()
+        ran.clear()
+        with kernels.reference_only(native=native):
+            outs = fn()
+            loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs)
+            grads = torch.autograd.grad(loss, leaves)
+        assert (ran == []) == native, ran
+        results.append(outs + grads)
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(_not_native_calls()))
+def test_torch_native_leaves_other_calls_to_the_op(case, monkeypatch):
+    ran = _direct_bodies(monkeypatch)
+    with kernels.reference_only():
+        out = _not_native_calls()[case]()
+    assert ran, f"{case}: no op body ran"
+    assert out.requires_grad
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "key_padding"])
+def test_torch_native_attention_dropout_is_torchs(masked):
+    """Dropout on the native path is torch's SDPA's: for one seed, the same elements dropped as
+    torch's own function drops (the op's path draws the kernels' Philox stream instead)."""
+    q, k, v = _leaf(3, 11, 2, 8), _leaf(3, 11, 2, 8), _leaf(3, 11, 2, 8)
+    keep = torch.arange(11) < torch.tensor([[11], [6], [1]]) if masked else None
+    torch.manual_seed(5)
+    with kernels.reference_only():
+        out = kernels.attention(q, k, v, key_padding_mask=keep, dropout_p=0.4)
+    torch.manual_seed(5)
+    mask = keep[:, None, None, :] if masked else None
+    ref = runtime.torch_sdpa(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask, dropout_p=0.4).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.testing.assert_close(grads, torch.autograd.grad(ref, (q, k, v), dout), rtol=0, atol=0)
+    # Some elements dropped, not all: 40% of 11 keys leaves outputs that differ from no dropout.
+    with kernels.reference_only():
+        assert not torch.allclose(out, kernels.attention(q, k, v, key_padding_mask=keep))
+
+
+def test_torch_native_needs_the_pytorch_path_and_a_plain_tensor():
+    x = torch.randn(3, 4)
+    with kernels.reference_only():
+        assert runtime.torch_native(x)
+        with kernels.reference_only(native=False):
+            assert not runtime.torch_native(x)
+            with kernels.reference_only():  # an inner block keeps the outer one's native=False
+                assert not runtime.torch_native(x)
+        assert runtime.torch_native(x)
+    assert runtime.torch_native(x) == (not kernels.INTERPRET)  # the interpreter: the Triton path
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    with kernels.reference_only():
+        assert not runtime.torch_native(fake)
 
 
 def test_kvcache_decoding_without_grad_skips_dispatch(monkeypatch):
