@@ -251,7 +251,8 @@ def kernel_ops_note(device: str) -> str:
     from zoo import layers
 
     if device != "cuda":
-        return "norms, GELU, rotary and losses through the kernels' PyTorch paths"
+        return ("norms, GELU, rotary and losses through the kernels' PyTorch paths (float32 norms, GELU and "
+                "attention as torch's own ops: kernels.runtime.torch_native)")
     if layers.KERNEL_MIN_ELEMENTS == 0:
         return "norms and GELU through tritonzoo's Triton kernels at every size (TRITONZOO_KERNEL_MIN_ELEMENTS=0)"
     return (f"norms and GELU through tritonzoo's Triton kernels from {layers.KERNEL_MIN_ELEMENTS:,} elements a "
