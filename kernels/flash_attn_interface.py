@@ -152,13 +152,14 @@ def run_attention(q, k, v, *, max_seqlen_q, max_seqlen_k, softmax_scale, cu_seql
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if bias is not None and bias.is_floating_point():
             bias = bias.to(dtype)
+    # Unit stride in the head dim first: torch's CPU flash kernel, like ours, reads it without a stride.
+    q, k, v = map(unit_stride, (q, k, v))
     if not need_lse and cu_seqlens_q is None and q.dtype == torch.float32 and torch_native(q):
         causal = _native(q, k, bias, key_padding_mask, alibi_slopes, softmax_scale, softcap, window_left,
                          window_right, bottom_right)
         if causal is not None:
             out = attention_reference.native_forward(q, k, v, softmax_scale, causal, key_padding_mask, dropout_p)
             return out, None, None
-    q, k, v = map(unit_stride, (q, k, v))
     seed = None
     if dropout_p > 0:
         # Drawn from torch's generator for the device: reproducible under torch.manual_seed.

@@ -150,7 +150,9 @@ def _native_calls():
     qc, kc, vc = _leaf(2, 5, 2, 8), _leaf(2, 7, 2, 8), _leaf(2, 7, 2, 8)
     right_padded = torch.arange(9) < torch.tensor([[9], [4]])
     some_keys = torch.tensor([[False, True, False, True, True, False, False]] * 2)
-    return (x, b, y, z, w, q, k, v, qc, kc, vc), lambda: (
+    wide = _leaf(2, 9, 2, 32)  # views with a stride in the head dim (the CPU flash kernel reads it without one)
+    return (x, b, y, z, w, q, k, v, qc, kc, vc, wide), lambda: (
+        kernels.flash_attn_func(wide[..., ::2], wide.flip(1)[..., 1::2], wide[..., :16], causal=True),
         kernels.layer_norm(x, w, b), kernels.rms_norm(y, w, b, eps=1e-3),
         kernels.gelu(x, b), kernels.gelu(y, approximate="tanh"), kernels.swiglu(x, y), kernels.geglu(z),
         kernels.flash_attn_func(q, k, v), kernels.flash_attn_func(q, k, v, causal=True, softmax_scale=0.3),
