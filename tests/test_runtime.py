@@ -166,6 +166,7 @@ def _not_native_calls():
     x, r, w = _leaf(6, 17), _leaf(6, 17), _leaf(17)
     q, k, v = _leaf(2, 5, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)
     qs, ks, vs = _leaf(2, 9, 4, 16), _leaf(2, 9, 2, 16), _leaf(2, 9, 2, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     return {
         # A query without a key: torch's softmax gives NaN there, the op 0.
         "causal_left_padded": lambda: kernels.attention(qs, ks, vs, causal=True,
@@ -173,8 +174,7 @@ def _not_native_calls():
         "no_key": lambda: kernels.attention(q, k, v, key_padding_mask=torch.tensor([[True] * 9, [False] * 9])),
         "alibi": lambda: kernels.flash_attn_func(q, k, v, alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05])),
         "window": lambda: kernels.flash_attn_func(qs, ks, vs, window_size=(2, 1)),
-        "packed": lambda: kernels.flash_attn_varlen_func(qs[0], ks[0], vs[0], torch.tensor([0, 4, 9], dtype=torch.int32),
-                                                         torch.tensor([0, 4, 9], dtype=torch.int32), 5, 5),
+        "packed": lambda: kernels.flash_attn_varlen_func(qs[0], ks[0], vs[0], cu, cu, 5, 5),
         "add_layer_norm": lambda: kernels.add_layer_norm(x, r, w)[1],  # the sum requires grad from no input
         "bf16": lambda: kernels.layer_norm(x.bfloat16(), w),
         "hidden_1": lambda: kernels.layer_norm(x[:, :1], w[:1]),
