@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import random
 from typing import Any, Optional
@@ -85,6 +86,33 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def close_process_group_at_exit() -> None:
+    """Ends torch.distributed's default process group when this process exits, while Python still
+    runs (atexit), if one is open and no call has registered this yet. Called by every task's
+    ``setup``, on every rank.
+
+    Lightning does this for NCCL only. A gloo (CPU) group left to interpreter shutdown can
+    abort a rank that finished its work: the group's worker thread frees the last collective
+    (there an all_gather) and takes the GIL for it while the main thread is finalizing,
+    which ends that thread in the middle of C++ code ("terminate called without an active
+    exception", SIGABRT; 2 of 56 runs of the ddp_spawn test, read from a core dump, 2026-11-25).
+    Destroying the group joins its threads first.
+    """
+    global _CLOSE_REGISTERED
+    if _CLOSE_REGISTERED or not (dist.is_available() and dist.is_initialized()):
+        return
+    _CLOSE_REGISTERED = True
+    atexit.register(_close_process_group)
+
+
+_CLOSE_REGISTERED = False
+
+
+def _close_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def check_label_smoothing(label_smoothing: float) -> None:
     """ValueError unless label_smoothing is a number in [0, 1) (1 would make every target uniform;
     torch's cross-entropy refuses more only at the first training step)."""
@@ -144,6 +172,10 @@ class ZooTask(L.LightningModule):
         self.model = zoo.create_model(model, **overrides)
         if compile:
             self.model.compile(fullgraph=True)  # in place: state-dict keys stay as they are
+
+    def setup(self, stage: str) -> None:
+        """Runs on every rank once Lightning has set up the processes; subclasses call it first."""
+        close_process_group_at_exit()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `zoo generate` and other tools need to rebuild the run from the file alone:
@@ -272,6 +304,7 @@ class ClassificationTask(ZooTask):
         More classes in the data than in the head would fail mid-epoch on a label past the
         logits; fewer train a head with unused outputs, which is allowed but warned about.
         """
+        super().setup(stage)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         found = getattr(datamodule, "num_classes", None)
         ours = self.hparams.num_classes

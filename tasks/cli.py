@@ -225,10 +225,11 @@ def _run(argv: Optional[Sequence[str]]) -> int:
 def _close_process_group() -> None:
     """Ends a distributed run's process group (DDP, FSDP) before the process exits.
 
-    Lightning leaves it open. Left to interpreter shutdown, gloo's threads were once destroyed
-    still joinable: "terminate called without an active exception", exit -6 after a finished
-    `zoo fit` under CPU DDP (1 of 5 runs of its test, 2026-11-24). The barrier first: no rank
-    closes its connections while a peer still talks to it.
+    Lightning leaves it open. Left to interpreter shutdown, a gloo group's worker thread can
+    take the GIL while the main thread finalizes and abort the rank after a finished run
+    (tasks.base.close_process_group_at_exit, which every task also registers per rank for the
+    processes that never come back here: ddp_spawn's, or a script's own Trainer). The barrier
+    first: no rank closes its connections while a peer still talks to it.
     """
     import torch.distributed as dist
 

@@ -62,6 +62,7 @@ class Seq2Seq(ZooTask):
             for name, metric in (("exact_match", MeanMetric), ("cer", CharErrorRate))})
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         tokenizer = tokenizer_for(self)
         vocab = min(self.model.cfg.src_vocab_size, self.model.cfg.tgt_vocab_size)
         if tokenizer.vocab_size > vocab:

@@ -84,6 +84,7 @@ class SpeechRecognition(ZooTask):
             for name, metric in (("cer", CharErrorRate), ("wer", WordErrorRate))})
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         tokenizer = tokenizer_for(self)
         if tokenizer.vocab_size > self.model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} symbols but the model's CTC head has "

@@ -573,6 +573,34 @@ def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path, mo
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+_EXIT_PROBE = """
+import atexit, sys
+import torch.distributed as dist
+from tasks import ImageClassification
+registered = []
+register = atexit.register
+atexit.register = lambda fn, *a, **k: registered.append(fn) or register(fn, *a, **k)
+register(lambda: print("group open at exit:", dist.is_initialized()))  # runs after the later registrations
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+task = ImageClassification(model="vit_digits", model_args={"depth": 1})
+task.setup("fit")
+task.setup("validate")
+print("registered:", len(registered))
+"""
+
+
+def test_every_rank_closes_its_process_group_at_exit(tmp_path):
+    """A task's setup registers the process group's end at exit: the group is closed before
+    interpreter shutdown (where a gloo worker thread freeing a collective aborted a finished
+    rank), by a handler registered once however many stages run."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(tmp_path / "store")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == ["registered: 1", "group open at exit: False"]
+
+
 def test_triton_and_sdpa_backends_train_the_same(tmp_path):
     """The Triton kernels (the interpreter here) and torch SDPA give one loss curve."""
     losses = {}
