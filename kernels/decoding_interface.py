@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import decoding
+from . import decoding, decoding_reference
 from .decoding import _capacity
 from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, _check_tensor, _window, check_options
-from .runtime import as_bool, as_int, unit_stride
+from .runtime import as_bool, as_int, torch_native, unit_stride
 
 
 # --------------------------------------------------------------------------------------
@@ -184,9 +184,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_values(q, k_cache, cache_seqlens, snew, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
                   capacity, per_token, rotary_from_leftpad)
     q = unit_stride(q)
+    softmax_scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    if (not return_softmax_lse and q.dtype == torch.float32 and B > 0 and torch_native(q) and block_table is None
+            and cache_batch_idx is None and alibi_slopes is None and softcap == 0 and left < 0
+            and decoding_reference.native_serves(q, cache_seqlens, cache_leftpad, snew, right == 0)):
+        with torch.no_grad():
+            return decoding_reference.native_forward(
+                q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_leftpad, softmax_scale,
+                right == 0, bool(rotary_interleaved), per_token, rotary_from_leftpad)
     with torch.no_grad():  # as FA2's: the output carries no gradient (the op has no backward)
         out, lse = decoding.call_kvcache_attention(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-            block_table, alibi_slopes, float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
-            float(softcap), left, right, bool(rotary_interleaved), per_token, rotary_from_leftpad, num_splits)
+            block_table, alibi_slopes, softmax_scale, float(softcap), left, right, bool(rotary_interleaved),
+            per_token, rotary_from_leftpad, num_splits)
     return (out, lse) if return_softmax_lse else out

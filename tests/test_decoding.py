@@ -110,18 +110,28 @@ _ORACLE_NAMES = {"cache_batch_idx": "batch_idx", "cache_leftpad": "leftpad", "bl
 
 
 def _run_and_check(q, kc, vc, k, v, lens, atol=1e-5, **kwargs):
-    """Runs the op on copies of the caches; checks out, lse and both caches (exactly) against the oracle."""
+    """Runs the op on copies of the caches, with the lse and without (on the CPU's PyTorch path
+    the call without it may run torch's SDPA: kernels/decoding_reference.native_forward); checks
+    out, lse and both caches (exactly) against the oracle. Returns the first call's (out, lse)."""
     ref_out, ref_lse, ref_kc, ref_vc = kvcache_oracle(
         q, kc, vc, k, v, lens, **{_ORACLE_NAMES[n]: x for n, x in kwargs.items() if n in _ORACLE_NAMES})
-    kc, vc = kc.clone(), vc.clone()
-    out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, return_softmax_lse=True, **kwargs)
-    _check(out, lse, ref_out, ref_lse, atol)
-    assert torch.equal(vc.cpu(), ref_vc), "v_cache after the append"
-    if kwargs.get("rotary_cos") is None:
-        assert torch.equal(kc.cpu(), ref_kc), "k_cache after the append"
-    else:  # fp32 rotation in the kernels, float64 in the oracle: one rounding apart at most
-        torch.testing.assert_close(kc.cpu(), ref_kc, rtol=0, atol=1e-6)
-    return out, lse
+    results = []
+    for with_lse in (True, False):
+        kc_run, vc_run = kc.clone(), vc.clone()
+        result = flash_attn_with_kvcache(q, kc_run, vc_run, k, v, cache_seqlens=lens, return_softmax_lse=with_lse,
+                                         **kwargs)
+        if with_lse:
+            _check(*result, ref_out, ref_lse, atol)
+        else:
+            assert torch.isfinite(result).all()
+            torch.testing.assert_close(result.cpu().double(), ref_out, rtol=0, atol=atol)
+        results.append(result)
+        assert torch.equal(vc_run.cpu(), ref_vc), "v_cache after the append"
+        if kwargs.get("rotary_cos") is None:
+            assert torch.equal(kc_run.cpu(), ref_kc), "k_cache after the append"
+        else:  # fp32 rotation in the kernels, float64 in the oracle: one rounding apart at most
+            torch.testing.assert_close(kc_run.cpu(), ref_kc, rtol=0, atol=1e-6)
+    return results[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -158,14 +168,18 @@ def test_rows_without_keys(backend):
     assert torch.isfinite(lse[1]).all()
 
 
+@pytest.mark.parametrize("alibi", [True, False], ids=["alibi", "plain"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_slots_outside_the_keys_may_hold_nan(backend, paged):
+def test_slots_outside_the_keys_may_hold_nan(backend, paged, alibi):
     """FA2's contract: a cache slot before leftpad or past cache_seqlens + the append may hold
-    anything (torch.empty does). NaN and inf there must not reach the output."""
+    anything (torch.empty does). NaN and inf there must not reach the output (with the lse and
+    without: on the CPU's PyTorch path the plain, unpaged call without it runs torch's SDPA)."""
     device, ctx = backend
     B, H, Hk, D = 2, 4, 2, 16
     lens = torch.tensor([7, 12], dtype=torch.int32, device=device)
-    kwargs = dict(causal=True, alibi_slopes=torch.rand(H, device=device))
+    kwargs = dict(causal=True)
+    if alibi:
+        kwargs["alibi_slopes"] = torch.rand(H, device=device)
     if paged:
         kc = torch.full((6, 8, Hk, D), float("nan"), device=device)
         table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32, device=device)
@@ -180,14 +194,16 @@ def test_slots_outside_the_keys_may_hold_nan(backend, paged):
         kwargs["cache_leftpad"] = torch.tensor([0, 3], dtype=torch.int32, device=device)
     vc = kc.clone() * -1
     q, k, v = _rand(B, 2, H, D, device=device), _rand(B, 2, Hk, D, device=device), _rand(B, 2, Hk, D, device=device)
-    with ctx():
-        out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, return_softmax_lse=True, **kwargs)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     finite_k, finite_v = torch.nan_to_num(kc, 0.0, 0.0, 0.0), torch.nan_to_num(vc, 0.0, 0.0, 0.0)
     ref_out, ref_lse, _, _ = kvcache_oracle(q, finite_k, finite_v, k, v, lens, causal=True,
-                                            alibi=kwargs["alibi_slopes"], leftpad=kwargs.get("cache_leftpad"),
+                                            alibi=kwargs.get("alibi_slopes"), leftpad=kwargs.get("cache_leftpad"),
                                             block_table=kwargs.get("block_table"))
+    with ctx():
+        plain = flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens, **kwargs)
+        out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, return_softmax_lse=True, **kwargs)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all() and torch.isfinite(plain).all()
     _check(out, lse, ref_out, ref_lse)
+    torch.testing.assert_close(plain.cpu().double(), ref_out, rtol=0, atol=1e-5)
 
 
 def test_num_splits_give_the_same_result(device):
@@ -403,6 +419,80 @@ def test_int_and_missing_cache_seqlens(backend):
 # --------------------------------------------------------------------------------------
 # Bad input, the heuristic, torch.library and torch.compile (CPU)
 # --------------------------------------------------------------------------------------
+
+
+def _spy_paths(monkeypatch):
+    """Records which PyTorch path each flash_attn_with_kvcache call takes: "native" (torch's
+    SDPA, decoding_reference.native_forward) or "forward" (the op's own PyTorch body)."""
+    import kernels.decoding_reference as reference
+
+    taken = []
+    for name in ("native_forward", "forward"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _n=name, _f=real: taken.append(_n.split("_")[0]) or _f(*a))
+    return taken
+
+
+def _native_case(name):
+    """(args, kwargs) of one call; the caches NaN outside each row's keys."""
+    torch.manual_seed(0)
+    B, H, Hk, D, cap = 3, 6, 2, 8, 20
+    lens = torch.tensor([5, 9, 2], dtype=torch.int32)
+    leftpad = torch.tensor([0, 4, 1], dtype=torch.int32)
+    kc = torch.full((B, cap, Hk, D), float("nan"))
+    for b in range(B):
+        kc[b, int(leftpad[b]):int(lens[b])] = torch.randn(int(lens[b] - leftpad[b]), Hk, D)
+    vc = -kc
+    q, k, v = torch.randn(B, 2, H, D), torch.randn(B, 2, Hk, D), torch.randn(B, 2, Hk, D)
+    full = torch.randn(B, cap, Hk, D)  # rows of 9 keys each
+    full[:, 9:] = float("nan")
+    cos, sin = torch.rand(cap, 3), torch.rand(cap, 3)
+    rotary = dict(rotary_cos=cos, rotary_sin=sin)
+    cases = {
+        # served by torch's SDPA (native): GQA 3:1, left padding, ragged ends, NaN slots
+        "ragged_leftpad_causal": ((q, kc, vc, k, v), dict(cache_seqlens=lens, cache_leftpad=leftpad, causal=True)),
+        "one_step": ((q[:, :1], full, -full, k[:, :1], v[:, :1]), dict(cache_seqlens=9, causal=True)),
+        "not_causal": ((q, kc, vc, k, v), dict(cache_seqlens=lens, cache_leftpad=leftpad, softmax_scale=0.2)),
+        "rotary_from_leftpad": ((q, kc, vc, k, v), dict(cache_seqlens=lens, cache_leftpad=leftpad, causal=True,
+                                                        rotary_from_leftpad=True, rotary_interleaved=False, **rotary)),
+        "rotary_interleaved": ((q[:, :1], full, -full, k, v), dict(cache_seqlens=lens, **rotary)),
+        "no_append": ((q[:, :1], kc, vc), dict(cache_seqlens=lens, cache_leftpad=leftpad, causal=True)),
+        # the op's own path: what SDPA does not compute, or computes otherwise
+        "lse": ((q, full, -full, k, v), dict(cache_seqlens=lens, causal=True, return_softmax_lse=True)),
+        "query_without_key": ((q, kc, vc, k[:, :1], v[:, :1]), dict(cache_seqlens=leftpad, cache_leftpad=leftpad,
+                                                                     causal=True)),
+        "alibi": ((q, full, -full, k, v), dict(cache_seqlens=lens, alibi_slopes=torch.rand(H))),
+        "softcap": ((q, full, -full, k, v), dict(cache_seqlens=lens, softcap=2.0)),
+        "window": ((q, full, -full, k, v), dict(cache_seqlens=lens, window_size=(3, 0))),
+        "batch_idx": ((q, full, -full, k, v), dict(cache_seqlens=lens, cache_batch_idx=torch.tensor([2, 0, 1]).int())),
+        "bfloat16": ((q.bfloat16(), full.bfloat16(), -full.bfloat16(), k.bfloat16(), v.bfloat16()),
+                     dict(cache_seqlens=lens, causal=True)),
+    }
+    return cases[name]
+
+
+_NATIVE = ["ragged_leftpad_causal", "one_step", "not_causal", "rotary_from_leftpad", "rotary_interleaved", "no_append"]
+_NOT_NATIVE = ["lse", "query_without_key", "alibi", "softcap", "window", "batch_idx", "bfloat16"]
+
+
+@pytest.mark.parametrize("case", _NATIVE + _NOT_NATIVE)
+def test_cpu_calls_torchs_sdpa_where_it_computes_the_op(case, monkeypatch):
+    """On the CPU's PyTorch path (runtime.torch_native), float32 calls without the lse, a block
+    table, a cache row map, ALiBi, softcap or a window, in which every query has a key, run
+    torch's SDPA on views of the cache; they give the op's own body's output (float32
+    rounding apart) and caches (exactly). The others run the op's body."""
+    taken = _spy_paths(monkeypatch)
+    results = []
+    for native in (True, False):
+        args, kwargs = _native_case(case)
+        with reference_only(native=native):
+            out = flash_attn_with_kvcache(*args, **kwargs)
+        results.append((out, args[1], args[2]))
+    assert taken == (["native", "forward"] if case in _NATIVE else ["forward", "forward"])
+    (out, kc, vc), (ref, ref_kc, ref_vc) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kc.nan_to_num(), ref_kc.nan_to_num()) and torch.equal(vc.nan_to_num(), ref_vc.nan_to_num())
+    assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
 
 
 def _small():
