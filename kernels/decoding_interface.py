@@ -35,30 +35,31 @@ def _check_values(q, k_cache, seqlens, snew, cache_batch_idx, cache_leftpad, blo
     """Range checks that read index values: only where that costs no device sync."""
     if torch.compiler.is_compiling() or seqlens.device.type != "cpu":
         return  # on CUDA the values are trusted, as FlashAttention-2 does: a check would sync every step
-    ends = seqlens.long()
-    if ends.numel() and (int(ends.min()) < 0 or int(ends.max()) + snew > capacity):
+    # As Python ints: one read per tensor, then no small tensor ops (they cost more than a decoding step).
+    ends = seqlens.tolist()
+    if ends and (min(ends) < 0 or max(ends) + snew > capacity):
         raise ValueError(f"cache_seqlens must be in [0, {capacity - snew}] (the cache holds {capacity} keys and "
-                         f"{snew} are appended), got {ends.tolist()}")
-    starts = cache_leftpad.long() if cache_leftpad is not None else torch.zeros_like(ends)
-    if cache_leftpad is not None and bool(((starts < 0) | (starts > ends)).any()):
-        raise ValueError(f"cache_leftpad must be in [0, cache_seqlens], got {starts.tolist()} "
-                         f"with cache_seqlens {ends.tolist()}")
+                         f"{snew} are appended), got {ends}")
+    starts = cache_leftpad.tolist() if cache_leftpad is not None else [0] * len(ends)
+    if any(start < 0 or start > end for start, end in zip(starts, ends)):
+        raise ValueError(f"cache_leftpad must be in [0, cache_seqlens], got {starts} with cache_seqlens {ends}")
     if cache_batch_idx is not None:
-        idx = cache_batch_idx.long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k_cache.shape[0]):
-            raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} cache rows, got {idx.tolist()}")
+        idx = cache_batch_idx.tolist()
+        if idx and (min(idx) < 0 or max(idx) >= k_cache.shape[0]):
+            raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} cache rows, got {idx}")
     if block_table is not None:
         page = k_cache.shape[1]
-        used = torch.arange(block_table.shape[1]).view(1, -1) * page < (ends + snew).view(-1, 1)
+        used = torch.arange(block_table.shape[1]).view(1, -1) * page < (seqlens.long() + snew).view(-1, 1)
         blocks = block_table.long()[used]
         if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table entries in use must index the {k_cache.shape[0]} cache blocks, "
                              f"got values in [{int(blocks.min())}, {int(blocks.max())}]")
-    if rotary_cos is not None:
-        last = (ends - starts if rotary_from_leftpad else ends) + max(snew, q.shape[1] if per_token else 1) - 1
-        if last.numel() and int(last.max()) >= rotary_cos.shape[0]:
+    if rotary_cos is not None and ends:
+        first = max(end - start if rotary_from_leftpad else end for start, end in zip(starts, ends))
+        last = first + max(snew, q.shape[1] if per_token else 1) - 1
+        if last >= rotary_cos.shape[0]:
             raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions but position "
-                             f"{int(last.max())} is needed")
+                             f"{last} is needed")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

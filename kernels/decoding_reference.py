@@ -40,8 +40,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: 
 
 def _span(valid_keys: Tensor, capacity: int) -> int:
     """Slots [0, span) hold every row's keys: the cache's capacity, or, where the index values
-    can be read (``concrete``), the last row end (the slots past it are never attended)."""
-    if not concrete(valid_keys) or valid_keys.numel() == 0:
+    can be read without a device sync (``concrete`` CPU tensors; a sync would also break a
+    CUDA-graph capture of this path), the last row end (the slots past it are never attended)."""
+    if not concrete(valid_keys) or valid_keys.device.type != "cpu" or valid_keys.numel() == 0:
         return capacity
     return int(valid_keys.max())
 
