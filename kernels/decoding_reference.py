@@ -38,11 +38,16 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: 
     return torch.cat([turned.to(x.dtype), x[..., rd:]], dim=-1)
 
 
+def _readable(t: Tensor) -> bool:
+    """Whether Python may read t's values here without a device sync: a ``concrete`` CPU tensor
+    (on CUDA a read would sync every step, and break a CUDA-graph capture of this path)."""
+    return concrete(t) and t.device.type == "cpu"
+
+
 def _span(valid_keys: Tensor, capacity: int) -> int:
     """Slots [0, span) hold every row's keys: the cache's capacity, or, where the index values
-    can be read without a device sync (``concrete`` CPU tensors; a sync would also break a
-    CUDA-graph capture of this path), the last row end (the slots past it are never attended)."""
-    if not concrete(valid_keys) or valid_keys.device.type != "cpu" or valid_keys.numel() == 0:
+    are ``_readable``, the last row end (the slots past it are never attended)."""
+    if not _readable(valid_keys) or valid_keys.numel() == 0:
         return capacity
     return int(valid_keys.max())
 
@@ -115,7 +120,7 @@ def forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     # Slots outside a row's keys may hold anything (FlashAttention-2's contract), NaN
     # included: their scores are replaced by -inf below, but 0 * NaN is NaN, so such value
     # slots are zeroed, not just given zero weight.
-    if not concrete(in_row) or not bool(in_row.all()):
+    if not _readable(in_row) or not bool(in_row.all()):
         values = values.masked_fill(~in_row.unsqueeze(-1), 0.0)
     # The G query heads of a kv-head and its Sq queries as one (G * Sq)-row block: one
     # matmul per (row, kv-head), k and v never repeated.
