@@ -73,15 +73,20 @@ def pick(configs: list, wanted: list, describe: Callable) -> list:
     return kept[:1] if mode() == "first" else kept
 
 
-_PLAIN = (bool, int, float, str, type(None))
+#: Values a key holds as they are; bools and floats go in with their type (_plain), since
+#: True == 1 == 1.0 hash alike and Triton specializes the three differently.
+_PLAIN = (int, str, type(None))
+_TAGGED = (bool, float)
 
 
 def _plain(value, tensors: bool = True):
-    """A key entry for an argument: plain values as they are, tensors by dtype (where
-    ``tensors``). Anything else raises TypeError: its hash may be its identity, so a key
-    would never repeat, or two different values could share one entry."""
+    """A key entry for an argument: ints, strings and None as they are, bools and floats with
+    their type, tensors by dtype (where ``tensors``). Anything else raises TypeError: its hash
+    may be its identity, so a key would never repeat, or two different values could share one entry."""
     if type(value) in _PLAIN:
         return value
+    if type(value) in _TAGGED:
+        return type(value), value
     if tensors and isinstance(value, torch.Tensor):
         return ("tensor", value.dtype)
     raise TypeError(f"no autotune fast-path key for {type(value).__name__}")
@@ -105,6 +110,14 @@ class ParallelAutotuner(Autotuner):
         self._key_positions = tuple((names.index(k), k) for k in self.keys)
         self._chosen: dict = {}
         self._direct: dict = {}  # bind-once launch key -> ((compiled kernel, tail), config kwargs)
+
+    def forget(self) -> None:
+        """Drops every key's choice: Triton's ``cache`` and the two tables ``run`` consults before
+        it, so that the next call of each key tunes again among the current candidates (clearing
+        ``cache`` alone leaves tuned keys launching their old pick)."""
+        self.cache.clear()
+        self._chosen.clear()
+        self._direct.clear()
 
     def run(self, *args, **kwargs):
         """``Autotuner.run``, with cheap paths once a key is tuned.

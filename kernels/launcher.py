@@ -50,7 +50,10 @@ ENABLED: bool = enabled_by_environment()
 MAX_BINDINGS = 512
 
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
-_VALUES = (int, float, bool, type(None))
+#: Arguments a key holds as they are, and those it holds with their type: True == 1 == 1.0
+#: hash alike, and Triton specializes a bool, an int and a float differently.
+_VALUES = (int, type(None))
+_TAGGED = (float, bool)
 
 
 def _unkeyable(arg):
@@ -75,12 +78,12 @@ class _BoundRun:
         # Tensors by dtype and alignment, never by identity: a key must not hold a tensor (it
         # would never repeat, and the table would keep the tensor alive). torch.compile's
         # wrapper passes every argument by keyword.
-        tensors, values = _TENSORS, _VALUES
+        tensors, values, tagged = _TENSORS, _VALUES, _TAGGED
         return (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
                 tuple([(k, v if type(v) in values else (v.dtype, v.data_ptr() & 15 == 0) if type(v) in tensors
-                         else _unkeyable(v)) for k, v in kwargs.items()]),
+                         else (type(v), v) if type(v) in tagged else _unkeyable(v)) for k, v in kwargs.items()]),
                 tuple([a if type(a) in values else (a.dtype, a.data_ptr() & 15 == 0) if type(a) in tensors
-                       else _unkeyable(a) for a in args]))
+                       else (type(a), a) if type(a) in tagged else _unkeyable(a) for a in args]))
 
     def __call__(self, *args, grid, warmup, **kwargs):
         if warmup or self.fn.pre_run_hooks:

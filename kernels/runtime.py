@@ -76,10 +76,13 @@ def torch_native(t: torch.Tensor) -> bool:
     rounding, without the op's autograd.Function and dispatch, which cost more on the CPU than
     a small op's own work (on the vit_digits ViT, 64 wide, about a fifth of a training step).
     Attention dropout there is torch's draw, not the kernels' Philox stream (docs/kernels.md).
-    True on the PyTorch path (not ``use_triton``), for eager calls on plain tensors
-    (``concrete``: a trace sees the op), outside ``reference_only(native=False)``.
+    True for CPU tensors on the PyTorch path (not ``use_triton``), for eager calls on plain
+    tensors (``concrete``: a trace sees the op), outside ``reference_only(native=False)``. Not
+    for CUDA tensors under ``reference_only()``: the native routes read index tensors' values
+    on the host (decoding's cache lengths), a sync there, and an error under CUDA-graph capture.
     """
-    return not use_triton(t) and concrete(t) and not getattr(_state, "no_native", False)
+    return (t.device.type == "cpu" and not use_triton(t) and concrete(t)
+            and not getattr(_state, "no_native", False))
 
 
 _NO_AUTOCAST = frozenset({"meta"})

@@ -253,7 +253,8 @@ def kernel_ops_note(device: str) -> str:
 
     if device != "cuda":
         return ("norms, GELU, rotary and losses through the kernels' PyTorch paths (float32 norms, GELU and "
-                "attention as torch's own ops: kernels.runtime.torch_native)")
+                "attention as torch's own ops: kernels.runtime.torch_native; the norms and GELU called by the "
+                "layers themselves: zoo.layers.torch_op_serves)")
     if layers.KERNEL_MIN_ELEMENTS == 0:
         return "norms and GELU through tritonzoo's Triton kernels at every size (TRITONZOO_KERNEL_MIN_ELEMENTS=0)"
     return (f"norms and GELU through tritonzoo's Triton kernels from {layers.KERNEL_MIN_ELEMENTS:,} elements a "

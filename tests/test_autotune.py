@@ -136,8 +136,15 @@ report = {}
 calls = [("first", 64, True), ("again", 64, True)]
 if os.environ.get("THIRD_CALL"):
     calls.append(("other key", 64, False))  # not causal: another autotune key
+if os.environ.get("FORGET"):
+    calls.append(("forgotten", 64, True))  # the first key again, after forget(), another candidate forced
 for call, head_dim, causal in calls:
     phase[0] = call
+    if call == "forgotten":
+        forced = fa._FWD_CANDIDATES[64][1]
+        fa._FWD_CANDIDATES[64] = [forced]
+        tuner.forget()
+        report["forced"] = list(forced)
     q, k, v = (torch.randn(2, 80, 4, head_dim, dtype=torch.bfloat16) for _ in range(3))
     before = len(compiles)
     try:  # as the triton_op runs its body in eager mode: kernels launch directly, not through the HOP
@@ -202,3 +209,15 @@ def test_first_mode_compiles_one_candidate(tmp_path):
     assert report["other key"] == "launch reached" and report["other key tuning runs"] == 1
     assert report["other key launches"][-1] == report["other key best"]
     assert report["kernels cached"] == 2 and report["keys tuned"] == 2
+
+
+@pytest.mark.slow
+def test_forget_tunes_a_tuned_key_again(tmp_path):
+    """After forget(), a key that was tuned (its pick remembered past Triton's cache) is tuned
+    again among the current candidates and launches the new pick: how tests/test_gpu.py forces
+    each candidate in turn."""
+    report = _launch_without_a_gpu(TRITONZOO_AUTOTUNE="first", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+                                   FORGET="1")
+    assert report["first best"] != report["forced"]
+    assert report["forgotten tuning runs"] == 1, "the forgotten key was not tuned again"
+    assert report["forgotten launches"][-1] == report["forced"] == report["forgotten best"]

@@ -65,8 +65,8 @@ def test_every_autotune_candidate(monkeypatch, request, kernel, head_dim, config
     tuner = getattr(fa, name)
     monkeypatch.setenv(autotune.AUTOTUNE_VARIABLE, "first")
     monkeypatch.setitem(table, head_dim, [config])
-    tuner.cache.clear()  # the choices made for earlier keys
-    request.addfinalizer(tuner.cache.clear)  # and this forced one, for later tests
+    tuner.forget()  # the choices made for earlier keys
+    request.addfinalizer(tuner.forget)  # and this forced one, for later tests
     q, k, v = _inputs(2, 777, 1500, 8, 2, head_dim, torch.bfloat16)
     out = flash_attn_func(q, k, v, causal=True)
     dout = torch.randn_like(out)

@@ -161,8 +161,9 @@ def test_bind_once_leaves_other_objects_alone(monkeypatch):
     assert launcher.bind_once(None) is None
 
 
-def test_bindings_stay_bounded(monkeypatch):
-    """The table drops its oldest pattern past MAX_BINDINGS (checked on the table alone)."""
+def _fake_bound_run(monkeypatch):
+    """A _BoundRun over a stand-in kernel whose Triton run returns a new do-nothing compiled
+    kernel each time, with a stand-in driver: the table alone, without Triton."""
     from kernels import launcher
 
     class FakeKernel:  # what _BoundRun reads of a compiled kernel
@@ -178,15 +179,38 @@ def test_bindings_stay_bounded(monkeypatch):
         pre_run_hooks = []
         params = []
 
-    monkeypatch.setattr(launcher, "MAX_BINDINGS", 3)
     bound = launcher._BoundRun.__new__(launcher._BoundRun)
     bound.fn, bound.params, bound.bindings = FakeFn(), [], {}
     monkeypatch.setattr(launcher._BoundRun, "triton_run", lambda self, *a, **k: FakeKernel())
     device = type("D", (), {"get_current_device": lambda self: 0, "get_current_stream": lambda self, d: 0})()
     monkeypatch.setattr(launcher, "driver", type("Driver", (), {"active": device})())
+    return bound
+
+
+def test_bindings_stay_bounded(monkeypatch):
+    """The table drops its oldest pattern past MAX_BINDINGS (checked on the table alone)."""
+    from kernels import launcher
+
+    monkeypatch.setattr(launcher, "MAX_BINDINGS", 3)
+    bound = _fake_bound_run(monkeypatch)
     for n in range(5):
         bound(n, grid=(1,), warmup=False)
     assert len(bound.bindings) == 3 and [key[-1] for key in bound.bindings] == [(2,), (3,), (4,)]
+
+
+def test_equal_values_of_other_types_get_their_own_binding(monkeypatch):
+    """1, 1.0 and True are equal and hash alike, but Triton compiles a kernel for each (an int
+    of 1 is a constant, a float an fp32 argument, a bool an i1): each gets its own binding, as
+    each gets its own key in the autotuner's tables."""
+    from kernels import autotune
+
+    bound = _fake_bound_run(monkeypatch)
+    for value in (1, 1.0, True, 1, 1.0, True):
+        bound(value, grid=(1,), warmup=False)
+        bound(x=value, grid=(1,), warmup=False)
+    assert len(bound.bindings) == 6
+    assert len({autotune._plain(value) for value in (1, 1.0, True)}) == 3
+    assert len({autotune._plain(value) for value in (0, 0.0, False, None)}) == 4
 
 
 @pytest.mark.parametrize("value, expected", [(None, True), ("", True), ("1", True), (" 0 ", False)])

@@ -250,6 +250,9 @@ def test_torch_native_needs_the_pytorch_path_and_a_plain_tensor():
     x = torch.randn(3, 4)
     with kernels.reference_only():
         assert runtime.torch_native(x)
+        # CPU tensors only: a tensor elsewhere (meta here; CUDA alike) keeps the op's path,
+        # whose body reads no index values on the host.
+        assert not runtime.torch_native(torch.empty(3, 4, device="meta"))
         with kernels.reference_only(native=False):
             assert not runtime.torch_native(x)
             with kernels.reference_only():  # an inner block keeps the outer one's native=False

@@ -163,12 +163,34 @@ def test_small_ops_take_torchs_fused_ops_with_the_same_results(case, monkeypatch
     name, overrides, run = CASES[case]
     ours, _ = _pair(name, **overrides)
     calls = _count_kernel_calls(monkeypatch)
-    through_kernels = _outputs_and_grads(ours, run)
+    with kernels.reference_only(native=False):  # the ops' own PyTorch bodies, which the layers call
+        through_kernels = _outputs_and_grads(ours, run)
     assert sum(calls.values()) > 0
     calls.clear()
     monkeypatch.setattr(layers, "kernel_pays", lambda x, numel=None: False)
     _assert_same_results(ours, _outputs_and_grads(ours, run), through_kernels)
     assert not calls
+
+
+@pytest.mark.parametrize("case", ["vit", "vit_fc_norm_no_norm_bias", "bert", "gpt_rotary_swiglu_rmsnorm"])
+def test_float32_layers_call_torchs_op_where_the_kernels_would(case, monkeypatch):
+    """On the kernels' PyTorch path with torch's native ops on (the fixture's reference_only(),
+    what CPU training runs), float32 norms and GELUs call torch's op themselves, skipping the
+    kernels' public functions, which would call the same op (torch_op_serves): the outputs and
+    gradients of the ops' own PyTorch bodies, to float32 rounding. Under autocast, and with
+    native ops off, the layers call the kernels."""
+    name, overrides, run = CASES[case]
+    ours, _ = _pair(name, **overrides)
+    calls = _count_kernel_calls(monkeypatch)
+    direct = _outputs_and_grads(ours, run)
+    assert not calls
+    with kernels.reference_only(native=False):
+        _assert_same_results(ours, direct, _outputs_and_grads(ours, run))
+    assert sum(calls.values()) > 0
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run(ours)
+    assert calls["layer_norm"] + calls["rms_norm"] > 0
 
 
 class _Sized:

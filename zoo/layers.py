@@ -6,7 +6,9 @@ Triton on CUDA, their PyTorch path on CPU); without, torch's own ops. Both compu
 same function with the same parameters, so a checkpoint loads into either. On CUDA, a norm
 or a GELU over fewer than KERNEL_MIN_ELEMENTS elements takes torch's fused op even with
 kernel_ops (kernel_pays): there a launch of ours costs more host time than torch's whole
-op. Tensors of a dtype the kernels do not take (float64) use torch's ops either way, but a
+op. On the kernels' PyTorch path, float32 norms and GELUs call torch's op themselves where the
+kernels' function would call that same op (torch_op_serves), skipping its argument checks.
+Tensors of a dtype the kernels do not take (float64) use torch's ops either way, but a
 float64 model is not float64 throughout: RMSNorm's statistics, rotary's angles, the
 sinusoidal table and the "eager" attention scores are float32, as on the other dtypes (the
 "triton" and "sdpa" backends keep float64: the former hands it to torch's SDPA).
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels.runtime import autocast_dtype, torch_native
 
 from .config import TransformerConfig
 
@@ -57,6 +60,22 @@ def kernel_pays(x: Tensor, numel: Optional[int] = None) -> bool:
     return x.device.type != "cuda" or (x.numel() if numel is None else numel) >= KERNEL_MIN_ELEMENTS
 
 
+def torch_op_serves(x: Tensor) -> bool:
+    """Whether kernels.layer_norm, rms_norm and gelu would, on x, call torch's own op
+    (kernels.runtime.torch_native: float32, on the kernels' PyTorch path, eager), with autocast
+    off (under it the GELU's input is not float32). The layers then call that op themselves: the
+    same computation without the public functions' argument checks, which cost 3-11 us a call
+    on the CPU machine, a tenth of a small layer's whole op (vit_digits: 64 wide, 16 tokens)."""
+    return x.dtype == torch.float32 and torch_native(x) and autocast_dtype(x.device.type) is None
+
+
+def _norm_kernel(x: Tensor) -> bool:
+    """Whether a norm over x calls the kernels (kernel_pays) rather than torch's op, which the
+    kernel's path would call itself (torch_op_serves) except over a hidden size of 1, where
+    torch's LayerNorm backward is not exactly 0 and the kernels' is."""
+    return kernel_pays(x) and not (x.shape[-1] > 1 and torch_op_serves(x))
+
+
 def _in_dtype(y: Tensor, x: Tensor) -> Tensor:
     """y in x's dtype: torch's norms under CUDA autocast return float32, the kernels x's dtype."""
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -73,7 +92,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel_ops and x.dtype in KERNEL_DTYPES:
-            if self.weight.dtype != x.dtype or kernel_pays(x):
+            if self.weight.dtype != x.dtype or _norm_kernel(x):
                 return kernels.rms_norm(x, self.weight, eps=self.eps)
             return _in_dtype(F.rms_norm(x, self.weight.shape, self.weight, self.eps), x)
         x32 = x.float()
@@ -99,7 +118,7 @@ class LayerNorm(nn.LayerNorm):
         if self.kernel_ops and len(self.normalized_shape) == 1 and x.dtype in KERNEL_DTYPES:
             # torch's op where it is faster, when x and the parameters share a dtype (a mixed
             # pair would leave torch's fused implementation, or fail).
-            if kernel_pays(x) or any(p is not None and p.dtype != x.dtype for p in (self.weight, self.bias)):
+            if _norm_kernel(x) or any(p is not None and p.dtype != x.dtype for p in (self.weight, self.bias)):
                 return kernels.layer_norm(x, self.weight, self.bias, self.eps)
             return _in_dtype(super().forward(x), x)
         return super().forward(x)
@@ -155,8 +174,9 @@ class MLP(nn.Module):
 
 def fused_linear_gelu(x: Tensor, linear: nn.Linear, approximate: str = "none") -> Tensor:
     """gelu(linear(x)) with the bias added in kernels.gelu rather than in the matmul; torch's
-    gelu of linear(x) where the activations are too few for the kernel to pay (kernel_pays)."""
-    if not kernel_pays(x, x.numel() // max(1, x.shape[-1]) * linear.out_features):
+    gelu of linear(x) where the activations are too few for the kernel to pay (kernel_pays) or
+    the kernel's path would be torch's gelu (torch_op_serves: the bias then goes in the matmul)."""
+    if not kernel_pays(x, x.numel() // max(1, x.shape[-1]) * linear.out_features) or torch_op_serves(x):
         return F.gelu(linear(x), approximate=approximate)
     h = F.linear(x, linear.weight)
     bias = linear.bias
