@@ -42,8 +42,9 @@ def _seed():
 def reference_attention(request):
     """Runs a zoo test on the kernels' PyTorch path (what CPU training runs), which is far
     faster than the interpreter; tests whose name mentions "interpreter" opt out and run
-    the Triton kernels. Use with pytest.mark.usefixtures("reference_attention")."""
-    if "interpreter" in request.node.name:
+    the Triton kernels, and so do GPU tests (marked gpu), which are there to run them on CUDA.
+    Use with pytest.mark.usefixtures("reference_attention")."""
+    if "interpreter" in request.node.name or request.node.get_closest_marker("gpu") is not None:
         yield
         return
     import kernels

@@ -9,7 +9,7 @@ import torch
 
 import kernels
 import zoo
-from zoo import Transformer, TransformerConfig
+from zoo import Transformer, TransformerConfig, layers
 from zoo.backbone import Block
 from zoo.layers import alibi_slopes, apply_rotary, sinusoidal_table
 
@@ -282,12 +282,14 @@ def _projection_loss(out):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vit_base_patch16_224", "bert_base", "gpt2", "transformer_base",
                                   "whisper_base_encoder", "speech_tiny"])
-def test_compile_fullgraph_presets(name):
+def test_compile_fullgraph_presets(name, monkeypatch):
     """Each preset's training step compiles with fullgraph=True under bf16 autocast (inductor,
     the Triton kernels inside) and gives eager's loss and gradients. Two blocks deep: the
     graph repeats the block, and each block is a minute of inductor time at full depth.
     Dropout, drop path and SpecAugment off, so the two runs compute the same function (the
-    CPU test above traces SpecAugment)."""
+    CPU test above traces SpecAugment). The norms and GELUs take the kernels at every size
+    (KERNEL_MIN_ELEMENTS 0): at these sizes the default routing would give them to torch's ops."""
+    monkeypatch.setattr(layers, "KERNEL_MIN_ELEMENTS", 0)
     torch._dynamo.reset()
     overrides = dict(depth=2, dropout=0.0, attn_dropout=0.0, drop_path=0.0)
     if name.startswith(("whisper", "speech")):
