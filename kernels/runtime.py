@@ -25,10 +25,15 @@ import os
 import threading
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 from torch.library import wrap_triton
+
+try:  # kernels needs torch and triton only; numpy's bools are flags too where it is installed
+    from numpy import bool_ as _numpy_bool
+    _BOOLS: tuple = (bool, _numpy_bool)
+except ImportError:
+    _BOOLS = (bool,)
 
 #: True when the Triton interpreter is on. Triton reads the variable when a kernel is
 #: decorated, so it is fixed for the life of the process.
@@ -124,7 +129,7 @@ def as_bool(value, name: str) -> bool:
     """value as a Python bool: bools and numpy bools (which are no subclass of bool), as
     FlashAttention-2's Python functions take them; anything else refused with TypeError
     naming the argument (no truthiness: a 0 or a string passed by mistake is not a flag)."""
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, _BOOLS):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {value!r}")
 

@@ -137,7 +137,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 #: Import names of what the `tasks` extra installs (pyproject.toml), beyond torch and triton.
 EXTRAS_MODULES = frozenset({"lightning", "torchmetrics", "jsonargparse", "tensorboard", "sklearn", "tokenizers",
-                            "matplotlib", "timm", "torchvision", "torchaudio", "yaml"})
+                            "matplotlib", "timm", "torchvision", "torchaudio", "yaml", "numpy"})
 
 
 def build_parser() -> argparse.ArgumentParser:

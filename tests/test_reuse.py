@@ -163,6 +163,22 @@ def test_wheel_in_a_fresh_venv_runs_an_outside_lightning_project(tmp_path):
     call(shutil.which("python3") or sys.executable, "-m", "venv", venv)
     python = str(venv / "bin" / "python")
     call(python, "-m", "pip", "install", "-q", "-c", os.path.join(REPO, "constraints.txt"), wheel, "timm", "lightning")
+    # The kernels need torch and triton only: with numpy unimportable (timm and lightning brought
+    # it here) they import and compute on the PyTorch path, flags checked as bools.
+    probe = ("import sys; sys.modules['numpy'] = None\n"
+             "import torch, kernels\n"
+             "q = torch.randn(1, 5, 2, 8, dtype=torch.float64).float()\n"
+             "out = kernels.flash_attn_func(q, q, q, causal=True)\n"
+             "ref = torch.nn.functional.scaled_dot_product_attention(*(q.transpose(1, 2),) * 3, is_causal=True)\n"
+             "assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)\n"
+             "cos, sin = torch.rand(5, 4), torch.rand(5, 4)\n"
+             "kernels.apply_rotary_emb(q, cos, sin, interleaved=True)\n"
+             "try:\n    kernels.apply_rotary_emb(q, cos, sin, interleaved=1)\nexcept TypeError as e:\n    print(e)\n")
+    # Without the interpreter, which imports numpy itself.
+    no_numpy = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                              env={k: v for k, v in env.items() if k != "TRITON_INTERPRET"})
+    assert no_numpy.returncode == 0, no_numpy.stderr[-3000:]
+    assert "interleaved must be a bool" in no_numpy.stdout
     project = tmp_path / "their_project"
     shutil.copytree(os.path.join(REPO, "tests", "reuse_project"), project)
     env["TRITON_INTERPRET"] = "1"  # no GPU: the Triton kernels run in the interpreter
