@@ -9,6 +9,7 @@ and Hugging Face's ViT for how images of another dtype are treated.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,24 @@ def test_backbone_config_takes_numpy_floats():  # configs built from numpy value
 def test_model_configs_name_a_bad_field(name, overrides, field):
     with pytest.raises(ValueError, match=field):
         zoo.create_model(name, depth=1, **overrides)
+
+
+# Before: only the backbone's bools were checked, and "false" from a YAML file or a command line
+# read as True in the models' own fields (a tied head, an fc_norm, a shared embedding table).
+@pytest.mark.parametrize("name, field, value", [
+    ("gpt_nano", "tie_embeddings", "false"), ("bert_tiny", "mlm_head", "false"), ("bert_tiny", "pooler", 0),
+    ("seq2seq_tiny", "share_embeddings", "false"), ("seq2seq_tiny", "tie_lm_head", "no"),
+    ("seq2seq_tiny", "scale_embeddings", 1), ("vit_digits", "class_token", "false"),
+    ("vit_digits", "no_embed_class", "false"), ("vit_digits", "fc_norm", "false"),
+    ("vit_digits", "patch_bias", None), ("vit_digits", "pos_antialias", "true"), ("gpt_nano", "causal", "false"),
+])
+def test_model_configs_refuse_a_non_bool_for_a_bool_field(name, field, value):
+    with pytest.raises(ValueError, match=rf"Config: {field} must be a bool.*got {re.escape(repr(value))}"):
+        zoo.create_model(name, **{field: value})
+
+
+def test_optional_bool_fields_take_none():
+    assert zoo.create_model("vit_digits", fc_norm=None).cfg.fc_norm is None
 
 
 def test_nan_log_floor_is_refused_rather_than_giving_nan_features():

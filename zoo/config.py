@@ -25,6 +25,18 @@ def is_finite_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_bool_fields(config) -> None:
+    """Every field of a config dataclass annotated bool (or Optional[bool]) holds a bool (or None):
+    a string from a YAML file or a command line ("false", "no") would otherwise read as True."""
+    for f in dataclasses.fields(config):
+        optional = f.type in (Optional[bool], "Optional[bool]")
+        if f.type in (bool, "bool") or optional:
+            value = getattr(config, f.name)
+            if not (isinstance(value, bool) or (optional and value is None)):
+                raise ValueError(f"{type(config).__name__}: {f.name} must be a bool{' or None' if optional else ''}, "
+                                 f"got {value!r}")
+
+
 @dataclass
 class TransformerConfig:
     """Every variant of the backbone is a field here; the defaults are a GPT-style block."""
@@ -90,9 +102,7 @@ class TransformerConfig:
                                                  f"got {getattr(self, name)!r}")
         for name in ("dropout", "attn_dropout", "drop_path"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for f in dataclasses.fields(self):
-            if f.type in (bool, "bool"):  # "no" would otherwise read as True
-                need(isinstance(getattr(self, f.name), bool), f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
+        check_bool_fields(self)
         need(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
         need(self.mlp_hidden is None or self.mlp_hidden > 0, f"mlp_hidden must be positive, got {self.mlp_hidden}")
         need(self.mlp_width >= 1, f"dim ({self.dim}) x mlp_ratio ({self.mlp_ratio}) rounds the MLP width to 0")

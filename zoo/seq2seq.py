@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
-from .config import TransformerConfig, is_finite_number, is_int
+from .config import TransformerConfig, check_bool_fields, is_finite_number, is_int
 from .generation import check_sampling, decode, suppress, suppress_index
 from .layers import token_cross_entropy, vocab_logits
 from .registry import register_model
@@ -46,6 +46,7 @@ class Seq2SeqConfig:
         default_factory=lambda: TransformerConfig(causal=True, cross_attention=True))
 
     def __post_init__(self):
+        check_bool_fields(self)
         for name in ("src_vocab_size", "tgt_vocab_size"):
             value = getattr(self, name)
             if not is_int(value) or value <= 0:

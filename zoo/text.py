@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import KVCache, Transformer
-from .config import TransformerConfig, is_finite_number, is_int
+from .config import TransformerConfig, check_bool_fields, is_finite_number, is_int
 from .generation import TokenIds, check_max_new_tokens, check_sampling, decode, suppress_index
 from .layers import KERNEL_DTYPES, fused_linear_gelu, make_norm, token_cross_entropy, vocab_logits
 from .registry import build_config, register_model
@@ -105,6 +105,7 @@ class BertConfig:
     classifier_dropout: float = 0.1  # dropout before the classifier
 
     def __post_init__(self):
+        check_bool_fields(self)
         _positive(self, "vocab_size", "type_vocab_size")
         if self.backbone.causal or self.backbone.cross_attention:
             raise ValueError("BertConfig: backbone must be bidirectional self-attention (causal=False, "
@@ -272,6 +273,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
 
     def __post_init__(self):
+        check_bool_fields(self)
         _positive(self, "vocab_size")
         if not self.backbone.causal or self.backbone.cross_attention:
             raise ValueError("GPTConfig: backbone must be causal self-attention (causal=True, cross_attention=False)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import Transformer
-from .config import TransformerConfig, is_finite_number, is_int
+from .config import TransformerConfig, check_bool_fields, is_finite_number, is_int
 from .layers import make_norm
 from .registry import build_config, register_model
 
@@ -65,6 +65,7 @@ class ViTConfig:
             if not condition:
                 raise ValueError(f"ViTConfig: {message}")
 
+        check_bool_fields(self)
         image, patch = to_pair(self.img_size, "img_size"), to_pair(self.patch_size, "patch_size")
         need(image[0] % patch[0] == 0 and image[1] % patch[1] == 0,
              f"img_size {self.img_size!r} must be divisible by patch_size {self.patch_size!r}")
