@@ -271,6 +271,8 @@ class Packing:
         self.total = total
 
     def pad(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 0:  # no packed token: the padding slots need a row 0 to read (zeros, masked out)
+            x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
         return x[self.gather]
 
     def pack(self, x: Tensor) -> Tensor:

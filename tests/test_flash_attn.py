@@ -500,6 +500,34 @@ def test_empty_batch_and_zero_length_keys(backend):
     assert (out == 0).all() and torch.isposinf(lse).all()
 
 
+@pytest.mark.parametrize("max_seqlen", [0, 5])
+@pytest.mark.parametrize("path", ["backend", "torch_math"])
+def test_varlen_without_any_packed_key_or_query(backend, path, max_seqlen):
+    """total_k = 0 or total_q = 0 with max_seqlen above the real maximum, as a padded batch
+    allows: out 0, lse +inf, probs 0, zero gradients. Before: IndexError on the PyTorch path
+    (its padding slots read a row 0 that an empty packed tensor lacks)."""
+    device, ctx = backend
+    if path == "torch_math":  # the PyTorch path without torch's fused ops
+        device, ctx = "cpu", lambda: reference_only(native=False)
+    cu = dict(dtype=torch.int32, device=device)
+    q = torch.randn(1, 2, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(0, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    with ctx():
+        out, lse, probs = flash_attn_varlen_func(q, k, v, torch.tensor([0, 0, 1], **cu), torch.tensor([0, 0, 0], **cu),
+                                                 1, max_seqlen, return_attn_probs=True)
+        assert (out == 0).all() and torch.isposinf(lse).all()
+        assert probs.shape == (2, 2, 1, max_seqlen) and (probs == 0).all()
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert (dq == 0).all() and dk.shape == dv.shape == (0, 2, 16)
+        q0 = torch.randn(0, 2, 16, device=device, requires_grad=True)
+        k3, v3 = (torch.randn(3, 2, 16, device=device, requires_grad=True) for _ in range(2))
+        out, lse, probs = flash_attn_varlen_func(q0, k3, v3, torch.tensor([0, 0], **cu), torch.tensor([0, 3], **cu),
+                                                 4, 3 + max_seqlen, return_attn_probs=True)
+        assert out.shape == (0, 2, 16) and probs.shape == (1, 2, 4, 3 + max_seqlen) and (probs == 0).all()
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q0, k3, v3), allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in (dk, dv))
+
+
 def test_attention_probs(backend):
     """return_attn_probs gives softmax(scores) with the masks: rows sum to 1, masked entries are 0."""
     device, ctx = backend
