@@ -47,7 +47,10 @@ def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     pattern; viewed as a pair of int32 (little-endian: low word first) each product gives
     both words without a shift or a mask.
     """
-    words = (b.view(torch.uint32).to(torch.int64) * a).unsqueeze(-1).view(torch.int32)
+    product = b.view(torch.uint32).to(torch.int64) * a
+    if not runtime.concrete(product):  # traced: inductor may lay the product out with a stride-0 last
+        return (product >> 32).to(torch.int32), product.to(torch.int32)  # dim, which the view refuses
+    words = product.unsqueeze(-1).view(torch.int32)
     return words[..., 1], words[..., 0]
 
 

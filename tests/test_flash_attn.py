@@ -354,6 +354,30 @@ def test_dropout_mask_is_the_same_on_both_paths(device):
     assert abs(torch_mask.float().mean().item() - 0.75) < 0.03
 
 
+def test_inductor_compiles_dropout_on_the_pytorch_path():
+    """torch.compile (inductor) of attention with dropout on the PyTorch path: forward and backward
+    use the mask return_attn_probs reports, and the traced Philox draws what the eager one does.
+    Before: inductor failed lowering the eager draw's int64 -> int32 view (a stride-0 layout)."""
+    from kernels import attention_reference
+
+    torch._dynamo.reset()
+    p = 0.3
+    q, k, v = _inputs(2, 9, 13, 2, 1, 16, torch.float32, "cpu")
+    with reference_only():
+        out, _, probs = torch.compile(_dropout_run, fullgraph=True)(q, k, v, p, causal=True)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    keep = probs >= 0
+    cpu = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = oracle.attention(*cpu, causal=True, keep=keep, dropout_p=p)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(ref, cpu, dout.double())):
+        torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-5)
+    seed = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64)
+    compiled = torch.compile(attention_reference.dropout_mask, fullgraph=True)(seed, 2, 3, 37, 53, 0.25, "cpu")
+    assert torch.equal(compiled, attention_reference.dropout_mask(seed, 2, 3, 37, 53, 0.25, "cpu"))
+
+
 def test_philox_mirror_matches_known_answer():
     """Philox4x32-10 known-answer vectors (Salmon et al., Random123 kat_vectors)."""
     from kernels.attention_reference import philox_uint32
