@@ -15,6 +15,7 @@ import subprocess
 import wave
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -342,6 +343,21 @@ def test_missing_speech_folders_and_files_are_named(tmp_path):
         LibriSpeechDataModule(root=str(tmp_path / "no_such_libri")).setup("fit")
     with pytest.raises(FileNotFoundError, match="missing.flac"):
         read_audio(str(tmp_path / "missing.flac"))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.1])
+def test_a_truncated_flac_is_named(tmp_path, keep):
+    """libsndfile's own errors ("flac decoder lost sync", "Internal psf_fseek() failed") name no file."""
+    import soundfile
+
+    path = tmp_path / "84-121123-0000.flac"
+    soundfile.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, 16000), 16000, format="FLAC")
+    samples, rate = read_audio(str(path))
+    assert rate == 16000 and samples.shape == (16000,)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match=re.escape(f"{str(path)!r} is truncated or corrupt")):
+        read_audio(str(path))
 
 
 def test_librispeech_tokenizer_round_trips_transcripts():

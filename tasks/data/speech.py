@@ -70,7 +70,8 @@ def read_audio(path: str) -> tuple[torch.Tensor, int]:
     anything else (FLAC) with soundfile or torchaudio.load (torchcodec), whichever is installed.
 
     Raises FileNotFoundError naming a missing file, RuntimeError naming the file when no
-    decoder for its format is installed.
+    decoder for its format is installed, ValueError naming a file its decoder cannot read
+    (truncated or corrupt: libsndfile's own messages name no file).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {os.path.abspath(path)!r}")
@@ -78,16 +79,18 @@ def read_audio(path: str) -> tuple[torch.Tensor, int]:
         return read_wav(path)
     try:
         import soundfile
-
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
-        return torch.from_numpy(samples).mean(dim=1), rate
     except ImportError:
-        pass
+        soundfile = None
     try:
+        if soundfile is not None:
+            samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+            return torch.from_numpy(samples).mean(dim=1), rate
         waveform, rate = torchaudio.load(path)
     except ImportError as e:
         raise RuntimeError(f"cannot decode {path!r}: install soundfile or torchcodec "
                            f"(`pip install soundfile`)") from e
+    except RuntimeError as e:  # soundfile.LibsndfileError and torchaudio's decoding errors
+        raise ValueError(f"{os.path.abspath(path)!r} is truncated or corrupt: {e}") from e
     return waveform.mean(dim=0), rate
 
 

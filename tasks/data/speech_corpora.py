@@ -154,8 +154,8 @@ class LibriSpeechDataModule(WaveformDataModule):
     """LibriSpeech from a local copy (root/LibriSpeech/<subset>/...flac), for CTC with characters.
 
     torchaudio's LIBRISPEECH (download=False). The tokenizer is a CharTokenizer over
-    LIBRISPEECH_ALPHABET (vocab_size 33; id 0, the pad, is the CTC blank). FLAC needs
-    soundfile or torchcodec installed.
+    LIBRISPEECH_ALPHABET (vocab_size 33; id 0, the pad, is the CTC blank). FLAC is read
+    with soundfile (the tasks extra installs it), else torchaudio.load (torchcodec).
     Args: root (the folder holding LibriSpeech/), train_subsets, val_subset, test_subset
     (e.g. "train-clean-100", "dev-clean", "test-clean"; train_subsets a list, or a str for one),
     batch_size, num_workers.

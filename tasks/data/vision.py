@@ -183,6 +183,8 @@ def _cifar_problem(root: str) -> str:
 class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 from a local copy (torchvision's layout, download=False): 45k/5k train/val split + the test set.
 
+    The validation split is a tenth of the training files, drawn with split_seed.
+
     Raises FileNotFoundError naming the file that is missing or fails its checksum.
     """
 
@@ -207,6 +209,7 @@ class CIFAR10DataModule(SplitDataModule):
             raise FileNotFoundError(_cifar_problem(self.root)) from e
         self.classes = list(self.test_set.classes)
         generator = torch.Generator().manual_seed(self.split_seed)
-        train_idx, val_idx = random_split(range(len(full_train)), [45000, 5000], generator=generator)
+        n_val = len(full_train) // 10  # 5000 of CIFAR-10's 50000 (and a tenth of a smaller copy)
+        train_idx, val_idx = random_split(range(len(full_train)), [len(full_train) - n_val, n_val], generator=generator)
         self.train_set = torch.utils.data.Subset(full_train, list(train_idx))
         self.val_set = torch.utils.data.Subset(full_eval, list(val_idx))
