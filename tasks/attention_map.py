@@ -1,7 +1,7 @@
 """`zoo attention-map CHECKPOINT`: PNG figures of a trained model's attention for one input.
 
     zoo attention-map runs/vit_digits/version_0/checkpoints/last.ckpt               # validation sample 0
-    zoo attention-map runs/seq2seq_dates/version_0/checkpoints/best.ckpt --text "3 March 2021"
+    zoo attention-map runs/seq2seq_dates/version_0/checkpoints/last.ckpt --text "3 March 2021"
     zoo attention-map CKPT --sample 5 --layer 0 --out figures/
 
 The input is a sample of the run's validation data (the data module of the run's
@@ -87,15 +87,12 @@ def main(args: argparse.Namespace) -> int:
 def _write_figures(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    import torch
-
     from tasks.attention_figures import save
     from tasks.data.tokenizers import tokenizer_from_state
+    from tasks.generate import read_checkpoint
     from tasks.lightning_cli import batch_size_of
 
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    if "zoo_task" not in checkpoint:
-        raise ValueError(f"{args.checkpoint} was not written by `zoo fit` (no zoo_task entry)")
+    checkpoint = read_checkpoint(args.checkpoint)
     task = _import(checkpoint["zoo_task"]).load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     state = checkpoint.get("zoo_tokenizer")
     tokenizer = tokenizer_from_state(state) if state is not None else None

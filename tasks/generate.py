@@ -22,23 +22,30 @@ import sys
 OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "seed")
 
 
+def read_checkpoint(checkpoint_path: str, expected: str = "") -> dict:
+    """The dict of a checkpoint written by `zoo fit` (on CPU); ValueError naming the file for one
+    torch.load cannot read or one without the task's `zoo_task` entry. expected: words that end
+    the message's "expected a .ckpt written by `zoo fit`" (e.g. "on a text task")."""
+    import torch
+
+    wanted = f"expected a .ckpt written by `zoo fit`{' ' + expected if expected else ''}"
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # not a file torch.save wrote
+        raise ValueError(f"{checkpoint_path}: not a checkpoint ({error}); {wanted}") from None
+    if not isinstance(checkpoint, dict) or "zoo_task" not in checkpoint:
+        raise ValueError(f"{checkpoint_path}: not a tritonzoo task checkpoint (no 'zoo_task' entry); {wanted}")
+    return checkpoint
+
+
 def load(checkpoint_path: str, device: str = "cpu"):
     """(task, tokenizer) from a checkpoint written by a tritonzoo text task.
 
     Raises FileNotFoundError for a missing file, ValueError for a file that is not such a checkpoint.
     """
-    import torch
-
     from tasks.data.tokenizers import tokenizer_from_state
 
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # not a file torch.save wrote
-        raise ValueError(f"{checkpoint_path}: not a checkpoint ({error}); expected a .ckpt written by `zoo fit`") \
-            from None
-    if not isinstance(checkpoint, dict) or "zoo_task" not in checkpoint:
-        raise ValueError(f"{checkpoint_path}: not a tritonzoo task checkpoint (no 'zoo_task' entry); expected "
-                         f"a .ckpt written by `zoo fit` on a text task")
+    checkpoint = read_checkpoint(checkpoint_path, "on a text task")
     if "zoo_tokenizer" not in checkpoint:
         raise ValueError(f"{checkpoint_path}: the run had no tokenizer: {checkpoint['zoo_task']} "
                          f"does not generate text")

@@ -220,6 +220,19 @@ def test_attention_map_writes_next_to_the_run_or_else_the_checkpoint(gpt_checkpo
     assert f"no run config at {tmp_path / 'exported' / 'config.yaml'}" in capsys.readouterr().err
 
 
+def test_attention_map_names_a_file_that_is_not_a_task_checkpoint(tmp_path, capsys):
+    """As `zoo generate` does: status 2 and the file named (before: an UnpicklingError traceback)."""
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_bytes(bytes(range(256)))
+    no_task = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": {}}, no_task)
+    for path, message in ((not_a_checkpoint, "not a checkpoint"),
+                          (no_task, "not a tritonzoo task checkpoint (no 'zoo_task' entry)")):
+        capsys.readouterr()
+        assert cli.main(["attention-map", str(path), "--text", "hello"]) == 2
+        assert capsys.readouterr().err.startswith(f"zoo attention-map: error: {path}: {message}")
+
+
 # ---------------------------------------------------------------- zoo demo
 
 

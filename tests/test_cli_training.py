@@ -154,6 +154,25 @@ def test_print_config_resolves_defaults(capsys):
     assert printed["trainer"]["gradient_clip_val"] == 1.0
 
 
+@pytest.mark.parametrize("config,key,value,expected", [
+    ("speech/ctc_librispeech.yaml", "train_subsets", "train-clean-360", "train-clean-360"),
+    ("speech/ctc_librispeech.yaml", "train_subsets", "[train-clean-100, train-clean-360]",
+     ["train-clean-100", "train-clean-360"]),
+    ("speech/kws_speech_commands.yaml", "words", "up", "up"),
+    ("speech/kws_speech_commands.yaml", "words", "[up, down]", ["up", "down"]),
+    ("text/gpt_char.yaml", "corpora", "stdlib", "stdlib"),
+    ("text/gpt_char.yaml", "suffixes", ".md", ".md"),
+])
+def test_list_options_take_one_name_as_a_str_on_the_command_line(config, key, value, expected, capsys):
+    """The data modules take a str for one subset, word, corpus or suffix (their docstrings); the
+    CLI refused it before ("Expected a <class 'collections.abc.Sequence'>"), as their type hints
+    allowed only lists."""
+    with pytest.raises(SystemExit) as exit_info:
+        ZooCLI(args=["fit", "-c", f"configs/{config}", f"--data.init_args.{key}={value}", "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"][key] == expected
+
+
 @pytest.mark.parametrize("override,key", [
     ("--model.init_args.lr=fast", "lr"),
     ("--model.init_args.learning_rate=0.1", "learning_rate"),

@@ -135,6 +135,18 @@ def _librispeech(root, subsets):
         (chapter / "19-198.trans.txt").write_text("19-198-0000 HELLO\n")
 
 
+@pytest.mark.parametrize("shift", [-0.1, 1.5, NAN, "0.1", None])
+def test_speech_commands_shift_is_checked_at_construction(shift):
+    """A negative shift passed construction and failed at the first training batch, in torch's
+    randint ("random_ expects 'from' to be less than 'to'"), naming nothing of ours."""
+    from tasks.data.speech_corpora import SpeechCommandsDataModule
+
+    with pytest.raises(ValueError, match=rf"^SpeechCommandsDataModule: shift must be a number of seconds in \[0, 1\], "
+                                         rf"got {re.escape(repr(shift))}"):
+        SpeechCommandsDataModule("unused", shift=shift)
+    assert SpeechCommandsDataModule("unused", shift=0).shift == 0
+
+
 def test_librispeech_takes_one_training_subset_as_a_str(tmp_path):
     """A str is one subset's name, as for val_subset and test_subset; before, it was read as a
     list of its characters ("LibriSpeech t: no directory at .../LibriSpeech/t")."""

@@ -9,11 +9,13 @@ ids (padded with 0, the CTC blank), target_lengths (B,) and the texts.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torchaudio
 from torch.utils.data import Dataset
+
+from zoo.config import is_finite_number
 
 from .speech import SAMPLE_RATE, WaveformDataModule, collate_waveforms, read_audio, read_wav
 from .tokenizers import CharTokenizer, tokenizer_from_state
@@ -59,16 +61,19 @@ class SpeechCommandsDataModule(WaveformDataModule):
     Args:
         root: the folder holding SpeechCommands/.
         words: the classes (a str: one word); None: all 35 words of v2. With a list, every other word is
-            the class "_unknown_" (the last label) when unknown=True, else left out.
+            the class "_unknown_" (the last label) when unknown=True, else left out. In YAML, quote
+            "yes", "no", "on" and "off" (unquoted they are booleans, which are refused).
         shift: training time-shift augmentation, in seconds.
         batch_size, num_workers: of the loaders.
     Raises (in setup) FileNotFoundError naming a missing folder or list, ValueError naming a
     word that has no folder or a split left without clips.
     """
 
-    def __init__(self, root: str, words: Optional[list[str]] = None, unknown: bool = True, shift: float = 0.1,
+    def __init__(self, root: str, words: Union[list[str], str, None] = None, unknown: bool = True, shift: float = 0.1,
                  batch_size: int = 128, num_workers: int = 8):
         super().__init__(batch_size, num_workers)
+        if not is_finite_number(shift) or not 0 <= shift <= 1:  # the clips are 1 s long
+            raise ValueError(f"SpeechCommandsDataModule: shift must be a number of seconds in [0, 1], got {shift!r}")
         words = [words] if isinstance(words, str) else words  # one word, not its letters
         self.root, self.words, self.unknown, self.shift = root, words, unknown, shift
         self.classes: Optional[list[str]] = None
@@ -162,8 +167,9 @@ class LibriSpeechDataModule(WaveformDataModule):
     Raises (in setup) FileNotFoundError naming a missing or empty subset folder.
     """
 
-    def __init__(self, root: str, train_subsets: Sequence[str] = ("train-clean-100",), val_subset: str = "dev-clean",
-                 test_subset: str = "test-clean", batch_size: int = 32, num_workers: int = 8):
+    def __init__(self, root: str, train_subsets: Union[Sequence[str], str] = ("train-clean-100",),
+                 val_subset: str = "dev-clean", test_subset: str = "test-clean", batch_size: int = 32,
+                 num_workers: int = 8):
         super().__init__(batch_size, num_workers)
         # A str is one subset: list("train-clean-100") would look for the folders "t", "r", ...
         self.root = root

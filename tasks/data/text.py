@@ -253,10 +253,10 @@ class LanguageModelDataModule(_TextDataModule):
     Raises FileNotFoundError naming missing local data, ValueError for a split shorter than a block.
     """
 
-    def __init__(self, corpora: Sequence[str] = CORPORA, paths: Union[str, list[str], None] = None,
-                 suffixes: Sequence[str] = (".txt",), tokenizer_kind: str = "chars", subword_vocab_size: int = 4096,
-                 block_size: int = 256, val_fraction: float = 0.05, test_fraction: float = 0.05,
-                 batch_size: int = 32, num_workers: int = 0):
+    def __init__(self, corpora: Union[Sequence[str], str] = CORPORA, paths: Union[str, list[str], None] = None,
+                 suffixes: Union[Sequence[str], str] = (".txt",), tokenizer_kind: str = "chars",
+                 subword_vocab_size: int = 4096, block_size: int = 256, val_fraction: float = 0.05,
+                 test_fraction: float = 0.05, batch_size: int = 32, num_workers: int = 0):
         super().__init__(corpora, paths, suffixes, tokenizer_kind, subword_vocab_size, val_fraction, test_fraction,
                          batch_size, num_workers)
         self.check_int("block_size", block_size, 2)
@@ -353,10 +353,10 @@ class MaskedLMDataModule(_TextDataModule):
         mask_seed: seed of the validation and test masks.
     """
 
-    def __init__(self, corpora: Sequence[str] = CORPORA, paths: Union[str, list[str], None] = None,
-                 suffixes: Sequence[str] = (".txt",), tokenizer_kind: str = "subword", subword_vocab_size: int = 4096,
-                 max_length: int = 128, mask_prob: float = 0.15, mask_seed: int = 0, val_fraction: float = 0.05,
-                 test_fraction: float = 0.05, batch_size: int = 32, num_workers: int = 0):
+    def __init__(self, corpora: Union[Sequence[str], str] = CORPORA, paths: Union[str, list[str], None] = None,
+                 suffixes: Union[Sequence[str], str] = (".txt",), tokenizer_kind: str = "subword",
+                 subword_vocab_size: int = 4096, max_length: int = 128, mask_prob: float = 0.15, mask_seed: int = 0,
+                 val_fraction: float = 0.05, test_fraction: float = 0.05, batch_size: int = 32, num_workers: int = 0):
         super().__init__(corpora, paths, suffixes, tokenizer_kind, subword_vocab_size, val_fraction, test_fraction,
                          batch_size, num_workers)
         self.check_int("max_length", max_length, 3, " (<bos>, a token, <eos>)")
