@@ -5,7 +5,8 @@
                                chunk_size=None)
 
 Semantics are torch.nn.functional.cross_entropy's for (N, V) logits and (N,) class
-targets: rows whose target is ignore_index add nothing (and get exactly zero gradient);
+targets: rows whose target is ignore_index add nothing (and get exactly zero gradient, for
+finite logits: a NaN logit makes its row's gradient NaN even when ignored, as torch's does);
 label smoothing eps mixes in the uniform distribution, loss = (1 - eps) * nll + eps *
 (lse - mean(logits)); "mean" divides by the number of rows not ignored (NaN when all
 are, with a zero gradient, as torch's). The loss is float32 whatever the logits' dtype.

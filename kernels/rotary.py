@@ -385,8 +385,9 @@ def _apply(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inplace: bool
         offsets = seqlen_offsets
     else:
         if seqlen_offsets < 0 or seqlen_offsets + S > seqlen_ro:
-            raise ValueError(f"seqlen_offsets = {seqlen_offsets} with seqlen {S} needs positions up to "
-                             f"{seqlen_offsets + S - 1}, but cos and sin have seqlen_ro = {seqlen_ro} rows")
+            raise ValueError(f"seqlen_offsets = {seqlen_offsets} with seqlen {S} gives positions from {seqlen_offsets} "
+                             f"to {seqlen_offsets + S - 1}; cos and sin have seqlen_ro = {seqlen_ro} rows, so "
+                             f"positions must be in [0, {seqlen_ro - 1}]")
         offset = seqlen_offsets
     cos, sin = shared_layout(cos, sin)  # the kernel walks both by cos's row stride
     if inplace:
