@@ -441,9 +441,15 @@ def _brief(entry) -> str:
 
 
 def check_out_dir(out_dir: Optional[str], option: str = "--out") -> None:
-    """Raises ValueError, before anything is measured, when out_dir names something that is not a folder."""
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"{option} {str(out_dir)!r} is a file; expected a folder (created when missing)")
+    """Raises ValueError, before anything is measured, when out_dir, or the nearest part of its
+    path that exists, is not a folder (a folder could then not be created there)."""
+    if out_dir is None:
+        return
+    path = Path(out_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is below {str(existing)!r}, a file"
+        raise ValueError(f"{option} {str(out_dir)!r} {where}; expected a folder (created when missing)")
 
 
 def progress(report: dict, out_dir: Optional[str], name: str, label: str, key: str = "results") -> None:

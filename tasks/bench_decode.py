@@ -343,6 +343,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--device cuda: no CUDA device is available")
     if device == "cpu" and not args.quick:
         parser.error("the decoding benchmark needs a CUDA GPU; on CPU add --quick (a smoke run)")
+    try:
+        check_out_dir(args.out)
+    except ValueError as error:
+        parser.error(str(error))
     words = ["python", "-m", "tasks.bench_decode", *(sys.argv[1:] if argv is None else argv)]
     run(device=device, quick=args.quick, out_dir=args.out, command=shlex.join(words))
     return 0

@@ -213,7 +213,8 @@ def run(device: Optional[str] = None, quick: bool = False, out_dir: Optional[str
         fns = generators(zoo_models, hf)
         meta = run_metadata(device, quick, command, GPU_TITLE if gpu else CPU_TITLE)
         meta.update(dtype=str(dtype).replace("torch.", ""), repeats=repeats,
-                    timing="median wall clock of generate() after one warm-up call, CUDA synchronized",
+                    timing="median wall clock of generate() after one warm-up call"
+                           + (", CUDA synchronized" if device.startswith("cuda") else ""),
                     hf=hf_missing or "GPT2LMHeadModel.generate, default cache, attn_implementation='sdpa'")
         report = {"metadata": meta, "model": model_config, "implementations": list(fns), "results": []}
         for w in workloads:

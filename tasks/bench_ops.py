@@ -442,6 +442,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--device cuda: no CUDA device is available")
     if device == "cpu" and not args.quick:
         parser.error("the full ops benchmark needs a CUDA GPU; on CPU add --quick")
+    try:
+        check_out_dir(args.out)
+    except ValueError as error:
+        parser.error(str(error))
     run(device=device, quick=args.quick, out_dir=args.out, ops=args.ops,
         command=" ".join(["python -m tasks.bench_ops", shlex.join(argv)]).strip())
     return 0

@@ -151,6 +151,20 @@ def _sizes(kind: str, preset: str, device: str, batch: Optional[int], seq_len: O
     return batch or default_batch, seq_len or default_seq
 
 
+def check_target(target: Target, device: str, seq_len: Optional[int]) -> None:
+    """Builds target's model on the meta device (no memory, no time) and its input's shape:
+    a bad override or a length the model cannot take raises here, before anything is timed."""
+    import torch
+
+    import zoo
+    from tasks import compare_measure as m
+
+    with torch.device("meta"):
+        model = zoo.create_model(target.preset, **target.overrides)
+    _, seq_len = _sizes(m.model_kind(model), target.preset, device, 1, seq_len)
+    m.make_workload(model, 1, seq_len, "meta")
+
+
 def compare_model(target: Target, device: str, batch: Optional[int], seq_len: Optional[int], steps: int,
                   warmup: int, backends: Sequence[str], reference: bool, peak: Optional[float]) -> dict:
     """Every measurement of one model (and its reference); see the module docstring."""
@@ -271,8 +285,9 @@ def run(names: Sequence[str] = (), batch_size: Optional[int] = None, seq_len: Op
     to out_dir (None: nothing written). Returns the report {"metadata", "models", "runs"}.
 
     Raises ValueError for an unknown name or backend, a bad size or --peak-tflops, an --out
-    that is a file, --device cuda without CUDA, or a run without a quality metric;
-    FileNotFoundError for --runs that match no metrics.csv. All before anything is timed.
+    that is a file, --device cuda without CUDA, a length a model cannot take, or a run without
+    a quality metric; TypeError for an override a model does not have; FileNotFoundError for
+    --runs that match no metrics.csv. All before anything is timed.
     """
     import torch
 
@@ -298,6 +313,8 @@ def run(names: Sequence[str] = (), batch_size: Optional[int] = None, seq_len: Op
     default_steps, default_warmup = STEPS[(device, quick)]
     steps, warmup = steps or default_steps, default_warmup if warmup is None else warmup
     targets = [resolve(n) for n in (names or (GPU_DEFAULT_NAMES if device == "cuda" else CPU_DEFAULT_NAMES))]
+    for target in targets:
+        check_target(target, device, seq_len)
     # Read before timing anything: a run without a quality metric fails now, not after the measurements.
     run_records = [compare_runs.read_run(f) for f in (compare_runs.find_metrics_files(runs) if runs else [])]
     peak, peak_note = None, "MFU is reported on a GPU only"

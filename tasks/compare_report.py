@@ -209,11 +209,19 @@ def plot_throughput(report: dict, path) -> None:
 
 
 def write_partial(report: dict, out_dir) -> None:
-    """compare.json and compare.md with what is measured so far; ``write`` replaces them at the end."""
+    """compare.md, compare.json and compare.csv with what is measured so far, and no plots (those
+    of an earlier run in out_dir are removed: they would disagree with the tables); ``write``
+    replaces the tables and draws the plots at the end."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(markdown(report))
     (out / "compare.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(report))
+    for plot in ("compare_throughput.png", "compare_quality.png"):
+        (out / plot).unlink(missing_ok=True)
 
 
 def write(report: dict, out_dir) -> list[Path]:
@@ -223,10 +231,6 @@ def write(report: dict, out_dir) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "compare.md", out / "compare.csv", out / "compare.json", out / "compare_throughput.png"]
     write_partial(report, out)
-    with paths[1].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(csv_rows(report))
     plot_throughput(report, paths[3])
     if report.get("runs"):
         paths.append(out / "compare_quality.png")

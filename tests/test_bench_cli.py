@@ -6,6 +6,7 @@ FLOP counting, failure recording, the accuracy gate, table, JSON and plot) runs 
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -141,22 +142,33 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("below", [False, True])
 @pytest.mark.parametrize("target", ["attention", "decode", "ops", "generate"])
-def test_out_naming_a_file_is_refused_before_measuring(target, tmp_path, capsys, monkeypatch):
+def test_out_naming_a_file_is_refused_before_measuring(target, below, tmp_path, capsys, monkeypatch):
+    """--out naming a file, or a folder below one (which cannot be created: before, the run
+    measured, then failed with NotADirectoryError at its first write)."""
     import importlib
 
     def measured(*args, **kwargs):
         raise AssertionError("measured despite a bad --out")
 
-    monkeypatch.setattr(importlib.import_module(f"tasks.bench_{target}"), "run_metadata", measured)
+    bench = importlib.import_module(f"tasks.bench_{target}")
+    monkeypatch.setattr(bench, "run_metadata", measured)
     a_file = tmp_path / "taken"
     a_file.write_text("")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", target, "--quick", "--device", "cpu", "--out", str(a_file)])
-    assert exit_info.value.code == 2
-    assert "--out" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="is a file; expected a folder"):
-        importlib.import_module(f"tasks.bench_{target}").run(device="cpu", quick=True, out_dir=str(a_file))
+    out = a_file / "sub" if below else a_file
+    message = f"is below {str(a_file)!r}, a file" if below else "is a file"
+    commands = [lambda: cli.main(["bench", target, "--quick", "--device", "cpu", "--out", str(out)])]
+    if hasattr(bench, "main"):  # `python -m tasks.bench_<target>`
+        commands.append(lambda: bench.main(["--quick", "--device", "cpu", "--out", str(out)]))
+    for command in commands:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            command()
+        assert exit_info.value.code == 2
+        assert f"--out {str(out)!r} {message}; expected a folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"{re.escape(message)}; expected a folder"):
+        bench.run(device="cpu", quick=True, out_dir=str(out))
 
 
 def test_unknown_ops_are_a_usage_error(capsys):

@@ -237,6 +237,14 @@ def test_bad_options_fail_before_anything_is_timed(tmp_path, monkeypatch):
     _write_run(tmp_path / "early" / "version_0", [{"epoch": 0, "step": 5, "train/loss_step": 2.0}])
     with pytest.raises(ValueError, match="holds no values"):
         compare.run(["gpt_nano"], device="cpu", runs=[str(tmp_path / "early")], out_dir=None)
+    # A length or an override that only a later model refuses (before: the earlier models were timed first).
+    with pytest.raises(ValueError, match=r"seq_len must be in \[1, 256\], got 5000"):
+        compare.run(["vit_digits", "gpt_nano"], device="cpu", seq_len=5000, out_dir=None)
+    config = tmp_path / "typo.yaml"
+    config.write_text("model:\n  class_path: tasks.ImageClassification\n  init_args:\n    model: vit_digits\n"
+                      "    model_args:\n      dept: 2\n")
+    with pytest.raises(TypeError, match="has no option 'dept'; did you mean 'depth'"):
+        compare.run(["gpt_nano", str(config)], device="cpu", out_dir=None)
 
 
 def test_median_step_restarts_the_cuda_peak_after_warmup(monkeypatch):
@@ -435,7 +443,8 @@ def test_cpu_run_writes_every_output(tmp_path):
 
 def test_a_run_stopped_midway_keeps_the_models_measured(tmp_path, monkeypatch, capsys):
     """A device call's time limit can stop a long GPU comparison: what was measured before
-    is on disk (compare.json and compare.md), and each figure was printed as it came."""
+    is on disk (compare.json, compare.md and compare.csv; before, the CSV and plots of an
+    earlier run in the folder were left beside them), and each figure was printed as it came."""
     real = compare.compare_model
 
     def second_one_stops(target, *args, **kwargs):
@@ -445,6 +454,9 @@ def test_a_run_stopped_midway_keeps_the_models_measured(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(compare, "compare_model", second_one_stops)
     out = tmp_path / "out"
+    out.mkdir()
+    for name in ("compare.csv", "compare_throughput.png", "compare_quality.png"):  # an earlier run's
+        (out / name).write_text("from an earlier run")
     with pytest.raises(KeyboardInterrupt):
         compare.run(["vit_digits", "gpt_nano"], batch_size=2, device="cpu", steps=1, warmup=0,
                     backends=["triton"], reference=False, out_dir=str(out))
@@ -453,6 +465,10 @@ def test_a_run_stopped_midway_keeps_the_models_measured(tmp_path, monkeypatch, c
     assert saved["models"][0]["reference"]["why_none"] == "references skipped (--no-reference)"
     assert "ours (triton)" in (out / "compare.md").read_text()
     assert "vit_digits: ours-triton: train" in capsys.readouterr().err
+    # The folder's files agree: the CSV holds the same model, and no plot of the earlier run is left.
+    with (out / "compare.csv").open() as f:
+        assert {row["model"] for row in csv.DictReader(f)} == {"vit_digits"}
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.json", "compare.md"]
 
 
 def test_table_numbers_round_before_choosing_the_format():
