@@ -135,9 +135,15 @@ class _Problem:
             b = torch.arange(self.B, device=dev).view(self.B, 1, 1, 1, 1)
             h = torch.arange(self.H, device=dev).view(1, self.Hk, self.G, 1, 1)
             self.rng_rows = b * self.H + h
-        budget = _CHUNK_ELEMENTS_DROPOUT if dropout_p > 0 else _CHUNK_ELEMENTS
-        rows_per_chunk = budget // max(1, self.B * self.H * self.Sk)
-        self.chunk = max(1, min(self.Sq, rows_per_chunk))
+        if any(isinstance(n, torch.SymInt) for n in (self.B, self.H, self.Sq, self.Sk)):
+            # Traced with dynamic shapes: a loop over chunks would fix the lengths in the graph
+            # (a new graph for every sequence length, and none after torch.compile's recompile
+            # limit), so the rows go in one chunk, whose S x S scores the compiler schedules.
+            self.row_chunks = [(0, self.Sq)]
+        else:
+            budget = _CHUNK_ELEMENTS_DROPOUT if dropout_p > 0 else _CHUNK_ELEMENTS
+            chunk = max(1, min(self.Sq, budget // max(1, self.B * self.H * self.Sk)))
+            self.row_chunks = [(m0, min(m0 + chunk, self.Sq)) for m0 in range(0, self.Sq, chunk)]
 
     def scores(self, qk: Tensor, m0: int, m1: int) -> tuple[Tensor, Optional[Tensor]]:
         """Masked scores (natural units) of query rows [m0, m1), and tanh of the softcap."""
@@ -207,8 +213,7 @@ def forward_padded(q, k, v, seqlens_q, seqlens_k, bias, alibi_slopes, seed, drop
                   softcap, window_left, window_right, bottom_right)
     qg, kg, vg = _heads_grouped(q, pb.G), _kv_grouped(k), _kv_grouped(v)
     outs, lses = [], []
-    for m0 in range(0, pb.Sq, pb.chunk):
-        m1 = min(m0 + pb.chunk, pb.Sq)
+    for m0, m1 in pb.row_chunks:
         s, _ = pb.scores(qg[:, :, :, m0:m1] @ kg.transpose(-1, -2), m0, m1)
         lse = _lse_of(s.to(pb.lse_dtype))
         p = torch.exp(s - lse.unsqueeze(-1)).float()
@@ -236,8 +241,7 @@ def backward_padded(dout, dlse, q, k, v, out, lse, seqlens_q, seqlens_k, bias, a
     dqs = []
     dk = torch.zeros_like(kg.squeeze(2))
     dv = torch.zeros_like(vg.squeeze(2))
-    for m0 in range(0, pb.Sq, pb.chunk):
-        m1 = min(m0 + pb.chunk, pb.Sq)
+    for m0, m1 in pb.row_chunks:
         s, t = pb.scores(qg[:, :, :, m0:m1] @ kg.transpose(-1, -2), m0, m1)
         p = torch.exp(s - lse_g[..., m0:m1, None]).float()
         dp = dog[:, :, :, m0:m1] @ vg.transpose(-1, -2)

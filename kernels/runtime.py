@@ -147,7 +147,9 @@ def as_float(value, name: str, expected: str, error: type = ValueError) -> float
     """value as a finite Python float: real numbers, numpy scalars and 0-dim tensors; bools,
     NaN and infinities refused with ``error`` naming the argument."""
     value = scalar_value(value)
-    if not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value):
+    # A comparison, not math.isfinite: under torch.compile a float argument may be symbolic
+    # (dynamic=True, or one that changed between calls), where math.isfinite breaks the graph.
+    if not isinstance(value, bool) and isinstance(value, numbers.Real) and -math.inf < value < math.inf:
         return float(value)
     raise error(f"{name} must be {expected}, got {value!r}")
 

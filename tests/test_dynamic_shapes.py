@@ -68,3 +68,77 @@ def test_launch_constants_are_concrete_under_dynamic_shapes():
     assert expected <= kernels_seen, kernels_seen
     symbolic = sorted({(name, k) for name, kwargs in launches for k, t in kwargs.items() if t.startswith("Sym")})
     assert not symbolic, f"symbolic launch constants (kernel, argument): {symbolic}"
+
+
+# --------------------------------------------------------------------------------------
+# One graph for every length, and float arguments that change (the PyTorch path, traced)
+# --------------------------------------------------------------------------------------
+
+
+def _counted(fn):
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, backend=counter, fullgraph=True, dynamic=True), counter
+
+
+def test_attention_with_extras_compiles_one_graph_for_every_sequence_length():
+    """The chunked PyTorch path (softcap, a window, a key-padding mask; varlen's max_seqlen)
+    looped over query chunks, which fixed the length in the graph even with dynamic=True: a
+    graph per length, and under fullgraph an error at the recompile limit (the 9th length),
+    e.g. for a compiled BERT with attention dropout on batches padded to their longest item."""
+    import torch
+
+    import kernels
+
+    def padded(q, k, v):
+        return kernels.flash_attn_func(q, k, v, softcap=5.0, window_size=(3, 0))
+
+    def packed(q, k, v, cu, max_seqlen):
+        return kernels.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softcap=5.0)
+
+    with kernels.reference_only():
+        for fn in (padded, packed):
+            compiled, counter = _counted(fn)
+            for S in range(4, 15):
+                torch.manual_seed(S)
+                if fn is padded:
+                    args = [torch.randn(2, S, 2, 16, requires_grad=True) for _ in range(3)]
+                else:
+                    args = [torch.randn(S + 3, 2, 16, requires_grad=True) for _ in range(3)]
+                    args += [torch.tensor([0, 3, S + 3], dtype=torch.int32), S]
+                out = compiled(*args)
+                grads = torch.autograd.grad(out.sum(), args[:3])
+                expected = fn(*args)
+                torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+                for g, e in zip(grads, torch.autograd.grad(expected.sum(), args[:3])):
+                    torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+            assert counter.frame_count == 1, (fn.__name__, counter.frame_count)
+
+
+def test_changing_float_arguments_keep_fullgraph():
+    """A float argument that differs between calls is traced as a symbolic float (dynamic=True,
+    or automatic dynamic on the second call); the argument checks used math.isfinite, which
+    breaks the graph ("torch.* op returned non-Tensor"): torch.compile(model, dynamic=True,
+    fullgraph=True) of every zoo model failed at its norms' eps."""
+    import torch
+
+    import kernels
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    q, k, v = (torch.randn(1, 6, 2, 8, requires_grad=True) for _ in range(3))
+    target = torch.tensor([1, 3, -100, 0, 2])
+    cases = [
+        (lambda x, eps: kernels.layer_norm(x, eps=eps), (x,), (1e-5, 1e-3)),
+        (lambda x, eps: kernels.rms_norm(x, eps=eps), (x,), (1e-5, 1e-3)),
+        (lambda q, k, v, s: kernels.flash_attn_func(q, k, v, softmax_scale=s), (q, k, v), (0.3, 0.5)),
+        (lambda q, k, v, c: kernels.flash_attn_func(q, k, v, softcap=c), (q, k, v), (2.0, 4.0)),
+        (lambda x, e: kernels.cross_entropy(x[0], target, label_smoothing=e), (x,), (0.1, 0.2)),
+    ]
+    with kernels.reference_only():
+        for fn, tensors, values in cases:
+            compiled, _ = _counted(fn)
+            for value in values:
+                torch.testing.assert_close(compiled(*tensors, value), fn(*tensors, value), rtol=0, atol=1e-6)
