@@ -71,7 +71,7 @@ def read_audio(path: str) -> tuple[torch.Tensor, int]:
 
     Raises FileNotFoundError naming a missing file, RuntimeError naming the file when no
     decoder for its format is installed, ValueError naming a file its decoder cannot read
-    (truncated or corrupt: libsndfile's own messages name no file).
+    (truncated, corrupt or not audio: libsndfile's own messages name no file).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {os.path.abspath(path)!r}")
@@ -90,7 +90,7 @@ def read_audio(path: str) -> tuple[torch.Tensor, int]:
         raise RuntimeError(f"cannot decode {path!r}: install soundfile or torchcodec "
                            f"(`pip install soundfile`)") from e
     except RuntimeError as e:  # soundfile.LibsndfileError and torchaudio's decoding errors
-        raise ValueError(f"{os.path.abspath(path)!r} is truncated or corrupt: {e}") from e
+        raise ValueError(f"{os.path.abspath(path)!r} cannot be decoded (truncated, corrupt or not audio): {e}") from e
     return waveform.mean(dim=0), rate
 
 
