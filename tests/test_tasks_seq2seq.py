@@ -99,6 +99,35 @@ def test_collate_pads_masks_and_shifts():
                                          [tok.bos_id] + tok.encode("cab")]
 
 
+@pytest.mark.parametrize("kind", ["bytes", "subword"])
+def test_pairs_are_cut_between_characters_and_the_cuts_are_counted(kind, tmp_path):
+    """A byte or byte-level-subword cut may fall inside a character: the model would learn half
+    of "ñ". The cut backs off to a character boundary (oracle: the text's own prefixes), and
+    setup says how many pairs of each split are longer than max_length."""
+    path = tmp_path / "train.tsv"
+    lines = [f"año {i}	niño {i}" for i in range(30)] + ["a much longer source sentence ñ	aññññññññ"] * 2
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dm = TSVDataModule(train_path=str(path), tokenizer=kind, vocab_size=300, max_length=9, val_fraction=0.1)
+    with pytest.warns(UserWarning, match=r"2 of \d+ training pairs are longer than max_length=9"):
+        dm.setup("fit")
+    tok = dm.tokenizer
+    for n in range(1, 10):
+        batch = Seq2SeqCollate(tok, max_length=n + 1)([("ñ" * 6, "ñ" * 6)])
+        source = tok.decode(batch["src_ids"][0].tolist())
+        target = tok.decode([i for i in batch["labels"][0].tolist() if i >= 0])
+        for text, limit in ((source, n + 1), (target, n)):
+            assert "\ufffd" not in text and ("ñ" * 6).startswith(text)
+            assert len(tok.encode(text)) <= limit and len(tok.encode(text + "ñ")) > limit or text == "ñ" * 6
+
+
+def test_unknown_characters_of_the_held_out_pairs_are_named(tmp_path):
+    path, val = tmp_path / "train.tsv", tmp_path / "val.tsv"
+    path.write_text("ab\tba\nba\tab\n", encoding="utf-8")
+    val.write_text("abz\tzba\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"validation pairs: 1 character\(s\) .* as <unk>: 'z'"):
+        TSVDataModule(train_path=str(path), val_path=str(val), tokenizer="chars").setup("fit")
+
+
 def test_tsv_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text("hello\tbonjour\n\nyes\toui\nno tab here\nok\td'accord\n", encoding="utf-8")

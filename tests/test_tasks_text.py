@@ -1,7 +1,9 @@
 """Text tasks and data: corpora, split, tokenizers, masking, LM blocks, unigram baseline, training, checkpoints."""
 
+import copy
 import math
 import os
+import pickle
 import random
 import sysconfig
 from collections import Counter
@@ -86,6 +88,30 @@ def test_local_document_names_do_not_depend_on_how_a_path_is_spelled(tmp_path, m
     assert local_documents("d", suffixes=".md") == local_documents("d", suffixes=[".md"]) == [("c.md", "# notes")]
 
 
+def test_a_folder_is_read_through_links_once_each_without_hidden_files(tmp_path):
+    """Every file a glob reaches is read from the folder too: through a link to a folder (a link
+    back to an ancestor does not loop), suffixes in any case; hidden names are skipped, as a
+    glob skips them. The oracle: the files written, by hand."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "r.txt").write_text("linked", encoding="utf-8")
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "s.txt").write_text("nested", encoding="utf-8")
+    (root / "UP.TXT").write_text("shouting", encoding="utf-8")
+    (root / ".hidden.txt").write_text("hidden", encoding="utf-8")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "copy.txt").write_text("a copy", encoding="utf-8")
+    os.symlink(elsewhere, root / "linked")
+    assert sorted(text for _, text in local_documents(str(root / "**" / "*.txt"))) == ["linked", "nested"]
+    expected = [("UP.TXT", "shouting"), ("linked/r.txt", "linked"), ("sub/s.txt", "nested")]
+    assert local_documents(str(root)) == expected
+    os.symlink(root, root / "sub" / "loop")  # an ancestor (a glob's "**" would go round it): read once
+    assert local_documents(str(root)) == expected
+    with pytest.raises(ValueError, match="an empty path"):
+        local_documents([str(root), ""])
+
+
 # ---------------------------------------------------------------- tokenizers and baseline
 
 
@@ -104,7 +130,9 @@ def test_tokenizers_round_trip_the_corpus():
 def test_tokenizers_refuse_ids_outside_their_vocabulary_and_keep_text_that_spells_a_special():
     text = "html: <eos> vs <mask>, wikitext: the <unk> river <pad>"
     subword = make_tokenizer("subword", [text * 3, "the river flows"], vocab_size=300)
-    for tokenizer in (ByteTokenizer(), CharTokenizer(text), subword, tokenizer_from_state(subword.state())):
+    # A loader worker that is spawned (macOS, Windows; forkserver) gets a pickled copy.
+    copies = [tokenizer_from_state(subword.state()), pickle.loads(pickle.dumps(subword)), copy.deepcopy(subword)]
+    for tokenizer in (ByteTokenizer(), CharTokenizer(text), subword, *copies):
         ids = tokenizer.encode(text)
         assert min(ids) >= tokenizer.num_specials  # the text's "<eos>" is text, not the special id
         assert tokenizer.decode(ids) == text

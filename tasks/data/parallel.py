@@ -14,19 +14,20 @@ import random
 from typing import Optional, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from zoo.seq2seq import shift_tokens_right
 
 from .loaders import SplitDataModule
-from .tokenizers import make_tokenizer, tokenizer_from_state
+from .tokenizers import make_tokenizer, tokenizer_from_state, warn_unknown
 
 
 class Seq2SeqCollate:
     """Turns a list of (source, target) strings into a padded batch (see the module docstring).
 
-    Sources are cut to max_length tokens and targets to max_length - 1 before the eos. A
-    plain object (not a bound method of the data module) so that worker processes pickle
-    the tokenizer only.
+    Sources are cut to max_length tokens and targets to max_length - 1 before the eos, at a
+    character boundary (bytes and byte-level subwords: a token or two fewer). A plain object
+    (not a bound method of the data module) so that worker processes pickle the tokenizer only.
     """
 
     def __init__(self, tokenizer, max_length: int = 256):
@@ -36,8 +37,8 @@ class Seq2SeqCollate:
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> dict:
         tok = self.tokenizer
-        sources = [tok.encode(s)[:self.max_length] for s, _ in pairs]
-        targets = [tok.encode(t)[:self.max_length - 1] + [tok.eos_id] for _, t in pairs]
+        sources = [tok.cut(tok.encode(s), self.max_length, s) for s, _ in pairs]
+        targets = [tok.cut(tok.encode(t), self.max_length - 1, t) + [tok.eos_id] for _, t in pairs]
         B = len(pairs)
         src = torch.full((B, max(map(len, sources))), tok.pad_id, dtype=torch.long)
         labels = torch.full((B, max(map(len, targets))), -100, dtype=torch.long)
@@ -63,6 +64,21 @@ class PairsDataModule(SplitDataModule):
         self.check_int("max_length", max_length, 2, " (a token and eos)")
         self.max_length = max_length
         self.tokenizer = None
+
+    def warn_cut(self, splits: dict[str, Sequence[tuple[str, str]]]) -> None:
+        """Warns, with counts per split, when pairs are longer than max_length tokens (the collate
+        function cuts them: the model trains on, and is scored against, text it never sees whole)."""
+        limit = self.max_length
+        counts = []
+        for name, pairs in splits.items():
+            sources = self.tokenizer.encode_many([s for s, _ in pairs])
+            targets = self.tokenizer.encode_many([t for _, t in pairs])
+            cut = sum(len(s) > limit or len(t) > limit - 1 for s, t in zip(sources, targets))
+            if cut:
+                counts.append(f"{cut} of {len(pairs)} {name} pairs")
+        if counts:
+            rank_zero_warn(f"{', '.join(counts)} are longer than max_length={limit} tokens (a source) or "
+                           f"{limit - 1} (a target, before its eos) and are cut to it; raise max_length to keep them")
 
     def collate_fn(self, train: bool):
         return Seq2SeqCollate(self.tokenizer, self.max_length)
@@ -117,7 +133,8 @@ class TSVDataModule(PairsDataModule):
             built from the training split (both sides).
         vocab_size: subword vocabulary size (BPE may stop short of it on a small corpus;
             the model's vocabulary must be at least tokenizer.vocab_size).
-        max_length: sources and targets are cut to this many tokens.
+        max_length: sources and targets are cut to this many tokens (setup warns with the
+            number of pairs cut in each split).
         val_fraction, seed: the held-out share when there is no val_path.
 
     Raises (in setup) FileNotFoundError naming a missing file and ValueError naming the
@@ -158,4 +175,11 @@ class TSVDataModule(PairsDataModule):
         if self.tokenizer is None:  # else restored by load_state_dict
             texts = (side for pair in train for side in pair)
             self.tokenizer = make_tokenizer(self.tokenizer_kind, texts, self.vocab_size)
+        splits = {"training": train, "validation": val}
+        if self.test_path is not None:
+            splits["test"] = test
+        self.warn_cut(splits)
+        for name, pairs in splits.items():
+            if name != "training":
+                warn_unknown(self.tokenizer, (side for pair in pairs for side in pair), f"{name} pairs")
         self.train_set, self.val_set, self.test_set = train, val, test

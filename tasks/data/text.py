@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .loaders import SplitDataModule
-from .tokenizers import make_tokenizer, tokenizer_from_state
+from .tokenizers import make_tokenizer, tokenizer_from_state, warn_unknown
 
 Document = tuple[str, str]  # (name, text)
 CORPORA = ("pydoc_topics", "stdlib")
@@ -71,19 +71,38 @@ def _as_list(names: Union[str, Sequence[str]]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+def _folder_files(root: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The files under `root` that local_documents reads (see there), sorted."""
+    lowered = tuple(suffix.lower() for suffix in suffixes)
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a second link to a folder, or a link to one of its ancestors
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [os.path.join(folder, name) for name in names
+                  if not name.startswith(".") and name.lower().endswith(lowered)]
+    return sorted(files)
+
+
 def local_documents(paths: Union[str, Sequence[str]], suffixes: Sequence[str] = (".txt",)) -> list[Document]:
     """One document per file of `paths`: folders (files ending in `suffixes`, recursively), files or globs.
 
-    Files are read in sorted order. Raises FileNotFoundError naming a path that does not
-    exist, a glob that matches nothing or a folder without such files, and ValueError
-    naming a file that is not UTF-8.
+    Files are read in sorted order. In a folder, suffixes match in any case, links to folders
+    are followed (each folder read once), and names starting with "." are skipped, as a glob
+    skips them (hidden files, editors' and notebooks' copies). Raises FileNotFoundError naming
+    a path that does not exist, a glob that matches nothing or a folder without such files,
+    and ValueError for an empty path and naming a file that is not UTF-8.
     """
     paths, suffixes = _as_list(paths), tuple(_as_list(suffixes))
     documents: list[Document] = []
     for path in paths:
+        if not path:
+            raise ValueError(f"text data: an empty path in {paths!r} (expected a file, folder or glob)")
         if os.path.isdir(path):
-            files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                           if f.endswith(suffixes))
+            files = _folder_files(path, suffixes)
             if not files:
                 raise FileNotFoundError(f"no text files ({', '.join(suffixes)}) under {os.path.abspath(path)!r}")
             documents += [read_document(f, os.path.relpath(f, path)) for f in files]
@@ -190,15 +209,13 @@ class _TextDataModule(SplitDataModule):
         if self.tokenizer is None:  # else restored by load_state_dict before setup
             texts = [text for _, text in self.splits["train"]]
             self.tokenizer = make_tokenizer(self.tokenizer_kind, texts, self.subword_vocab_size)
+        for split in ("val", "test"):
+            warn_unknown(self.tokenizer, (text for _, text in self.splits[split]), f"the {split} split")
         self._build()
 
     def encode_split(self, split: str) -> list[list[int]]:
         """The token ids of each document of a split (after setup)."""
-        texts = [text for _, text in self.splits[split]]
-        inner = getattr(self.tokenizer, "tokenizer", None)
-        if inner is not None:  # HF tokenizers encode a batch on all cores
-            return [e.ids for e in inner.encode_batch(texts)]
-        return [self.tokenizer.encode(text) for text in texts]
+        return self.tokenizer.encode_many([text for _, text in self.splits[split]])
 
     def _build(self) -> None:
         raise NotImplementedError

@@ -12,7 +12,7 @@ may be larger than its tokenizer's: what it emits there is not text).
 from __future__ import annotations
 
 import json
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 
@@ -25,6 +25,13 @@ class _Specials:
     def unknown(self, text: str) -> list[str]:
         """The characters of `text` this tokenizer encodes as <unk> (sorted; none but for CharTokenizer)."""
         return []
+
+    def cut(self, ids: list[int], n: int, text: str) -> list[int]:
+        """The first n of `ids` (the encoding of `text`), or fewer: never part of a character."""
+        return ids[:n]
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
 
     def _text_ids(self, ids: Iterable[int]) -> list[int]:
         """The ids of `ids` that stand for text (the specials dropped); ValueError for one outside the vocabulary."""
@@ -47,6 +54,12 @@ class ByteTokenizer(_Specials):
     def decode(self, ids: Iterable[int]) -> str:
         data = bytes(i - self.num_specials for i in self._text_ids(ids))
         return data.decode("utf-8", errors="replace")
+
+    def cut(self, ids: list[int], n: int, text: str) -> list[int]:
+        # Back off over UTF-8 continuation bytes (0b10xxxxxx): the cut falls between characters.
+        while 0 < n < len(ids) and (ids[n] - self.num_specials) & 0xC0 == 0x80:
+            n -= 1
+        return ids[:n]
 
     def state(self) -> dict:
         return {"kind": "bytes"}
@@ -110,11 +123,31 @@ class SubwordTokenizer(_Specials):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]  # on all cores
+
+    def cut(self, ids: list[int], n: int, text: str) -> list[int]:
+        # A byte-level token may hold part of a character: back off to a cut whose text is a prefix.
+        for m in range(n, max(n - 4, 0) - 1, -1):  # a character's bytes are in at most 4 tokens
+            if m >= len(ids) or text.startswith(self.decode(ids[:m])):
+                return ids[:m]
+        return ids[:n]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(self._text_ids(ids))
 
     def state(self) -> dict:
         return {"kind": "subword", "json": self.tokenizer.to_str()}
+
+    # A `tokenizers.Tokenizer` pickles through its JSON, which drops encode_special_tokens: a copy
+    # in a spawned loader worker would read "<eos>" in a text as the special id. Pickle the state.
+    def __getstate__(self) -> dict:
+        return self.state()
+
+    def __setstate__(self, state: dict) -> None:
+        from tokenizers import Tokenizer
+
+        self.__init__(Tokenizer.from_str(state["json"]))
 
 
 def tokenizer_from_state(state: dict):
