@@ -133,8 +133,8 @@ def test_bert_import_refuses_unknown_or_missing_weights():
     config = BERT_CONFIGS["2x32_4heads_gelu"]
     hf = hf_bert(**config)
     state = dict(hf.state_dict())
-    extra = dict(state, **{"cls.seq_relationship.weight": torch.zeros(2, 32)})  # BertForPreTraining's NSP head
-    with pytest.raises(ValueError, match="cls.seq_relationship.weight"):
+    extra = dict(state, **{"cls.other_head.weight": torch.zeros(2, 32)})
+    with pytest.raises(ValueError, match="cls.other_head.weight"):
         zoo.weights.from_hf(extra, config=hf.config)
     missing = {k: v for k, v in state.items() if k != "bert.encoder.layer.1.attention.self.key.bias"}
     with pytest.raises(ValueError, match="attention.self.key.bias"):
@@ -145,6 +145,30 @@ def test_bert_import_refuses_unknown_or_missing_weights():
     ids = torch.randint(0, config["vocab_size"], (1, 7))
     with torch.no_grad(), kernels.reference_only():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() < TOL
+
+
+def test_bert_pretraining_checkpoints_in_their_original_layout_import(tmp_path):
+    """The classic BERT releases: LayerNorm tensors named gamma/beta (from TensorFlow) and the
+    next-sentence head beside the MLM head, under config.architectures BertForMaskedLM.
+    transformers loads them (renaming, and skipping the unused head); so does from_hf, naming
+    the head it leaves out. Oracle: BertForMaskedLM.from_pretrained of the same folder."""
+    config = BERT_CONFIGS["2x32_4heads_gelu"]
+    pretraining = hf_bert(transformers.BertForPreTraining, **config)
+    state = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+             for k, v in pretraining.state_dict().items()}
+    assert "cls.seq_relationship.weight" in state and "bert.embeddings.LayerNorm.gamma" in state
+    pretraining.config.architectures = ["BertForMaskedLM"]
+    pretraining.config.save_pretrained(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ref = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    with pytest.warns(UserWarning, match=r"next-sentence-prediction head \(cls.seq_relationship.bias, "
+                                         r"cls.seq_relationship.weight\)"):
+        ours = zoo.weights.from_hf(str(tmp_path))
+    ids = torch.randint(0, config["vocab_size"], (2, 9))
+    with torch.no_grad(), kernels.reference_only():
+        want = ref(input_ids=ids).logits
+        assert (ours(ids) - want).abs().max() < TOL
+        assert (pretraining(input_ids=ids).prediction_logits - want).abs().max() < TOL  # the folder's weights
 
 
 @pytest.mark.parametrize("cls,config,message", [
@@ -499,6 +523,18 @@ def test_top_k_and_choice_validation():
     for bad in (dict(temperature=0.0), dict(top_k=0), dict(top_p=1.5), dict(top_p=0.0)):
         with pytest.raises(ValueError):
             choose_tokens(logits, do_sample=True, **bad)
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    """As the temperature goes to 0 sampling becomes greedy (the limit of softmax(l / T)); a
+    temperature so small that l / T overflows float32 must still give the argmax, not NaN.
+    Suppressed tokens (-inf) stay out."""
+    logits = torch.tensor([[1.0, 5.0, 3.0, -float("inf"), 2.0], [-7.0, -9.0, -6.5, -8.0, -float("inf")]])
+    for temperature in (1e-3, 1e-30, 1e-45):
+        for seed in range(5):
+            got = choose_tokens(logits, do_sample=True, temperature=temperature,
+                                generator=torch.Generator().manual_seed(seed))
+            assert got.tolist() == [1, 2]
 
 
 # --------------------------------------------------------------------------------------

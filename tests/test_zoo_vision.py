@@ -6,6 +6,7 @@ every parameter is perturbed so that a mis-mapped tensor (say norm1 <-> norm2, o
 zero bias) shows in the outputs.
 """
 
+import copy
 import re
 
 import pytest
@@ -235,10 +236,40 @@ def test_hf_other_image_size_matches_interpolate_pos_encoding(size):
         assert max_diff(model(x), want) > 10 * TOL
 
 
-def test_hf_pooler_is_refused():
+def test_hf_vit_model_with_its_pooler_imports_the_rest_and_names_the_pooler():
+    """A ViTModel saved with its pooler (as the in21k releases are): the pooler has no zoo
+    counterpart and is left out with a warning; the features are the reference's."""
     cfg = transformers.ViTConfig(**HF_CASES["classifier"])
-    with pytest.raises(ValueError, match="pooler"):
-        zoo.weights.from_hf(transformers.ViTModel(cfg))
+    ref = perturbed(transformers.ViTModel(cfg)).eval()
+    assert any(k.startswith("pooler.") for k in ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"ViTModel's pooler \(pooler.dense.bias, pooler.dense.weight\)"):
+        model = zoo.weights.from_hf(ref.state_dict(), config=cfg, attn_backend="sdpa")
+    with torch.no_grad():
+        assert max_diff(model.forward_features(x), ref(pixel_values=x).last_hidden_state) <= TOL
+
+
+def test_imports_keep_the_source_modules_dtype_and_unwrap_torch_compile():
+    """A bf16 source gives a bf16 model (not float32: twice the memory); a compiled module
+    is imported as the module it wraps. Oracle: the source's own parameters and output."""
+    ref = small_timm().eval()
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    model = zoo.weights.from_timm(low, attn_backend="sdpa")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.patch_embed.weight, low.patch_embed.proj.weight)
+    compiled = zoo.weights.from_timm(torch.compile(ref), attn_backend="sdpa")
+    assert not compiled.training and {p.dtype for p in compiled.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(compiled(x), ref(x)) <= TOL
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_CASES["classifier"]))
+    assert {p.dtype for p in zoo.weights.from_hf(torch.compile(hf.half())).parameters()} == {torch.float16}
+
+
+def test_a_table_for_another_image_size_is_refused_with_the_way_to_resample_it():
+    ref = small_timm()
+    with pytest.raises(ValueError, match=r"import at the table's own size .* model.set_image_size"):
+        zoo.weights.from_timm(ref.state_dict(), num_heads=ref.blocks[0].attn.num_heads, img_size=64)
 
 
 # --- position table ----------------------------------------------------------------------

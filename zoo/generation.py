@@ -85,7 +85,11 @@ def choose_tokens(logits: Tensor, *, do_sample: bool = False, temperature: float
     check_sampling(do_sample, temperature, top_k, top_p)
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted by the row's largest logit first: the same softmax, and a tiny temperature then sends
+    # the others to -inf (greedy in the limit) rather than every logit to +-inf (NaN).
+    top = logits.amax(dim=-1, keepdim=True)
+    logits = (logits - torch.where(top.isfinite(), top, torch.zeros_like(top))) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ._common import like_source, unwrap_compiled
+
 # Hugging Face config.model_type -> module in this package with `convert(state_dict, config, **overrides)`.
 HF_CONVERTERS = {
     "bert": "hf_bert",
@@ -69,13 +71,17 @@ def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module
     A GPT-2's default stop and pad tokens come from its generation config, as transformers'
     generate() takes them: the module's `generation_config`, a folder's
     generation_config.json, else the model config.
-    The model comes back in the source module's mode (training or eval), and in eval mode
-    from a folder or a state dict, as `from_pretrained` gives it.
+    The model comes back in the source module's mode (training or eval), dtype and device
+    (a `torch.compile`d module: the module it wraps), and in eval mode, float32 on the CPU,
+    from a folder or a state dict, as `from_pretrained` gives it. Heads the zoo model does
+    not have (BERT's next-sentence head, ViTModel's pooler) are left out with a warning
+    naming them.
     Raises ValueError for an unsupported model type or architecture (the class, or
     config.architectures: HF_ARCHITECTURES lists what each converter reproduces) and
     FileNotFoundError for a folder without config or weights.
     """
     generation = None  # what generate() defaults to: {"eos_token_id": ..., "pad_token_id": ...}
+    source = unwrap_compiled(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         config_path = os.path.join(path, "config.json")
@@ -117,15 +123,16 @@ def from_hf(source: Any, config: Optional[Any] = None, **overrides) -> nn.Module
         model = module.convert(state_dict, config, generation=generation, **overrides)
     else:
         model = module.convert(state_dict, config, **overrides)
-    return model.train(source.training if isinstance(source, nn.Module) else False)
+    return like_source(model.train(source.training if isinstance(source, nn.Module) else False), source)
 
 
 def from_timm(source: Any, **overrides) -> nn.Module:
     """A zoo ViT with the weights of a timm VisionTransformer (model, or state dict + overrides).
 
     source: a timm VisionTransformer, or its state dict (the architecture is read from
-    the tensor shapes; pass e.g. num_heads= which shapes cannot tell). Raises ValueError
-    for an unsupported timm architecture.
+    the tensor shapes; pass e.g. num_heads= which shapes cannot tell). From a module, the
+    model has its mode, dtype and device. Raises ValueError for an unsupported timm
+    architecture.
     """
     from . import timm_vit
     return timm_vit.convert(source, **overrides)

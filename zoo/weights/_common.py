@@ -4,7 +4,7 @@ result into a zoo model only when every tensor has found its place."""
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Any, Iterable
 
 from torch import Tensor, nn
 
@@ -14,6 +14,31 @@ def warn_not_reproduced(source: str, what: str) -> None:
     outputs in eval mode are unaffected; training mode differs from the source's."""
     warnings.warn(f"{source} import: {what} is not reproduced; eval-mode outputs are the same, "
                   f"training-mode regularization differs", UserWarning, stacklevel=3)
+
+
+def warn_dropped(source: str, what: str, keys: Iterable[str]) -> None:
+    """Warns that source tensors with no counterpart in the zoo model (a head it does not have)
+    are left out, naming them."""
+    keys = sorted(keys)
+    warnings.warn(f"{source} import: {what} ({', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}) has no "
+                  f"counterpart in the zoo model and is not imported", UserWarning, stacklevel=3)
+
+
+def unwrap_compiled(source: Any) -> Any:
+    """The module `torch.compile` wrapped (its `_orig_mod`), else `source`."""
+    return getattr(source, "_orig_mod", source) if isinstance(source, nn.Module) else source
+
+
+def like_source(model: nn.Module, source: Any) -> nn.Module:
+    """`model` on the device and in the floating dtype of a source module's parameters (when they
+    all share one), as the source was; a state dict or folder gives float32 on the CPU."""
+    if not isinstance(source, nn.Module):
+        return model
+    params = [p for p in source.parameters() if p.is_floating_point()]
+    dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
+    if len(dtypes) == 1 and len(devices) == 1 and next(iter(devices)).type != "meta":
+        model = model.to(device=next(iter(devices)), dtype=next(iter(dtypes)))
+    return model
 
 
 class StateReader:

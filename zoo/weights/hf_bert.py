@@ -8,15 +8,20 @@ silent drop.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
 from ..registry import build_config
 from ..text import BertConfig, BertModel, bert_backbone
-from ._common import StateReader, load_exactly
+from ._common import StateReader, load_exactly, warn_dropped
 
 # HF hidden_act -> backbone MLP type.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+# BertForPreTraining's next-sentence head: no zoo counterpart, no part of an MLM's or encoder's output.
+NSP_PREFIX = "cls.seq_relationship."
 
 # Buffers some checkpoints carry; they hold no weights.
 IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -59,7 +64,12 @@ def convert(state_dict: dict[str, Tensor], config, **overrides) -> BertModel:
     (`classifier.*`); the heads present decide the zoo model's heads. config: the HF
     BertConfig. overrides go to the zoo config (e.g. attn_backend="sdpa"). Raises
     ValueError for an unsupported config, an untied MLM decoder, or tensors left over.
+    Legacy LayerNorm names (gamma, beta) are read as weight and bias; a pretraining
+    checkpoint's next-sentence head is left out with a warning.
     """
+    # Checkpoints converted from the original TensorFlow BERT name LayerNorm's tensors gamma and beta.
+    state_dict = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
+                  for k, v in state_dict.items()}
     prefix = "bert." if any(k.startswith("bert.") for k in state_dict) else ""
     src = StateReader(state_dict, prefix)
     mlm_head = "cls.predictions.bias" in state_dict
@@ -101,6 +111,11 @@ def convert(state_dict: dict[str, Tensor], config, **overrides) -> BertModel:
         for key, tied in tied_copies.items():
             if key in state_dict and not torch.equal(src.take(key, prefix=""), tied):
                 raise ValueError(f"{key} is not tied to its shared tensor; untied MLM decoders are not supported")
+    nsp = [k for k in state_dict if k.startswith(NSP_PREFIX)]
+    if nsp:  # BERT's pretraining checkpoints carry it beside the MLM head
+        for key in nsp:
+            src.take(key, prefix="")
+        warn_dropped("Hugging Face BERT", "the next-sentence-prediction head", nsp)
     src.check_all_used(IGNORED_SUFFIXES)
     load_exactly(model, ours, "Hugging Face BERT")
     return model

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..config import TransformerConfig
 from ..registry import build_config
 from ..vision import ViTConfig, VisionTransformer
-from ._common import load_exactly
+from ._common import load_exactly, warn_dropped
 
 # Hugging Face hidden_act -> zoo MLP type. gelu_new is the tanh approximation written out.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu"}
@@ -52,12 +52,13 @@ def _canonical(key: str) -> str:
 def rename_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Hugging Face ViT weights under the zoo ViT's names, q/k/v fused into one projection.
 
-    Raises ValueError for weights the zoo ViT has no place for (the ViTModel pooler,
-    a masked-image-modeling mask token or decoder, ...).
+    Raises ValueError for weights the zoo ViT has no place for (a masked-image-modeling
+    mask token or decoder, ...); ViTModel's pooler is left out with a warning.
     """
     state = {_canonical(k): v for k, v in state_dict.items()}
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    pooler: list[str] = []
     for key, value in state.items():
         if key in _TOP:
             out[_TOP[key]] = value
@@ -67,9 +68,8 @@ def rename_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             out[f"backbone.blocks.{m.group(1)}.{_LAYER_PARTS[m.group(2)]}.{m.group(3)}"] = value
         elif m and m.group(2) in ("attention.q_proj", "attention.k_proj", "attention.v_proj"):
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)[-6]] = value
-        elif key.startswith("pooler."):
-            raise ValueError(f"the ViTModel pooler ({key}) has no counterpart in the zoo ViT; convert "
-                             f"ViTModel(config, add_pooling_layer=False) or ViTForImageClassification weights")
+        elif key.startswith("pooler."):  # ViTModel's pooled output: the zoo ViT has features and a head
+            pooler.append(key)
         else:
             raise ValueError(f"Hugging Face ViT weight {key!r} has no counterpart in the zoo VisionTransformer")
     for (layer, kind), parts in qkv.items():
@@ -77,6 +77,8 @@ def rename_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             plural = "biases" if kind == "bias" else "weights"
             raise ValueError(f"layer {layer} has {plural} for {sorted(parts)} of the q/k/v projections, not all three")
         out[f"backbone.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if pooler:
+        warn_dropped("Hugging Face ViT", "ViTModel's pooler", pooler)
     return out
 
 
@@ -110,7 +112,7 @@ def convert(state_dict: dict[str, Tensor], config, **overrides) -> VisionTransfo
     """A zoo VisionTransformer with the weights of a Hugging Face ViT state dict.
 
     config: its transformers ViTConfig. The head comes from `classifier` when present
-    (ViTForImageClassification), else the model has none (ViTModel without pooler).
+    (ViTForImageClassification), else the model has none (ViTModel; its pooler is left out).
     overrides go to the zoo config (e.g. attn_backend="sdpa"). Returns the model in eval
     mode. Raises ValueError for unsupported weights or activations, and when a tensor
     would be dropped or left unset.

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import TransformerConfig
 from ..registry import build_config
 from ..vision import ViTConfig, VisionTransformer
-from ._common import load_exactly, warn_not_reproduced
+from ._common import like_source, load_exactly, unwrap_compiled, warn_not_reproduced
 
 _BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "ls1.gamma", "norm2", "mlp.fc1", "mlp.fc2", "ls2.gamma")
 _RENAMES = [
@@ -194,10 +194,16 @@ def _config_from_state_dict(state: dict[str, Tensor], overrides: dict) -> tuple[
                              f"img_size= or no_embed_class=")
         side = math.isqrt(square[0][0])
         img_size, no_embed_class = (side * ph, side * pw), square[0][1]
-    elif no_embed_class is None:
+    else:
         grid = ViTConfig(img_size=img_size, patch_size=(ph, pw), class_token=class_token,
                          global_pool="token" if class_token else "avg").grid_size
-        no_embed_class = table == grid[0] * grid[1] and prefix > 0
+        patches = grid[0] * grid[1]
+        if table not in (patches, patches + prefix):
+            raise ValueError(f"pos_embed holds {table} rows, not the {patches} patches (+ {prefix} prefix tokens) of "
+                             f"img_size={img_size}: import at the table's own size (leave img_size out) and call "
+                             f"model.set_image_size(...), which resamples the table as timm does on load")
+        if no_embed_class is None:
+            no_embed_class = table == patches and prefix > 0
     has_fc_norm = "fc_norm.weight" in state
     global_pool = overrides.pop("global_pool", "avg" if has_fc_norm or not class_token else "token")
     backbone = TransformerConfig(
@@ -228,6 +234,7 @@ def convert(source: Any, **overrides) -> VisionTransformer:
     support (naming the attribute) and when a tensor would be dropped or left unset.
     """
     overrides = dict(overrides)
+    source = unwrap_compiled(source)
     if isinstance(source, nn.Module):
         from timm.models.vision_transformer import VisionTransformer as TimmViT
         if not isinstance(source, TimmViT):
@@ -242,4 +249,4 @@ def convert(source: Any, **overrides) -> VisionTransformer:
         raise TypeError(f"convert takes a timm VisionTransformer or its state dict, got {type(source).__name__}")
     model = VisionTransformer(build_config(ViTConfig, backbone, overrides, **fields))
     load_exactly(model, {rename_key(k): v for k, v in state.items()}, "timm VisionTransformer")
-    return model.train(training)
+    return like_source(model.train(training), source)
