@@ -47,18 +47,31 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the segments FSDP and activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def parameter_dims(model: nn.Module) -> dict[str, int]:
+    """{unwrapped name: number of dims} of each parameter, to be taken before a strategy wraps the model."""
+    return {unwrapped_name(name): p.dim() for name, p in model.named_parameters()}
+
+
+def decay_groups(model: nn.Module, weight_decay: float, dims: Optional[dict[str, int]] = None) -> list[dict]:
     """AdamW parameter groups: weight decay on weight matrices and convolutions only.
 
     Biases, norm gains (every parameter of fewer than 2 dims), nn.Embedding tables and
-    learned position/class tokens get none, as is usual for transformers.
+    learned position/class tokens get none, as is usual for transformers. dims: the
+    parameters' dims before FSDP wrapped the model (parameter_dims), by unwrapped name: a
+    sharded parameter is a 1-D view, which would otherwise read as a bias.
     """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or id(p) in embedding_params or any(key in name for key in _NO_DECAY_NAMES):
+        dim = dims.get(unwrapped_name(name), p.dim()) if dims else p.dim()
+        if dim < 2 or id(p) in embedding_params or any(key in name for key in _NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -176,6 +189,14 @@ class ZooTask(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Runs on every rank once Lightning has set up the processes; subclasses call it first."""
         close_process_group_at_exit()
+        self.record_parameter_dims()
+
+    def record_parameter_dims(self) -> None:
+        """Notes the model's parameter dims for configure_optimizers while the model is unwrapped
+        (setup and configure_model run before a strategy wraps it; FSDP flattens what it shards).
+        A task that builds its model in configure_model calls this once it has."""
+        if getattr(self, "model", None) is not None:
+            self._parameter_dims = parameter_dims(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `zoo generate` and other tools need to rebuild the run from the file alone:
@@ -219,7 +240,8 @@ class ZooTask(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+        groups = decay_groups(self.model, hp.weight_decay, getattr(self, "_parameter_dims", None))
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas),
                                       fused=self._use_fused_adamw())
         estimated = float(self.trainer.estimated_stepping_batches)
         if not math.isfinite(estimated) or estimated <= 0:

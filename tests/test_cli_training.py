@@ -533,6 +533,26 @@ def test_norm_clipping_under_fsdp_uses_the_sharded_norm(tmp_path):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-9, msg=name)
 
 
+def test_weight_decay_groups_survive_fsdp_sharding_across_two_processes(tmp_path):
+    """FSDP (use_orig_params, as Lightning's) makes each sharded parameter a 1-D view before
+    configure_optimizers runs: a weight matrix would read as a bias and lose its weight decay.
+    Two CPU processes (gloo), FULL_SHARD over the Blocks; oracle: the parameters' real shapes,
+    taken before wrapping (2 and more dims decay, but embedding tables and tokens)."""
+    import torch.multiprocessing as mp
+
+    import fsdp_worker
+
+    results = mp.Manager().dict()
+    mp.spawn(fsdp_worker.optimizer_groups, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2)
+    for rank in (0, 1):
+        got = results[rank]
+        assert got["sharded_dims"] == [1]  # the views the bug read: every parameter 1-D
+        shapes = got["shapes"]
+        tables = {name for name in shapes if name.endswith(("pos_embed", "cls_token", "reg_token"))}
+        matrices = sorted(name for name, shape in shapes.items() if len(shape) >= 2 and name not in tables)
+        assert matrices and got["groups"] == [(0.05, matrices), (0.0, sorted(set(shapes) - set(matrices)))]
+
+
 def test_last_checkpoint_holds_the_final_step_and_schedule_options_are_checked(tmp_path):
     """With validation every 3 steps and 5 steps in all, last.ckpt is written at step 5, not 3."""
     from tasks.callbacks import FinalCheckpoint
