@@ -37,8 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _import(path: str):
+    """The class at a dotted class path; ValueError naming a path that does not import."""
     module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot import class_path {path!r} ({error})") from None
 
 
 def run_dir(checkpoint: str) -> str:
@@ -57,12 +61,21 @@ def run_config(checkpoint: str, config: Optional[str]) -> str:
     return path
 
 
-def validation_batch(config_path: str, tokenizer_state: Optional[dict]) -> tuple[Any, Any]:
-    """(first validation batch, the data module's tokenizer or None) from the data module in a run config."""
+def validation_batch(config_path: str, tokenizer_state: Optional[dict], task: Optional[str] = None) -> tuple[Any, Any]:
+    """(first validation batch, the data module's tokenizer or None) from the data module in a run config.
+
+    task: the checkpoint's task class path; ValueError when the config trains another task
+    (its data would not fit the model)."""
     import yaml
 
     with open(config_path) as f:
-        data = (yaml.safe_load(f) or {}).get("data")
+        config = yaml.safe_load(f) or {}
+    model = config.get("model")
+    trains = model.get("class_path") if isinstance(model, dict) else None
+    if task is not None and isinstance(trains, str) and _import(trains) is not _import(task):
+        raise ValueError(f"{config_path} trains a {trains}, the checkpoint holds a {task}: pass the config of the "
+                         f"run that wrote the checkpoint (--config)")
+    data = config.get("data")
     if not isinstance(data, dict) or "class_path" not in data:
         raise ValueError(f"{config_path} has no data: class_path entry to build the validation data from")
     datamodule = _import(data["class_path"])(**(data.get("init_args") or {}))
@@ -103,7 +116,8 @@ def _write_figures(args: argparse.Namespace) -> int:
         batch = task.text_batch([args.text], tokenizer)
         sample = 0
     else:
-        batch, data_tokenizer = validation_batch(run_config(args.checkpoint, args.config), state)
+        batch, data_tokenizer = validation_batch(run_config(args.checkpoint, args.config), state,
+                                                 checkpoint["zoo_task"])
         tokenizer = tokenizer or data_tokenizer
         sample = args.sample
         size = batch_size_of(batch)

@@ -25,7 +25,9 @@ class AttentionMapLogger(L.Callback):
             steps, often inside one long epoch): after every n-th validation, and the one at
             max_steps.
         sample: which sample of the first validation batch (the loader is not shuffled,
-            so it is the same sample every time).
+            so it is the same sample every time); checked when training starts.
+    Drawing takes nothing from the random streams training draws from: a run with this
+    callback trains exactly as one without it.
     Without a TensorBoard logger (e.g. under fast_dev_run, which turns loggers off) it
     warns once at fit start and draws nothing.
     """
@@ -46,11 +48,18 @@ class AttentionMapLogger(L.Callback):
         if not self._enabled:
             rank_zero_warn("AttentionMapLogger draws nothing: the trainer has no TensorBoardLogger")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._enabled and trainer.val_dataloaders is not None:
+            self._fixed_batch(trainer)  # a bad `sample` fails now, not after the first n epochs
+
     def _fixed_batch(self, trainer: L.Trainer) -> Any:
         if self._batch is None:
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            self._batch = next(iter(loader))
+            # A loader's iterator draws its base seed from torch's generator: the run's dropout
+            # and augmentation would then draw other numbers than without the callback.
+            with torch.random.fork_rng(devices=[]):
+                self._batch = next(iter(loader))
             size = len(self._batch[0] if isinstance(self._batch, (list, tuple)) else next(iter(self._batch.values())))
             if self.sample >= size:
                 raise ValueError(f"sample {self.sample} is past the first validation batch ({size} samples)")
@@ -62,12 +71,13 @@ class AttentionMapLogger(L.Callback):
         if trainer.sanity_checking or not self._enabled:
             return
         self._validations += 1
+        # The last validation: of the last epoch, or the one at max_steps (which may come first).
+        last = 0 < trainer.max_steps <= trainer.global_step
         if trainer.max_epochs is not None and trainer.max_epochs > 0:
             count = trainer.current_epoch + 1
-            last = count >= trainer.max_epochs
+            last = last or count >= trainer.max_epochs
         else:  # only max_steps bounds the run (max_epochs -1 or None): count validations
             count = self._validations
-            last = 0 < trainer.max_steps <= trainer.global_step
         if count % self.every_n_epochs and not last:
             return
         batch = pl_module.transfer_batch_to_device(self._fixed_batch(trainer), pl_module.device, 0)

@@ -119,6 +119,7 @@ class _LanguageModelTask(ZooTask):
         self.hparams.vocab_size = tokenizer.vocab_size  # saved in checkpoints: load_from_checkpoint needs it
         self._build_model(tokenizer.vocab_size)
         self._on_vocab_known(tokenizer.vocab_size)
+        self.record_parameter_dims()
 
     def _forward_logits(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -135,7 +136,8 @@ class _LanguageModelTask(ZooTask):
         return total / count.clamp_min(1), count, logits
 
     #: Tokens drawn in an attention figure: beyond this, labels are unreadable. A longer input
-    #: is cut to its first FIGURE_TOKENS tokens (see _figure_input) before the maps are computed.
+    #: is cut to its first FIGURE_TOKENS tokens (fewer for a model with fewer positions; see
+    #: _figure_input) before the maps are computed.
     FIGURE_TOKENS = 64
 
     def _frame(self, ids: list[int], tokenizer) -> list[int]:
@@ -156,8 +158,12 @@ class _LanguageModelTask(ZooTask):
             ids[row, :len(tokens)], mask[row, :len(tokens)] = torch.tensor(tokens), 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def _figure_tokens(self) -> int:
+        """FIGURE_TOKENS, or the model's max_seq_len when that is fewer."""
+        return min(self.FIGURE_TOKENS, self._built_model().cfg.backbone.max_seq_len)
+
     def _figure_input(self, ids: torch.Tensor, tokenizer) -> torch.Tensor:
-        return ids[: self.FIGURE_TOKENS]
+        return ids[: self._figure_tokens()]
 
     def attention_figures(self, batch: dict, tokenizer=None, sample: int = 0, layer: int = -1) -> dict:
         """Token x token heatmaps of block `layer` (per head and averaged) for the real tokens of
@@ -379,11 +385,12 @@ class MaskedLM(_LanguageModelTask):
 
     def _figure_input(self, ids, tokenizer):
         # Bidirectional: a cut sequence is another input, so it gets its own <eos> (maps are exact for it).
-        if len(ids) <= self.FIGURE_TOKENS:
+        keep = self._figure_tokens()
+        if len(ids) <= keep:
             return ids
         eos = torch.full((1,), tokenizer.eos_id if tokenizer is not None else int(ids[-1]), dtype=ids.dtype,
                          device=ids.device)
-        return torch.cat([ids[: self.FIGURE_TOKENS - 1], eos])
+        return torch.cat([ids[: keep - 1], eos])
 
     def forward(self, input_ids, attention_mask=None):
         """Logits (B, S, vocab) at every position."""

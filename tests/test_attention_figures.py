@@ -104,6 +104,9 @@ def test_callback_logs_to_tensorboard_and_cli_writes_pngs(tmp_path, capsys):
                            "--sample 300 is not in the first validation batch (samples 0 to 63)"),
                           ([run_dir + "/checkpoints/last.ckpt", "--text", "hi"], "--text needs a text model"),
                           ([run_dir + "/checkpoints/last.ckpt", "--layer", "9"], "out of range"),
+                          ([run_dir + "/checkpoints/last.ckpt", "--config", "configs/text/seq2seq_dates.yaml"],
+                           "configs/text/seq2seq_dates.yaml trains a tasks.seq2seq.Seq2Seq, the checkpoint holds a "
+                           "tasks.vision.ImageClassification: pass the config of the run"),
                           ([str(tmp_path / "nowhere.ckpt")], f"checkpoint not found: {tmp_path}/nowhere.ckpt")):
         capsys.readouterr()
         assert main(["attention-map", *args]) == 2
@@ -131,6 +134,48 @@ def test_callback_draws_in_a_run_bounded_by_steps_only(tmp_path):
     accumulator = EventAccumulator(events, size_guidance={"images": 0})
     accumulator.Reload()
     assert [image.step for image in accumulator.Images("attention/text_attention")] == [6, 8]
+
+
+def test_callback_leaves_training_as_it_was_draws_at_max_steps_and_checks_its_sample_first(tmp_path):
+    """A run with the callback trains as one without it (vit_digits draws drop-path masks: a
+    draw from torch's generator would change them), step for step; a run that max_steps ends
+    before max_epochs still gets its last figure; a `sample` past the batch fails before the
+    first training step."""
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tasks.cli import main
+
+    root = str(tmp_path / "runs")
+
+    def fit(name, callbacks, *extra):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"trainer:\n  callbacks: {callbacks}\n")
+        main(["fit", "-c", "configs/vision/vit_digits.yaml", "-c", str(config), "--name", name,
+              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+              f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *extra])
+        return os.path.join(root, name, "version_0")
+
+    def losses(run_dir):
+        with open(os.path.join(run_dir, "metrics.csv")) as f:
+            return [(row["step"], row["train/loss_step"]) for row in csv.DictReader(f) if row["train/loss_step"]]
+
+    def image_steps(run_dir):
+        (events,) = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
+        accumulator = EventAccumulator(events, size_guidance={"images": 0})
+        accumulator.Reload()
+        return [image.step for image in accumulator.Images("attention/vision_attention")]
+
+    logger = "[{class_path: tasks.callbacks.AttentionMapLogger, init_args: {every_n_epochs: %d, sample: %d}}]"
+    drawn = fit("drawn", logger % (1, 0), "--trainer.max_epochs=3")
+    plain = fit("plain", "[]", "--trainer.max_epochs=3")
+    assert image_steps(drawn) == [2, 4, 6] and len(losses(plain)) == 6
+    assert losses(drawn) == losses(plain)
+    assert image_steps(fit("stopped", logger % (5, 0), "--trainer.max_epochs=10", "--trainer.max_steps=4")) == [4]
+    with pytest.raises(ValueError, match="sample 1000 is past the first validation batch"):
+        fit("bad_sample", logger % (5, 1000), "--trainer.max_epochs=10")
+    assert not os.path.exists(os.path.join(root, "bad_sample", "version_0", "checkpoints"))
 
 
 def test_figures_show_every_head():
@@ -192,6 +237,11 @@ def test_text_figures_label_tokens_and_show_the_models_maps():
     cut = torch.cat([long["input_ids"][0, : MaskedLM.FIGURE_TOKENS - 1], torch.tensor([tokenizer.eos_id])])[None]
     want = zoo.attention_maps(bert.model, {"input_ids": cut}, layers=[-1])["backbone.blocks.1.attn"][0]
     torch.testing.assert_close(shown(axes[0]), want.mean(0))
+    # A model with fewer positions than FIGURE_TOKENS: cut to its max_seq_len, not refused.
+    for task in (CausalLM("gpt_nano", vocab_size=tokenizer.vocab_size, model_args={"max_seq_len": 32}),
+                 MaskedLM("bert_tiny", vocab_size=tokenizer.vocab_size, model_args={"max_seq_len": 32})):
+        axes = [ax for ax in task.eval().attention_figures(long, tokenizer)["text_attention"].axes if ax.images]
+        assert len(axes[0].get_yticklabels()) == 32
     plt.close("all")
 
 

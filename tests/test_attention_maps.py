@@ -192,3 +192,30 @@ def test_rollout_definition():
     torch.testing.assert_close(zoo.attention_rollout(maps, residual=1.0), torch.eye(5).expand(2, 5, 5))
     with pytest.raises(ValueError, match="square"):
         zoo.attention_rollout([torch.rand(1, 1, 2, 3)])
+    with pytest.raises(ValueError, match=r"sequence \(list\) of per-layer .* a tensor of shape \(2, 3, 5, 5\)"):
+        zoo.attention_rollout(maps[0])
+    with pytest.raises(ValueError, match=r"batch and tokens \(2, 5\), got \(1, 5\) at layer 1"):
+        zoo.attention_rollout([maps[0], maps[1][:1]])
+
+
+@pytest.mark.parametrize("residual", [0.0, 0.5])
+def test_rollout_of_a_left_padded_sequence_is_defined_at_every_residual(residual):
+    """A causal model's padded queries attend to nothing (zero rows): they carry only their own
+    token, so the real tokens' rows are the rollout of the real tokens' block (no NaN at
+    residual 0). Oracle: that block's rollout by the definition, in float64."""
+    torch.manual_seed(0)
+    model = zoo.create_model("gpt_nano", depth=2).eval()
+    ids = torch.randint(0, 100, (1, 6))
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    maps = list(zoo.attention_maps(model, {"input_ids": padded, "attention_mask": mask}).values())
+    assert (maps[0][0, :, :2] == 0).all() and (maps[0][0, :, :, :2] == 0).all()  # padded queries and keys
+    eye = torch.eye(6, dtype=torch.float64)
+    expected = eye[None]
+    for probs in (m[:, :, 2:, 2:] for m in maps):
+        a = (1 - residual) * probs.double().mean(1) + residual * eye
+        expected = (a / a.sum(-1, keepdim=True)) @ expected
+    rollout = zoo.attention_rollout(maps, residual=residual)
+    assert not rollout.isnan().any()
+    torch.testing.assert_close(rollout[:, 2:, 2:].double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rollout[0, :2], torch.eye(8)[:2])

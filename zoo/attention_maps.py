@@ -161,18 +161,27 @@ def attention_rollout(maps: Sequence[Tensor], residual: float = 0.5) -> Tensor:
     maps: per layer, in order, (B, H, S, S) probabilities (heads are averaged). Each layer's
     mean map is mixed with the identity for the residual path, A = (1 - residual) * P + residual * I,
     rows renormalized, and the layers multiplied: R = A_L @ ... @ A_1. Returns (B, S, S);
-    rows sum to 1.
+    rows sum to 1. A row of no attention at all (a padded query, which attention_maps gives
+    as zeros) is taken as the identity row at every residual: the token carries only itself.
     """
-    if not maps:
-        raise ValueError("attention_rollout needs at least one (B, H, S, S) map")
+    if isinstance(maps, Tensor) or not isinstance(maps, Sequence) or not maps:
+        raise ValueError(f"attention_rollout needs a sequence (list) of per-layer (B, H, S, S) maps, got "
+                         f"{f'a tensor of shape {tuple(maps.shape)}' if isinstance(maps, Tensor) else repr(maps)}")
     if not 0.0 <= residual <= 1.0:
         raise ValueError(f"residual must be in [0, 1], got {residual}")
     rollout = None
-    for probs in maps:
-        if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
-            raise ValueError(f"rollout needs square self-attention maps (B, H, S, S), got {tuple(probs.shape)}")
-        mixed = (1 - residual) * probs.double().mean(1) + residual * torch.eye(probs.shape[-1], dtype=torch.float64,
-                                                                                device=probs.device)
-        mixed = mixed / mixed.sum(-1, keepdim=True)
+    for layer, probs in enumerate(maps):
+        if not isinstance(probs, Tensor) or probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+            raise ValueError(f"rollout needs square self-attention maps (B, H, S, S), got "
+                             f"{tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__} "
+                             f"at layer {layer}")
+        if probs.shape[0] != maps[0].shape[0] or probs.shape[-1] != maps[0].shape[-1]:
+            raise ValueError(f"every layer's map must have the first one's batch and tokens "
+                             f"{(maps[0].shape[0], maps[0].shape[-1])}, got {(probs.shape[0], probs.shape[-1])} "
+                             f"at layer {layer}")
+        eye = torch.eye(probs.shape[-1], dtype=torch.float64, device=probs.device)
+        mixed = (1 - residual) * probs.double().mean(1) + residual * eye
+        total = mixed.sum(-1, keepdim=True)
+        mixed = torch.where(total > 0, mixed / total.clamp_min(torch.finfo(torch.float64).tiny), eye)
         rollout = mixed if rollout is None else mixed @ rollout
     return rollout.float()
