@@ -91,7 +91,8 @@ def positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a .ckpt file written by zoo fit on a text task")
     parser.add_argument("--prompt", action="append", default=None,
-                        help="input text (repeat for a batch); default: one empty prompt")
+                        help="input text (repeat for a batch); default: one empty prompt (a decoder starts "
+                             "from <bos>; an encoder-decoder needs a --prompt to translate)")
     # At least 1, for decoders and encoder-decoders alike, as Hugging Face's generate (which
     # refuses max_new_tokens=0): zero new tokens is no generation at all.
     parser.add_argument("--max_new_tokens", type=positive_int, default=None,
@@ -104,16 +105,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
+def _device(name) -> str:
+    """--device checked: a torch device this machine has (ValueError otherwise); None: cuda if any, else cpu."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a torch device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this machine has no CUDA device (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu or cuda")
+    return name
+
+
 def main(args: argparse.Namespace) -> int:
     """Prints each prompt's text; 0, or 2 with a message for a missing checkpoint or bad options."""
     prompts = args.prompt or [""]
     options = {k: getattr(args, k) for k in OPTIONS}
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        device = _device(args.device)
         texts = generate(args.checkpoint, prompts, device, **options)
     except (ValueError, TypeError, FileNotFoundError) as error:  # bad options, a prompt too long, no such file
         print(f"zoo generate: error: {error}", file=sys.stderr)

@@ -100,6 +100,13 @@ def test_generate_usage_errors_exit_2_with_the_generate_prefix(gpt_checkpoint, s
         assert last.startswith("zoo generate: error: ") and message in last, (args, err)
         if "unrecognized" in message:
             assert err.startswith("usage: zoo generate ")  # the subcommand's usage, not `zoo`'s
+    devices = [("foo", "--device 'foo' is not a torch device"), ("meta", "--device 'meta': expected cpu or cuda")]
+    if not torch.cuda.is_available():
+        devices.append(("cuda", "--device 'cuda': this machine has no CUDA device (use --device cpu)"))
+    for device, message in devices:
+        capsys.readouterr()
+        assert _exit_status(["generate", gpt_checkpoint, "--device", device]) == 2, device
+        assert message in capsys.readouterr().err
 
 
 def test_max_new_tokens_zero_is_refused_for_decoders_and_encoder_decoders_alike(gpt_checkpoint, seq2seq_checkpoint,

@@ -92,6 +92,33 @@ def test_cached_steps_through_the_kernel_equal_the_eager_full_pass(variant, monk
 
 @pytest.mark.usefixtures("reference_attention")
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("pieces", [(1,) * 9, (4, 5), (2, 6, 1)])
+def test_a_left_padded_prompt_fed_in_pieces_equals_the_full_pass(variant, pieces, monkeypatch):
+    """A user's own loop may feed a left-padded prompt a token or a chunk at a time: while some
+    row's padding goes on past the cache, a step attends on the torch path (the decoding
+    kernel takes real new keys only), then through the kernel. Oracle: the eager full pass."""
+    model = _gpt(**VARIANTS[variant])
+    ids, mask = _prompts([9, 2, 5])  # left padding 0, 7 and 4
+    model.set_attn_backend("eager")
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
+    model.set_attn_backend("triton")
+    spy = _Spy(monkeypatch)
+    got, start = [], 0
+    with torch.no_grad():
+        cache = model.new_cache(leftpad=ids.shape[1] - mask.sum(1))
+        for size in pieces:
+            got.append(model(ids[:, start:start + size], cache=cache))
+            start += size
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(got, dim=1)[real], expected[real], rtol=0, atol=2e-5)
+    # the kernel takes the steps that begin once every row's padding is in the cache (slot 7 on)
+    kernel_steps = sum(1 for i in range(len(pieces)) if sum(pieces[:i]) >= 7)
+    assert len(spy.calls) == model.cfg.backbone.depth * kernel_steps
+
+
+@pytest.mark.usefixtures("reference_attention")
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_generate_on_the_triton_backend_equals_eager(variant, monkeypatch):
     model = _gpt(**VARIANTS[variant])
     ids, mask = _prompts([9, 2, 6])
@@ -285,6 +312,9 @@ def test_generate_rejects_prompts_that_are_not_left_padded():
     empty[1] = 0
     with pytest.raises(ValueError, match="at least one prompt token"):
         model.generate(ids, attention_mask=empty, max_new_tokens=2)
+    # A batch of no prompts (a loader's empty remainder) gives no rows, with a mask or without.
+    for kw in ({}, {"attention_mask": mask[:0]}):
+        assert model.generate(ids[:0], max_new_tokens=2, **kw).shape == (0, ids.shape[1] + 2)
 
 
 @pytest.mark.gpu

@@ -120,12 +120,27 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     (dict(do_sample=True, num_beams=2), "do_sample=True needs num_beams=1"),
     (dict(do_sample=True, temperature=0.0), "temperature must be a positive number"),
     (dict(do_sample=True, top_k=0), "top_k must be a positive int"),
-    (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]")])
+    (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(num_beams=True), "num_beams must be a positive int, got True"),
+    (dict(num_beams=2, top_k=5), r"top_k and top_p filter sampling; beam search \(num_beams=2\) does not")])
 def test_bad_sampling_options_are_refused(kwargs, says):
     model = tiny()
     src, mask = padded_sources([4], 16)
     with pytest.raises(ValueError, match=says):
         model.generate(src, mask, max_new_tokens=3, **kwargs)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_source_without_a_real_token_is_refused(num_beams):
+    """A target decoded from no source at all (cross-attention over no keys gives 0) is refused,
+    as GPT.generate refuses a prompt row without a token."""
+    model = tiny()
+    src, mask = padded_sources([4, 3], 16)
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"row 1 has none: all masked or pad_id"):
+        model.generate(src, mask, max_new_tokens=3, num_beams=num_beams)
+    with pytest.raises(ValueError, match=r"row 0 has none: no source positions"):
+        model.generate(src[:, :0], mask[:, :0], max_new_tokens=3, num_beams=num_beams)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

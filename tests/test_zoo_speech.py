@@ -332,8 +332,11 @@ def test_bad_inputs():
         model(torch.zeros(1, 7, 100))
     with pytest.raises(ValueError, match="lengths"):
         model(torch.zeros(2, 16000), [16000, 17000])
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model(torch.zeros(1, 40, 1002))
+    limit = model.backbone.cfg.max_seq_len  # positions; two frames each (the stride-2 convolution)
+    model(torch.zeros(1, 40, 2 * limit))
+    with pytest.raises(ValueError, match=rf"{2 * limit + 1} mel frames make {limit + 1} positions .* at most "
+                                         rf"{2 * limit} frames, {2 * limit * 0.01:g} s of audio"):
+        model(torch.zeros(1, 40, 2 * limit + 1))
     with pytest.raises(ValueError, match="samples"):
         model(torch.zeros(1, 100))
     with pytest.raises(ValueError, match="not both"):

@@ -193,10 +193,12 @@ class Attention(nn.Module):
         Decoding steps on the "triton" backend do, when the cache alone says which keys
         count (left padding, no other mask) and nothing asks for dropout or probabilities.
         The prefill (an empty cache) runs the flash-attention forward instead, which is
-        built for long query blocks.
+        built for long query blocks, as does a step while some row's left padding goes on
+        past the cache (a prompt fed in pieces: the kernel takes real new keys only).
         """
+        owner = cache.owner
         return (self.backend == "triton" and not self.keep_probs and key_padding_mask is None and dropout_p == 0.0
-                and cache.owner.offset > 0)
+                and owner.offset > 0 and owner.max_leftpad <= owner.offset)
 
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, causal: bool,
                 alibi_slopes: Optional[Tensor], fused_rotary: bool) -> Tensor:

@@ -95,9 +95,10 @@ class KVCache:
         self.offset = 0
         self.capacity = capacity
         self.leftpad = leftpad
-        # The smallest left padding, read once here (a host sync on CUDA), so that position
-        # checks need no device reads while decoding.
+        # The smallest and largest left padding, read once here (a host sync on CUDA), so that
+        # position checks and the choice of decoding kernel need no device reads while decoding.
         self.min_leftpad = int(leftpad.min()) if leftpad is not None and leftpad.numel() else 0
+        self.max_leftpad = int(leftpad.max()) if leftpad is not None and leftpad.numel() else 0
         if self.min_leftpad < 0:
             raise ValueError(f"leftpad must be >= 0 (slots of padding before each row), got {leftpad.tolist()}")
         self._seqlens: Optional[Tensor] = None
@@ -142,4 +143,5 @@ class KVCache:
         if self.leftpad is not None:
             self.leftpad = self.leftpad.index_select(0, index.to(self.leftpad.device))
             self.min_leftpad = int(self.leftpad.min()) if self.leftpad.numel() else 0
+            self.max_leftpad = int(self.leftpad.max()) if self.leftpad.numel() else 0
         self._seqlens = None

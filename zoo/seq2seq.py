@@ -179,6 +179,16 @@ class Seq2SeqTransformer(nn.Module):
         x = self.src_embed(src_ids) * self.embed_scale
         return self.encoder(x, key_padding_mask=src_mask), src_mask
 
+    def _encode_sources(self, src_ids: Tensor, src_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """encode() for decoding, which needs a real token in every source (ValueError naming the row)."""
+        memory, src_mask = self.encode(src_ids, src_mask)
+        empty = (~src_mask.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"every source must hold at least one real token (row {empty[0]} has none: "
+                             f"{'no source positions' if src_ids.shape[-1] == 0 else 'all masked or pad_id'}); "
+                             f"its target would be decoded from no source at all")
+        return memory, src_mask
+
     def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Optional[Tensor] = None,
                     cache: Optional[KVCache] = None, tgt_mask: Optional[Tensor] = None) -> Tensor:
         """Decoder logits (B, St, tgt_vocab) for tgt_ids (B, St) attending to memory (B, Ss, dim).
@@ -240,12 +250,17 @@ class Seq2SeqTransformer(nn.Module):
         More beams is beam_search, which does not sample. Both run the encoder once and the
         decoder one token at a time with its KV cache; the ids of suppress_tokens are never
         generated. bos_id / eos_id default to the config's; a negative eos_id means no stop
-        token. Raises ValueError for max_new_tokens < 1, num_beams < 1, do_sample with
-        num_beams > 1, bad sampling options, bad suppress_tokens, bos_id or eos_id outside the
-        target vocabulary (TypeError if not an int), or past what the decoder's
-        learned/sinusoidal positions reach (all checked before decoding).
+        token. Raises ValueError for a source without a real token, max_new_tokens < 1,
+        num_beams < 1 (or not an int), do_sample, top_k or top_p with num_beams > 1, bad
+        sampling options, bad suppress_tokens, bos_id or eos_id outside the target vocabulary
+        (TypeError if not an int), or past what the decoder's learned/sinusoidal positions
+        reach (all checked before decoding).
         """
+        _check_positive(num_beams=num_beams)
         if num_beams != 1:
+            if top_k is not None or top_p is not None:
+                raise ValueError(f"top_k and top_p filter sampling; beam search (num_beams={num_beams}) does not "
+                                 f"sample: leave them None")
             if do_sample:
                 raise ValueError(f"do_sample=True needs num_beams=1 (beam search does not sample), got "
                                  f"num_beams={num_beams!r}")
@@ -256,7 +271,7 @@ class Seq2SeqTransformer(nn.Module):
         self._check_length(max_new_tokens)
         suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)  # checked before encoding
         bos, eos = self._special_ids(bos_id, eos_id)
-        memory, src_mask = self.encode(src_ids, src_mask)
+        memory, src_mask = self._encode_sources(src_ids, src_mask)
         cache = self.decoder.new_cache(capacity=1 + max_new_tokens)
         start = torch.full((memory.shape[0], 1), bos, dtype=torch.long, device=memory.device)
 
@@ -319,7 +334,7 @@ class Seq2SeqTransformer(nn.Module):
         banned = suppress_index(suppress_tokens, self.cfg.tgt_vocab_size, src_ids.device)
         bos, eos = self._special_ids(bos_id, eos_id)
         K, alpha = num_beams, length_penalty
-        memory, src_mask = self.encode(src_ids, src_mask)
+        memory, src_mask = self._encode_sources(src_ids, src_mask)
         B, device = memory.shape[0], memory.device
         memory = memory.repeat_interleave(K, dim=0)
         src_mask = src_mask.repeat_interleave(K, dim=0) if src_mask is not None else None

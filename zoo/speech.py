@@ -233,10 +233,17 @@ class SpeechEncoder(nn.Module):
     def encode(self, inputs: Tensor, lengths=None) -> tuple[Tensor, Optional[Tensor]]:
         """Hidden states (B, S, dim) and their padding mask (B, S) bool (True = real frame) or None.
 
-        S = ceil(frames / 2). See log_mels for inputs and lengths; raises ValueError when
-        S exceeds the backbone's max_seq_len.
+        S = ceil(frames / 2). See log_mels for inputs and lengths; raises ValueError, in frames
+        and seconds, when S exceeds the backbone's max_seq_len (learned or sinusoidal positions).
         """
         log_mel, frames = self.log_mels(inputs, lengths)
+        backbone = self.backbone.cfg
+        tokens = (log_mel.shape[-1] + 1) // 2
+        if backbone.positions in ("learned", "sinusoidal") and tokens > backbone.max_seq_len:
+            hop = self.cfg.hop_length / self.cfg.sample_rate
+            raise ValueError(f"{log_mel.shape[-1]} mel frames make {tokens} positions after the stride-2 convolution, "
+                             f"past this encoder's {backbone.max_seq_len} (max_seq_len): at most "
+                             f"{2 * backbone.max_seq_len} frames, {2 * backbone.max_seq_len * hop:g} s of audio")
         log_mel = self.spec_augment(log_mel, frames)
         x, mask = log_mel.to(self.conv1.weight.dtype), None
         if frames is not None:

@@ -391,7 +391,7 @@ class GPT(nn.Module):
                                  "(padding) followed by ones (the prompt)")
             if not bool((lengths > 0).all()):
                 raise ValueError("every row of attention_mask must mark at least one prompt token")
-            longest = int(lengths.max())
+            longest = int(lengths.max()) if lengths.numel() else P  # no rows: as without a mask
         limit = self.cfg.backbone.max_seq_len
         # The last new token is never fed back: the model sees prompt + max_new_tokens - 1 positions.
         if self.cfg.backbone.positions in ("learned", "sinusoidal") and longest + max_new_tokens - 1 > limit:
