@@ -23,7 +23,7 @@ class AttentionMapLogger(L.Callback):
         every_n_epochs: draw after the validation of every n-th epoch (and of the last). In a
             run bounded by max_steps only (max_epochs -1, validation every val_check_interval
             steps, often inside one long epoch): after every n-th validation, and the one at
-            max_steps.
+            max_steps; a run resumed from a checkpoint goes on counting from it.
         sample: which sample of the first validation batch (the loader is not shuffled,
             so it is the same sample every time); checked when training starts.
     Drawing takes nothing from the random streams training draws from: a run with this
@@ -44,9 +44,16 @@ class AttentionMapLogger(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._enabled = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
-        self._validations = 0
+        # A resumed run goes on counting where its checkpoint was (restored before this hook).
+        self._validations = self.__dict__.pop("_restored_validations", 0)
         if not self._enabled:
             rank_zero_warn("AttentionMapLogger draws nothing: the trainer has no TensorBoardLogger")
+
+    def state_dict(self) -> dict:
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_validations = int(state_dict.get("validations", 0))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._enabled and trainer.val_dataloaders is not None:

@@ -125,15 +125,28 @@ def test_callback_draws_in_a_run_bounded_by_steps_only(tmp_path):
     callback = tmp_path / "callback.yaml"
     callback.write_text("trainer:\n  callbacks:\n    - class_path: tasks.callbacks.AttentionMapLogger\n"
                         "      init_args: {every_n_epochs: 3}\n")
-    main(["fit", "-c", "configs/text/gpt_char.yaml", "-c", str(callback), "--name", "gpt_char",
-          "--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-          "--data.init_args.corpora=[pydoc_topics]", "--data.init_args.block_size=32",
-          "--model.init_args.model_args={'depth': 1, 'dim': 48, 'heads': 12}",
-          f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"])
-    (events,) = glob.glob(os.path.join(root, "gpt_char", "version_0", "**", "events.out.tfevents.*"), recursive=True)
-    accumulator = EventAccumulator(events, size_guidance={"images": 0})
-    accumulator.Reload()
-    assert [image.step for image in accumulator.Images("attention/text_attention")] == [6, 8]
+    def fit(max_steps, *extra):
+        main(["fit", "-c", "configs/text/gpt_char.yaml", "-c", str(callback), "--name", "gpt_char",
+              f"--trainer.max_steps={max_steps}", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+              "--data.init_args.corpora=[pydoc_topics]", "--data.init_args.block_size=32",
+              "--model.init_args.model_args={'depth': 1, 'dim': 48, 'heads': 12}",
+              f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *extra])
+
+    def image_steps(version):
+        (events,) = glob.glob(os.path.join(root, "gpt_char", version, "**", "events.out.tfevents.*"),
+                              recursive=True)
+        accumulator = EventAccumulator(events, size_guidance={"images": 0})
+        accumulator.Reload()
+        return [image.step for image in accumulator.Images("attention/text_attention")]
+
+    fit(8)
+    assert image_steps("version_0") == [6, 8]
+    # Stopped at step 4 (2 validations; its last figure there), resumed to 8: the count goes on
+    # from the checkpoint, so the resumed run draws where the uninterrupted one did.
+    fit(4)
+    assert image_steps("version_1") == [4]
+    fit(8, f"--ckpt_path={root}/gpt_char/version_1/checkpoints/last.ckpt")
+    assert image_steps("version_2") == [6, 8]
 
 
 def test_callback_leaves_training_as_it_was_draws_at_max_steps_and_checks_its_sample_first(tmp_path):
