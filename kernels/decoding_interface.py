@@ -179,6 +179,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_splits = as_int(num_splits, "num_splits", "an int >= 0 (0: chosen from the shape)")
     if num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shape), got {num_splits!r}")
+    causal, rotary_interleaved = as_bool(causal, "causal"), as_bool(rotary_interleaved, "rotary_interleaved")
+    return_softmax_lse = as_bool(return_softmax_lse, "return_softmax_lse")
     left, right = _window(causal, window_size, capacity)
     per_token = left >= 0 or right >= 0
     rotary_from_leftpad = as_bool(rotary_from_leftpad, "rotary_from_leftpad")
@@ -187,7 +189,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     q = unit_stride(q)
     softmax_scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     if (not return_softmax_lse and q.dtype == torch.float32 and B > 0 and torch_native(q) and block_table is None
-            and cache_batch_idx is None and alibi_slopes is None and softcap == 0 and left < 0
+            and cache_batch_idx is None and alibi_slopes is None and softcap == 0 and left < 0 and right <= 0
             and decoding_reference.native_serves(q, cache_seqlens, cache_leftpad, snew, right == 0)):
         with torch.no_grad():
             return decoding_reference.native_forward(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import attention_op, attention_reference, flash_attention
-from .runtime import as_float, as_int, autocast_dtype, scalar_value, torch_native, unit_stride, use_triton
+from .runtime import as_bool, as_float, as_int, autocast_dtype, scalar_value, torch_native, unit_stride, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -224,6 +224,7 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropou
          window_size, softcap, alibi_slopes, return_attn_probs):
     packed = cu_seqlens_q is not None
     check_qkv(q, k, v, packed)
+    causal, return_attn_probs = as_bool(causal, "causal"), as_bool(return_attn_probs, "return_attn_probs")
     if packed:
         max_seqlen_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q",
                                         q.device)
@@ -287,6 +288,7 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, dropout_p=0.0, so
     or (out, lse) with return_lse. Raises TypeError/ValueError naming the bad argument.
     """
     check_qkv(q, k, v, packed=False)
+    causal, return_lse = as_bool(causal, "causal"), as_bool(return_lse, "return_lse")
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     dropout_p, softmax_scale, window_size, softcap = check_options(

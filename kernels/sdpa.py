@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .flash_attn_interface import MAX_HEAD_DIM, SUPPORTED_DTYPES, run_attention
-from .runtime import torch_sdpa, use_triton  # noqa: F401 (torch_sdpa: imported from here by zoo)
+from .runtime import autocast_dtype, torch_sdpa, use_triton  # noqa: F401 (torch_sdpa: imported by zoo)
 
 SERVED = "served by the Triton kernel"
 
@@ -40,14 +40,24 @@ def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         return "query, key and value are not all tensors"
     if any(t.is_nested for t in tensors):
         return "nested tensors"
+    # vmap / grad wrap their inputs: torch's function has batching and functorch rules, the op none.
+    if not torch.compiler.is_compiling() and any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return "torch.func transform (vmap, grad) of the inputs"
+    if not isinstance(is_causal, bool):
+        return f"is_causal {is_causal!r} is not a bool"
     if any(t.dim() != 4 for t in tensors):
         return "inputs are not 4-D (batch, heads, seq, dim)"
     if not use_triton(query):
         return f"{query.device.type} tensors (torch's own kernel serves them)"
     if key.device != query.device or value.device != query.device:
         return "inputs on different devices"
-    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype} (needs one of float16, bfloat16, float32)"
+    # Under autocast torch's function (and the op) first casts floating inputs and masks to its dtype.
+    cast = autocast_dtype(query.device.type)
+    dtypes = [cast if cast is not None and t.is_floating_point() else t.dtype for t in tensors]
+    if len(set(dtypes)) > 1:
+        return f"query, key and value dtypes differ: {dtypes[0]}/{dtypes[1]}/{dtypes[2]}"
+    if dtypes[0] not in SUPPORTED_DTYPES:
+        return f"dtype {dtypes[0]} (needs float16, bfloat16 or float32)"
     B, H, Sq, E = query.shape
     if key.shape[0] != B or value.shape[0] != B or key.shape[:3] != value.shape[:3]:
         return "batch or key/value shapes differ"
@@ -71,7 +81,8 @@ def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
             return "attn_mask together with is_causal"
         if attn_mask.requires_grad and torch.is_grad_enabled():
             return "attn_mask requires grad"
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        mask_dtype = cast if cast is not None and attn_mask.is_floating_point() else attn_mask.dtype
+        if mask_dtype != torch.bool and mask_dtype != dtypes[0]:
             return f"attn_mask dtype {attn_mask.dtype} (needs bool or the query's dtype)"
         if attn_mask.device != query.device:
             return "attn_mask on another device"

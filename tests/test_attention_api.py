@@ -47,6 +47,9 @@ def test_bad_tensors(mutate, error, match):
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(nheads,\)"),
     (dict(alibi_slopes=torch.ones(4, dtype=torch.float16)), TypeError, "alibi_slopes must be float32"),
+    # A flag is a bool (or a numpy bool): a string or None passed by mistake is not read by truthiness.
+    (dict(causal="no"), TypeError, "causal must be a bool, got 'no'"),
+    (dict(return_attn_probs=None), TypeError, "return_attn_probs must be a bool, got None"),
 ])
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -464,6 +464,7 @@ def _native_case(name):
         "alibi": ((q, full, -full, k, v), dict(cache_seqlens=lens, alibi_slopes=torch.rand(H))),
         "softcap": ((q, full, -full, k, v), dict(cache_seqlens=lens, softcap=2.0)),
         "window": ((q, full, -full, k, v), dict(cache_seqlens=lens, window_size=(3, 0))),
+        "right_window": ((q, full, -full, k, v), dict(cache_seqlens=lens, window_size=(-1, 1))),
         "batch_idx": ((q, full, -full, k, v), dict(cache_seqlens=lens, cache_batch_idx=torch.tensor([2, 0, 1]).int())),
         "bfloat16": ((q.bfloat16(), full.bfloat16(), -full.bfloat16(), k.bfloat16(), v.bfloat16()),
                      dict(cache_seqlens=lens, causal=True)),
@@ -472,7 +473,7 @@ def _native_case(name):
 
 
 _NATIVE = ["ragged_leftpad_causal", "one_step", "not_causal", "rotary_from_leftpad", "rotary_interleaved", "no_append"]
-_NOT_NATIVE = ["lse", "query_without_key", "alibi", "softcap", "window", "batch_idx", "bfloat16"]
+_NOT_NATIVE = ["lse", "query_without_key", "alibi", "softcap", "window", "right_window", "batch_idx", "bfloat16"]
 
 
 @pytest.mark.parametrize("case", _NATIVE + _NOT_NATIVE)
@@ -535,6 +536,9 @@ def _small():
     (dict(softcap=-1.0), ValueError, "softcap must be"),
     (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(nheads,\) = \(4,\)"),
     (dict(rotary_from_leftpad=1), TypeError, "rotary_from_leftpad must be a bool, got 1"),
+    (dict(causal="no"), TypeError, "causal must be a bool, got 'no'"),
+    (dict(return_softmax_lse=None), TypeError, "return_softmax_lse must be a bool, got None"),
+    (dict(rotary_interleaved=0), TypeError, "rotary_interleaved must be a bool, got 0"),
 ])
 def test_bad_input_names_the_argument(change, error, match):
     q, kc, vc = _small()

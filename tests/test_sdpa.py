@@ -85,7 +85,7 @@ def test_two_dim_mask_gqa_and_scale(device):
 
 def test_fallbacks_return_torchs_result_exactly():
     q = torch.randn(2, 2, 8, 16, dtype=torch.float64)
-    assert "dtypes" in fallback_reason(q, q, q) or "cpu" in fallback_reason(q, q, q)
+    assert "dtype torch.float64" in fallback_reason(q, q, q) or "cpu" in fallback_reason(q, q, q)
     assert torch.equal(scaled_dot_product_attention(q, q, q, is_causal=True), torch_sdpa(q, q, q, is_causal=True))
     q3 = torch.randn(2, 8, 16)
     assert "4-D" in fallback_reason(q3, q3, q3)
@@ -202,6 +202,36 @@ def test_fallback_reasons(device):
             scaled_dot_product_attention(q, q, q, **both)
     else:
         assert torch.equal(scaled_dot_product_attention(q, q, q, **both), expected)
+
+
+def test_torch_func_transforms_fall_back_to_torchs_function(device):
+    """vmap and grad wrap their inputs (functorch tensors): the op has no batching rule and its
+    autograd.Function no setup_context, so the call goes to torch's function, which has both.
+    Oracle: torch's own function under the same transform."""
+    q, k, v = (torch.randn(3, 2, 5, 8, device=device) for _ in range(3))
+    per_sample = torch.vmap(lambda q, k, v: scaled_dot_product_attention(q[None], k[None], v[None])[0])
+    torch.testing.assert_close(per_sample(q, k, v), torch_sdpa(q, k, v))
+    grad = torch.func.grad(lambda q: scaled_dot_product_attention(q, k, v, is_causal=True).square().sum())(q)
+    want = torch.func.grad(lambda q: torch_sdpa(q, k, v, is_causal=True).square().sum())(q)
+    torch.testing.assert_close(grad, want)
+
+
+def test_autocast_casts_before_the_dtype_check_and_is_causal_must_be_a_bool(device):
+    """Under autocast torch casts q, k, v and a float mask to its dtype first (rotary models hand
+    over float32 q, k and a bf16 v): such calls are served, as torch would compute them in bf16.
+    Without autocast, mixed dtypes are named as mixed. A tensor is_causal goes to torch, which
+    refuses it."""
+    q = torch.randn(1, 2, 6, 8, device=device)
+    v = q.bfloat16()
+    mask = torch.zeros(1, 1, 6, 6, device=device)
+    assert fallback_reason(q, q, v) == "query, key and value dtypes differ: torch.float32/torch.float32/torch.bfloat16"
+    with torch.autocast(device, dtype=torch.bfloat16):
+        assert fallback_reason(q, q, v, attn_mask=mask) is None
+        out = scaled_dot_product_attention(q, q, v, attn_mask=mask)
+        want = torch_sdpa(q, q, v, attn_mask=mask)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=2e-2)
+    assert fallback_reason(q, q, q, is_causal=torch.tensor(True)) == "is_causal tensor(True) is not a bool"
 
 
 def test_dropout_is_served_and_reproducible(device):
