@@ -14,11 +14,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 import zoo
 from zoo import TransformerConfig
-from zoo.config import is_finite_number
+from zoo.config import is_finite_number, is_int
 
 # Parameters that never get weight decay: embeddings and position tables, by name.
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "pos_table", "mask_token")
@@ -80,7 +81,7 @@ def decay_groups(model: nn.Module, weight_decay: float, dims: Optional[dict[str,
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
     """Linear warmup from 1e-3 x the base LR to it over warmup_steps, then cosine to min_lr_ratio x
-    base at total_steps (and there it stays).
+    base at total_steps (and there it stays). A warmup as long as the run is cut to total_steps - 1.
 
     A LambdaLR of a plain function: its state is the step count alone, so a run resumed with a
     larger max_steps/max_epochs follows the new length's curve from where it stopped (the
@@ -124,6 +125,28 @@ _CLOSE_REGISTERED = False
 def _close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class WeightedMean(Metric):
+    """The mean of values, each weighted (a batch's mean loss by its token count), summed across
+    processes. A NaN value makes the mean NaN: torchmetrics' MeanMetric drops NaNs by default and,
+    with nan_strategy="disable", ignores the weights (torchmetrics 1.9)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: torch.Tensor) -> None:
+        value = torch.as_tensor(value, dtype=torch.float64, device=self.total.device)
+        weight = torch.as_tensor(weight, dtype=torch.float64, device=self.total.device)
+        self.total += (value * weight).sum()
+        self.weight += weight.sum()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.weight).float()
 
 
 def check_label_smoothing(label_smoothing: float) -> None:
@@ -249,6 +272,9 @@ class ZooTask(L.LightningModule):
                              f"max_steps); the trainer's estimate of the optimizer steps is {estimated}")
         total = int(estimated)
         warmup = round(hp.warmup * total) if hp.warmup < 1 else int(hp.warmup)
+        if warmup >= total > 1:
+            rank_zero_warn(f"warmup of {warmup} steps is not shorter than the run's {total} optimizer steps: it is cut "
+                           f"to {total - 1}, so the learning rate peaks at the last step (no cosine phase)")
         scheduler = warmup_cosine(optimizer, total, warmup, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -310,6 +336,8 @@ class ClassificationTask(ZooTask):
     def __init__(self, model: str, num_classes: int, label_smoothing: float = 0.0,
                  model_args: Optional[dict[str, Any]] = None, **kwargs):
         check_label_smoothing(label_smoothing)
+        if not is_int(num_classes) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (the classes of the data set), got {num_classes!r}")
         super().__init__(model, {"num_classes": num_classes, **(model_args or {})}, **kwargs)
         top = min(5, num_classes)
         self.metrics = torch.nn.ModuleDict({

@@ -11,7 +11,7 @@ from torchmetrics.text import CharErrorRate
 import zoo
 from zoo.layers import token_cross_entropy
 
-from .base import ZooTask, check_label_smoothing
+from .base import WeightedMean, ZooTask, check_label_smoothing
 from .data.tokenizers import suppressed_ids, warn_unknown
 
 
@@ -57,9 +57,11 @@ class Seq2Seq(ZooTask):
         super().__init__(model, {"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, **(model_args or {})},
                          **kwargs)
         self.tokenizer = None  # set in setup() from the data module, or from a checkpoint
+        # The loss is a mean over the target tokens of the whole split (weighted by each batch's
+        # count; a NaN batch makes it NaN rather than being dropped).
         self.metrics = torch.nn.ModuleDict({
             f"{stage}_{name}": metric() for stage in ("val", "test")
-            for name, metric in (("exact_match", MeanMetric), ("cer", CharErrorRate))})
+            for name, metric in (("loss", WeightedMean), ("exact_match", MeanMetric), ("cer", CharErrorRate))})
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -110,7 +112,9 @@ class Seq2Seq(ZooTask):
 
     def _evaluate(self, batch, stage: str) -> None:
         size = len(batch["labels"])
-        self.log(f"{stage}/loss", self._loss(batch), prog_bar=True, on_epoch=True, batch_size=size, sync_dist=True)
+        loss = self.metrics[f"{stage}_loss"]
+        loss.update(self._loss(batch), weight=(batch["labels"] != -100).sum())
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, batch_size=size)
         predictions = self.decode(batch["src_ids"], batch["src_mask"])
         references = batch["target_text"]
         exact = self.metrics[f"{stage}_exact_match"]

@@ -102,13 +102,28 @@ class SpeechRecognition(ZooTask):
         """Per-frame logits (B, S, vocab_size)."""
         return self.model(waveforms, lengths)
 
-    def _loss(self, batch) -> torch.Tensor:
-        return self.model.ctc_loss(batch["waveforms"], batch["lengths"], batch["targets"], batch["target_lengths"])
+    def _loss(self, batch, zero_infinity: bool = False) -> torch.Tensor:
+        return self.model.ctc_loss(batch["waveforms"], batch["lengths"], batch["targets"], batch["target_lengths"],
+                                   zero_infinity=zero_infinity)
+
+    def too_short(self, batch) -> torch.Tensor:
+        """How many utterances of a batch have fewer frames (after the stride-2 convolution) than
+        CTC needs for their transcript: one per symbol, and a blank between repeated symbols."""
+        tokens = (self.model.frontend.frames(batch["lengths"]) + 1) // 2
+        targets, counts = batch["targets"], batch["target_lengths"].to(tokens.device)
+        inside = torch.arange(max(targets.shape[1] - 1, 0), device=targets.device) < (counts - 1)[:, None]
+        repeats = ((targets[:, 1:] == targets[:, :-1]) & inside).sum(1)
+        return (tokens < counts + repeats).sum()
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["lengths"]),
-                 sync_dist=True)
+        # An utterance too short for its transcript has no alignment: its loss is inf and its
+        # gradients NaN, which clipping would spread to every weight. It counts 0 instead, and
+        # train/too_short counts such utterances (validation keeps the inf).
+        loss = self._loss(batch, zero_infinity=True)
+        size = len(batch["lengths"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("train/too_short", self.too_short(batch).float(), on_step=False, on_epoch=True, reduce_fx="sum",
+                 batch_size=size, sync_dist=True)
         return loss
 
     def transcribe(self, waveforms: torch.Tensor, lengths=None, tokenizer=None) -> list[str]:

@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import zoo
 from zoo.layers import token_cross_entropy
 
-from .base import ZooTask
+from .base import WeightedMean, ZooTask
 from .data.tokenizers import suppressed_ids, warn_unknown
 
 IGNORE_INDEX = -100
@@ -69,7 +69,9 @@ class _LanguageModelTask(ZooTask):
             super().__init__(model, overrides, **kwargs)
         if vocab_size is None:
             self.model = None  # built by configure_model (module docstring)
-        self.loss_metrics = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        # A batch whose loss is NaN makes the split's loss NaN (MeanMetric would drop it with a
+        # warning, and a diverging model could look fine).
+        self.loss_metrics = torch.nn.ModuleDict({stage: WeightedMean() for stage in ("val", "test")})
         # The fraction of scored labels that are characters (bytes), for bits per character.
         self.char_fractions = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.bits_name: Optional[str] = None  # "bpc" / "bpb" once the tokenizer is known

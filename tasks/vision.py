@@ -10,7 +10,8 @@ from .base import ClassificationTask
 
 
 class ImageClassification(ClassificationTask):
-    """Trains a zoo image classifier (ViT) with cross-entropy; logs top-1 and top-5 accuracy.
+    """Trains a zoo image classifier (ViT) with cross-entropy; logs top-1 and top-5 accuracy
+    (top-k, acc_top<k>, with k < 5 classes).
 
     Batches are (images (B, C, H, W), labels (B,)). Args as ZooTask, plus:
         num_classes: classes of the data set (passed to the model).

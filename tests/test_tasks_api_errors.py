@@ -31,6 +31,7 @@ NAN, INF = float("nan"), float("inf")
     ({"betas": (1.5, 0.999)}, "betas"), ({"betas": (0.9,)}, "betas"), ({"betas": (0.9, NAN)}, "betas"),
     ({"warmup": INF}, "warmup"), ({"warmup": -0.1}, "warmup"),
     ({"label_smoothing": 1.0}, "label_smoothing"), ({"label_smoothing": -0.1}, "label_smoothing"),
+    ({"num_classes": 1}, "num_classes"), ({"num_classes": 2.0}, "num_classes"),
 ])
 def test_bad_optimizer_and_loss_settings_fail_at_construction_naming_the_argument(kwargs, name):
     """Before, lr=0 trained nothing without a word, a negative or NaN lr failed only when fit()

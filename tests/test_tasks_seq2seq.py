@@ -243,6 +243,30 @@ def test_exact_match_counts_whole_strings(tmp_path):
     assert metrics["val/cer"] == pytest.approx(cer, rel=1e-5)
 
 
+def test_validation_loss_is_the_mean_over_every_target_token_whatever_the_batching(tmp_path):
+    """Targets of different lengths in batches of unequal size: val/loss is the token mean over
+    the split (oracle: one float64 cross-entropy over all the split's logits), not a mean of
+    batch means, so it does not depend on the batch size."""
+    path = tmp_path / "pairs.tsv"
+    lines = [f"{i} {'x' * (i % 7)}\t{'y' * (1 + (i * 5) % 23)}" for i in range(40)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    task = Seq2Seq(model="seq2seq_tiny", vocab_size=64, max_new_tokens=4, model_args={"dim": 32, "depth": 1})
+    got = []
+    for batch_size in (3, 7):
+        dm = TSVDataModule(train_path=str(path), val_path=str(path), tokenizer="chars", batch_size=batch_size)
+        got.append(_trainer(tmp_path, max_steps=1, enable_checkpointing=False).validate(task, dm, verbose=False)[0])
+    logits, labels = [], []
+    task.eval()
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            logits.append(task(batch["src_ids"], batch["tgt_ids"], batch["src_mask"]).double().flatten(0, 1))
+            labels.append(batch["labels"].flatten())
+    want = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(labels), ignore_index=-100,
+                                             label_smoothing=task.hparams.label_smoothing).item()
+    assert [m["val/loss"] for m in got] == [pytest.approx(want, rel=1e-5)] * 2
+
+
 def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
     task = Seq2Seq(model="seq2seq_tiny", vocab_size=40, model_args={"dim": 32, "attn_backend": "sdpa"})
     with pytest.raises(ValueError, match="at least 72"):

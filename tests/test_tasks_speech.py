@@ -257,6 +257,28 @@ def test_ctc_task_gives_finite_loss_and_error_rates(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
 
 
+def test_utterances_too_short_for_their_transcript_are_counted_and_do_not_poison_training():
+    """CTC needs a frame per symbol and a blank between repeats. An utterance with fewer has an
+    infinite loss and NaN gradients (clipping would spread them to every weight): in training it
+    counts 0 and train/too_short counts it. Oracle: torch's own per-utterance CTC loss is inf
+    for exactly the utterances counted."""
+    torch.manual_seed(0)
+    task = SpeechRecognition(model="speech_tiny", vocab_size=12, model_args={"depth": 1})
+    lengths = torch.tensor([480, 480, 16000, 480])  # 3 frames -> 2 positions; 100 frames -> 50
+    targets = torch.tensor([[5, 5, 0], [5, 6, 0], [5, 5, 5], [5, 6, 7]])  # "aa" needs 3 positions, "abc" 3
+    batch = {"waveforms": torch.randn(4, 16000) * 0.1, "lengths": lengths, "targets": targets,
+             "target_lengths": torch.tensor([2, 2, 3, 3])}
+    logits, counts = task.model.frame_logits(batch["waveforms"], lengths)
+    per_utterance = torch.nn.functional.ctc_loss(logits.log_softmax(-1).transpose(0, 1), targets, counts,
+                                                 batch["target_lengths"], reduction="none")
+    assert per_utterance.isinf().tolist() == [True, False, False, True]
+    assert task.too_short(batch).item() == 2
+    assert task._loss(batch).isinf()  # validation shows it
+    loss = task._loss(batch, zero_infinity=True)
+    loss.backward()
+    assert loss.isfinite() and all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+
+
 def _write_wav(path, samples: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as w:

@@ -115,6 +115,20 @@ def test_a_folder_is_read_through_links_once_each_without_hidden_files(tmp_path)
 # ---------------------------------------------------------------- tokenizers and baseline
 
 
+def test_the_loss_mean_weighs_batches_by_tokens_and_keeps_a_nan():
+    """val/loss is a token mean: batches weigh by their token count (torchmetrics' MeanMetric with
+    nan_strategy="disable" ignores the weights), and a NaN batch makes it NaN (the default
+    MeanMetric drops it: a diverging model would look fine). Oracle: the weighted mean by hand."""
+    from tasks.base import WeightedMean
+
+    metric = WeightedMean()
+    for value, weight in ((2.0, 3), (1.0, 1), (4.0, 0)):
+        metric.update(torch.tensor(value), torch.tensor(weight))
+    assert metric.compute().item() == (2.0 * 3 + 1.0) / 4
+    metric.update(torch.tensor(float("nan")), torch.tensor(5))
+    assert metric.compute().isnan()
+
+
 def test_tokenizers_round_trip_the_corpus():
     splits = split_documents(pydoc_topics_documents())
     train = [text for _, text in splits["train"]]

@@ -310,16 +310,18 @@ class SpeechCTC(SpeechEncoder):
         """Per-frame logits (B, S, vocab_size)."""
         return self.frame_logits(inputs, lengths)[0]
 
-    def ctc_loss(self, inputs: Tensor, lengths, targets: Tensor, target_lengths) -> Tensor:
+    def ctc_loss(self, inputs: Tensor, lengths, targets: Tensor, target_lengths, zero_infinity: bool = False) -> Tensor:
         """Mean CTC loss (torch.nn.functional.ctc_loss, per-target-length normalized).
 
         targets (B, L) padded or concatenated (sum(target_lengths),) symbol ids, none the
-        blank; target_lengths (B,). An utterance too short for its target gives inf.
+        blank; target_lengths (B,). An utterance too short for its target gives inf (and NaN
+        gradients); with zero_infinity, 0 and zero gradients (it still counts in the mean).
         """
         logits, counts = self.frame_logits(inputs, lengths)
         log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (S, B, V), as ctc_loss wants
         target_lengths = torch.as_tensor(target_lengths, device=logits.device)
-        return F.ctc_loss(log_probs, targets, counts, target_lengths, blank=self.cfg.blank_id)
+        return F.ctc_loss(log_probs, targets, counts, target_lengths, blank=self.cfg.blank_id,
+                          zero_infinity=zero_infinity)
 
     @torch.no_grad()
     def greedy_decode(self, inputs: Tensor, lengths=None,
