@@ -239,10 +239,16 @@ class ZooTask(L.LightningModule):
             checkpoint["zoo_rng_states"] = gathered
         else:
             checkpoint["zoo_rng_states"] = [states]
+        self._note_pending_accumulation(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Put back when training starts: after the restore, before the first step draws.
         self._rng_states_to_restore = checkpoint.get("zoo_rng_states")
+        pending = checkpoint.get("zoo_pending_accumulation")
+        if pending and self._trainer is not None and self.trainer.state.fn == "fit":
+            rank_zero_warn(f"the checkpoint was written after {pending[0]} of {pending[1]} accumulated batches, whose "
+                           f"gradients it does not hold: the resumed run's first step sums the rest of that window "
+                           f"only (val_check_interval a multiple of accumulate_grad_batches makes resumes exact)")
         # Tasks that decode text (seq2seq, CTC) keep the tokenizer as self.tokenizer.
         if hasattr(self, "tokenizer") and "zoo_tokenizer" in checkpoint:
             from .data.tokenizers import tokenizer_from_state
@@ -279,6 +285,7 @@ class ZooTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        self._restore_training_loader()
         states = self.__dict__.pop("_rng_states_to_restore", None)
         if states is not None:
             if len(states) == self.trainer.world_size:
@@ -297,6 +304,44 @@ class ZooTask(L.LightningModule):
                                                scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)
                 scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def _restore_training_loader(self) -> None:
+        """Puts the training loader where the checkpoint had it, and warns where a resume cannot
+        be exact.
+
+        Lightning loads the loader's state when its fit loop first builds the loader, after the
+        checkpoint is read; but configure_optimizers' estimated_stepping_batches builds it before
+        that in a run bounded by max_epochs, and the state was then never loaded: a mid-epoch
+        resume restarted its epoch (batches trained twice, others never). Loaded here instead,
+        before the first batch. (Lightning 2.6's fit loop: _load_combined_loader_states.)
+        """
+        from .data.loaders import ResumableLoader
+
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None) and fit_loop.restarting:
+            fit_loop._load_combined_loader_states()
+        combined = getattr(fit_loop, "_combined_loader", None)
+        loaders = [dl for dl in getattr(combined, "flattened", []) if isinstance(dl, ResumableLoader)]
+        # A final checkpoint written when max_steps stopped the run mid-epoch: Lightning counts
+        # that epoch as done and resumes with the next, so the rest of it is never trained.
+        planned = self.trainer.num_training_batches
+        for loader in loaders:
+            if loader._resume and loader._given < planned and loader._epoch < fit_loop.epoch_progress.current.completed:
+                rank_zero_warn(f"the checkpoint was written after {loader._given} of epoch {loader._epoch}'s "
+                               f"{planned} batches (max_steps ended that run there); Lightning resumes with the next "
+                               f"epoch, so the rest of epoch {loader._epoch} is not trained. Resume from a checkpoint "
+                               f"written at a validation (last.ckpt when max_steps is a multiple of "
+                               f"val_check_interval) for an exact continuation")
+
+    def _note_pending_accumulation(self, checkpoint: dict) -> None:
+        """Notes, in a checkpoint written inside a gradient-accumulation window, how many batches'
+        gradients it lacks (they are in .grad, which checkpoints do not hold)."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1 and self.trainer.state.fn == "fit":
+            ready = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            pending = ready % accumulate
+            if pending and ready < self.trainer.num_training_batches:
+                checkpoint["zoo_pending_accumulation"] = [pending, accumulate]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, plus two cases its precision plugins refuse (the CLI clips by

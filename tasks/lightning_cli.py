@@ -91,6 +91,30 @@ class ZooCLI(LightningCLI):
             print(f"zoo {self.subcommand or ''}".rstrip() + f": error: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI puts a checkpoint's hyperparameters over the config's and the command line's
+        model arguments (the model must be the one the weights fit): `fit --ckpt_path` with another
+        lr, size or model_args then trains with the checkpoint's, without a word. Warn, naming them."""
+        subcommand = self.config.get("subcommand")
+        before = self._model_arguments(subcommand)
+        super()._parse_ckpt_path()
+        after = self._model_arguments(subcommand)
+        changed = sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
+        if changed and subcommand == "fit":
+            details = ", ".join(f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
+            warnings.warn(f"--ckpt_path: the checkpoint's model settings replace the config's and the command "
+                          f"line's ({details}); a resumed run trains the checkpoint's model with its optimizer "
+                          f"settings. To change them, start a new run from its weights instead", stacklevel=2)
+
+    def _model_arguments(self, subcommand) -> dict:
+        """The model's init_args in the parsed config, as a plain dict ({} when there are none)."""
+        section = self.config.get(subcommand) if subcommand else None
+        model = section.get("model") if section is not None else None
+        args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+        if args is None:
+            return {}
+        return args.as_dict() if hasattr(args, "as_dict") else dict(args)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=Optional[str], default=None,
                             help="run name: logs go to <trainer.default_root_dir>/<name>/version_<n> "

@@ -405,6 +405,25 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(tmp_pat
     assert resumed.global_step == saved["global_step"] + first.num_training_batches
 
 
+def test_fit_from_a_checkpoint_names_the_settings_the_checkpoint_replaces(tmp_path):
+    """LightningCLI puts the checkpoint's model hyperparameters over the command line's: a resume
+    with another lr or model size trains the checkpoint's. Said, naming each (before: silence)."""
+    with kernels.reference_only():
+        _fit(["-c", "configs/vision/vit_digits.yaml", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+              "--model.init_args.model_args={'depth': 1}", "--trainer.enable_progress_bar=false"], tmp_path)
+    (checkpoint,) = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)
+    resume = ["-c", "configs/vision/vit_digits.yaml", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false",
+              "--model.init_args.model_args={'depth': 1}", f"--ckpt_path={checkpoint}"]  # step 1: nothing to do
+    with kernels.reference_only(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([*resume, "--model.init_args.lr=1e-4"], tmp_path)
+        said = [str(w.message) for w in caught if "checkpoint's model settings" in str(w.message)]
+        assert len(said) == 1 and "lr 0.0001 -> 0.003" in said[0]
+        caught.clear()
+        _fit(resume, tmp_path)  # the same settings: nothing to say
+        assert not [w for w in caught if "checkpoint's model settings" in str(w.message)]
+
+
 def test_learning_rate_schedule_and_a_longer_resumed_run():
     """Warmup then cosine, against the formula written out; resumed with more steps, the schedule
     follows the new length from where it stopped (never back up towards the peak)."""

@@ -261,7 +261,7 @@ class _StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def _fit(root, steps_before_stop=None, ckpt_path=None, batch_size=128, **trainer_options):
+def _fit(root, steps_before_stop=None, ckpt_path=None, batch_size=128, bound=None, **trainer_options):
     """vit_digits (2 blocks) with everything random on: shuffled batches, shift augmentation,
     drop path and dropout. 1,257 training digits at batch 128: 10 batches an epoch."""
     L.seed_everything(0, verbose=False)
@@ -273,8 +273,9 @@ def _fit(root, steps_before_stop=None, ckpt_path=None, batch_size=128, **trainer
         callbacks += [_StopAt(steps_before_stop),
                       L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=steps_before_stop)]
     trainer = L.Trainer(default_root_dir=root, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=16,
-                        enable_checkpointing=steps_before_stop is not None, callbacks=callbacks, **trainer_options)
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        enable_checkpointing=steps_before_stop is not None, callbacks=callbacks,
+                        **(bound or dict(max_steps=16)), **trainer_options)
     with kernels.reference_only(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(task, DigitsDataModule(batch_size=batch_size, shift=1), ckpt_path=ckpt_path)
@@ -282,21 +283,71 @@ def _fit(root, steps_before_stop=None, ckpt_path=None, batch_size=128, **trainer
     return losses.losses, task
 
 
-def test_a_run_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_run(tmp_path):
-    """Stopped at step 6 of a 16-step run (mid-epoch 0 of 10-batch epochs) and resumed from that
-    checkpoint, the run gives the uninterrupted run's losses at every later step and its final
-    weights, across the epoch boundary (without the loader's state it retrains batches 1-6;
-    without the random states it draws other shifts, drop paths and dropout)."""
-    uninterrupted, expected = _fit(tmp_path / "once")
-    stopped, _ = _fit(tmp_path / "stopped", steps_before_stop=6)
+@pytest.mark.parametrize("bound", [dict(max_steps=16), dict(max_epochs=2)], ids=["max_steps", "max_epochs"])
+def test_a_run_resumed_mid_epoch_trains_exactly_as_the_uninterrupted_run(tmp_path, bound):
+    """Stopped at step 6 of a 16-step (or 2-epoch) run (mid-epoch 0 of 10-batch epochs) and
+    resumed from that checkpoint, the run gives the uninterrupted run's losses at every later
+    step and its final weights, across the epoch boundary (without the loader's state it
+    retrains batches 1-6: so it did under max_epochs, whose schedule built the loader before
+    the state was read; without the random states it draws other shifts, drop paths and dropout)."""
+    uninterrupted, expected = _fit(tmp_path / "once", bound=bound)
+    stopped, _ = _fit(tmp_path / "stopped", steps_before_stop=6, bound=bound)
     assert stopped == uninterrupted[:6]
     (checkpoint,) = (tmp_path / "stopped").glob("*.ckpt")
-    resumed, task = _fit(tmp_path / "resumed", ckpt_path=str(checkpoint))
+    resumed, task = _fit(tmp_path / "resumed", ckpt_path=str(checkpoint), bound=bound)
     assert resumed == uninterrupted[6:]
     loops = torch.load(checkpoint, weights_only=True)["loops"]  # plain types: loads without pickled objects
     assert loops["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 6
     for (name, a), (_, b) in zip(expected.named_parameters(), task.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_final_checkpoint_cut_by_max_steps_mid_epoch_warns_that_the_epoch_is_not_continued(tmp_path):
+    """Lightning counts an epoch that max_steps ended as done: a checkpoint written then resumes
+    with the next epoch. That cannot be exact, so it is said (before: silence, and the rest of
+    the epoch was never trained)."""
+    L.seed_everything(0, verbose=False)
+    task = ImageClassification(model="vit_digits", model_args={"depth": 1}, lr=3e-3, warmup=3)
+    options = dict(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=False)
+    with kernels.reference_only():
+        trainer = L.Trainer(max_steps=6, **options)
+        trainer.fit(task, DigitsDataModule(batch_size=128))
+        trainer.save_checkpoint(tmp_path / "final.ckpt")
+        with pytest.warns(UserWarning, match=r"after 6 of epoch 0's 10 batches .* the rest of epoch 0 is not trained"):
+            L.Trainer(max_steps=8, **options).fit(task, DigitsDataModule(batch_size=128),
+                                                  ckpt_path=str(tmp_path / "final.ckpt"))
+
+
+def test_a_checkpoint_inside_an_accumulation_window_says_what_a_resume_lacks(tmp_path):
+    """Validation after batch 3 of windows of 2: the checkpoint lacks batch 3's gradient (in .grad,
+    not in checkpoints). It notes so, and a resume from it warns rather than summing a short window
+    in silence."""
+    L.seed_everything(0, verbose=False)
+    task = ImageClassification(model="vit_digits", model_args={"depth": 1}, lr=3e-3, warmup=3)
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="at-validation")
+    options = dict(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                   accumulate_grad_batches=2, val_check_interval=3)
+    with kernels.reference_only():
+        L.Trainer(max_steps=2, callbacks=[saver], **options).fit(task, DigitsDataModule(batch_size=128))
+        checkpoint = torch.load(saver.best_model_path, weights_only=False)
+        assert checkpoint["zoo_pending_accumulation"] == [1, 2] and checkpoint["global_step"] == 1
+        with pytest.warns(UserWarning, match=r"after 1 of 2 accumulated batches"):
+            L.Trainer(max_steps=3, enable_checkpointing=False, **options).fit(
+                task, DigitsDataModule(batch_size=128), ckpt_path=saver.best_model_path)
+
+
+def test_evaluation_loaders_take_nothing_from_torchs_generator():
+    """A DataLoader draws its workers' base seed from torch's global generator at each iter()
+    unless it has its own: validating would then move training's dropout and augmentation,
+    differently with and without (persistent) workers and after a resume."""
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        state = torch.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("stop", [4, 6])

@@ -245,7 +245,11 @@ class SplitDataModule(L.LightningDataModule):
         options = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate_fn(train),
                        persistent_workers=self.num_workers > 0)
         if not train or isinstance(dataset, IterableDataset):  # an iterable set has no indices to skip by
-            return DataLoader(dataset, shuffle=self.shuffle if train else None, **options)
+            # A generator of its own: a DataLoader draws its workers' base seed from torch's global
+            # generator at each iter() (a persistent one, once), which would make training's dropout
+            # and masks depend on when validation ran, and on num_workers, and differ after a resume.
+            generator = torch.Generator().manual_seed(0) if not train else None
+            return DataLoader(dataset, shuffle=self.shuffle if train else None, generator=generator, **options)
         sampler = None
         if not self.shuffle and dist.is_available() and dist.is_initialized():
             sampler = DistributedSampler(dataset, shuffle=False)  # kept by Lightning, which would shuffle
