@@ -336,8 +336,11 @@ class ZooTask(L.LightningModule):
     def _note_pending_accumulation(self, checkpoint: dict) -> None:
         """Notes, in a checkpoint written inside a gradient-accumulation window, how many batches'
         gradients it lacks (they are in .grad, which checkpoints do not hold)."""
-        accumulate = self.trainer.accumulate_grad_batches
-        if accumulate > 1 and self.trainer.state.fn == "fit":
+        trainer = self._trainer
+        if trainer is None:  # a checkpoint written by hand, outside a run
+            return
+        accumulate = trainer.accumulate_grad_batches
+        if accumulate > 1 and trainer.state.fn == "fit":
             ready = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
             pending = ready % accumulate
             if pending and ready < self.trainer.num_training_batches:
