@@ -256,6 +256,27 @@ def test_shift_augmentation_differs_across_loader_workers():
     assert moves[0::2] != moves[1::2]  # worker 0 serves the even samples, worker 1 the odd ones
 
 
+def test_digit_shifts_bring_in_the_background():
+    """The shift runs after standardization: the pixels it brings in must be the background's
+    standardized value (a digit's blank border), not 0, which is the training mean, a grey stroke.
+    Oracle: the image moved by the drawn shift, the rows and columns it vacates set to the border
+    value of the unshifted images (blank in every digit)."""
+    dm = DigitsDataModule(batch_size=32, shift=3)
+    dm.setup("fit")
+    background = dm.val_set[0][0][0, 0, 0]
+    assert background < -0.5 and all(dm.val_set[i][0][0, 0, 0] == background for i in range(20))
+    for i in range(20):
+        torch.manual_seed(i)
+        dy, dx = torch.randint(-3, 4, (2,)).tolist()  # the draw _Shift makes
+        torch.manual_seed(i)
+        got = dm.train_set[i][0][0]
+        expected = torch.full((8, 8), float(background))
+        plain = dm.train_set.base[i][0][0]
+        expected[max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)] = \
+            plain[max(-dy, 0):8 - max(dy, 0), max(-dx, 0):8 - max(dx, 0)]
+        assert torch.equal(got, expected), (i, dy, dx)
+
+
 def test_data_module_loaders():
     """Every data module's loaders (tasks/data/loaders.py): asking before setup() names the
     module; training shuffles unless shuffle=False; val, test and predict keep their order."""

@@ -76,6 +76,9 @@ def test_data_modules_check_batch_size_and_workers_at_construction(build, kwargs
     ("MaskedLMDataModule", {"max_length": 64.0}, r"max_length must be an int >= 3 .*got 64.0"),
     ("TSVDataModule", {"train_path": "pairs.tsv", "max_length": 1}, r"max_length must be an int >= 2 .*got 1"),
     ("ImageFolderDataModule", {"root": "images", "image_size": 0}, "image_size must be an int >= 1, got 0"),
+    ("DigitsDataModule", {"shift": -1}, r"shift must be an int >= 0 \(pixels\), got -1"),
+    ("DigitsDataModule", {"shift": 1.5}, r"shift must be an int >= 0 \(pixels\), got 1.5"),
+    ("DigitsDataModule", {"shift": 8}, r"shift must be at most 7 \(the images are 8 x 8\), got 8"),
 ])
 def test_data_module_sizes_are_ints_checked_at_construction(build, kwargs, message):
     """A fractional size passed construction and failed when the data was sliced (block_size
@@ -83,7 +86,8 @@ def test_data_module_sizes_are_ints_checked_at_construction(build, kwargs, messa
     the module and the argument, before any data is read."""
     import importlib
 
-    module = {"TSVDataModule": "parallel", "ImageFolderDataModule": "vision"}.get(build, "text")
+    module = {"TSVDataModule": "parallel", "ImageFolderDataModule": "vision", "DigitsDataModule": "vision"}.get(
+        build, "text")
     cls = getattr(importlib.import_module(f"tasks.data.{module}"), build)
     with pytest.raises(ValueError, match=rf"^{build}: {message}"):
         cls(**kwargs)
@@ -173,3 +177,21 @@ def test_an_image_folder_with_an_empty_class_folder_is_named(tmp_path):
     val = re.escape(os.path.abspath(tmp_path / "val"))
     with pytest.raises(FileNotFoundError, match=rf"^ImageFolderDataModule: '{val}': .*dog.*ending in \.jpg"):
         ImageFolderDataModule(str(tmp_path), image_size=8, num_workers=0).setup("fit")
+
+
+def test_an_image_folder_root_may_start_with_the_home_folder_and_a_huge_image_is_named(tmp_path, monkeypatch):
+    """`root: ~/images` as torchvision's own data sets take it; an image past PIL's pixel limit (a
+    DecompressionBombError, not an OSError) is named with its path like a corrupt one."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (16, 16)).save(tmp_path / "images" / split / "cat" / "0.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    dm = ImageFolderDataModule("~/images", image_size=8, num_workers=0)
+    dm.setup("fit")
+    assert len(dm.train_set) == 1 and dm.root == str(tmp_path / "images")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16 x 16 is more than twice this: PIL refuses
+    path = re.escape(str(tmp_path / "images" / "val" / "cat" / "0.png"))
+    with pytest.raises(ValueError, match=rf"^{path}: cannot read this image \(DecompressionBombError"):
+        dm.val_set[0]

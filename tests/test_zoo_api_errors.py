@@ -239,3 +239,26 @@ def test_vit_forward_head_names_bad_features(features, match):
     images = torch.randn(2, 1, 8, 8)
     with kernels.reference_only():
         torch.testing.assert_close(model.forward_head(model.forward_features(images)), model(images))
+
+
+def test_backbone_inputs_are_checked_by_name():
+    """Before: sinusoidal positions read position -1 as the table's last row (a wrong answer, no
+    error), learned ones raised an IndexError, an odd width for sinusoidal positions passed the
+    config, and a wrong width or memory failed deep in a matmul."""
+    T = zoo.TransformerConfig
+    with pytest.raises(ValueError, match=r"positions='sinusoidal' needs an even dim .*got dim=33"):
+        T(dim=33, heads=3, positions="sinusoidal")
+    for positions in ("sinusoidal", "learned"):
+        model = zoo.Transformer(T(dim=16, depth=1, heads=2, positions=positions, max_seq_len=8)).eval()
+        x = torch.randn(1, 3, 16)
+        with pytest.raises(ValueError, match=r"position_ids must be >= 0, got -1"):
+            model(x, position_ids=torch.tensor([[-1, 0, 1]]))
+        with pytest.raises(TypeError, match=r"position_ids must be an integer tensor, got torch.float32"):
+            model(x, position_ids=torch.tensor([[0.0, 1.0, 2.0]]))
+        with pytest.raises(ValueError, match=r"position_ids must have shape \(batch, seq\) = \(1, 3\), got \(3,\)"):
+            model(x, position_ids=torch.arange(3))
+        with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, dim\) = \(B, S, 16\), got \(1, 3, 15\)"):
+            model(torch.randn(1, 3, 15))
+    cross = zoo.Transformer(T(dim=16, depth=1, heads=2, cross_attention=True)).eval()
+    with pytest.raises(ValueError, match=r"memory must have shape \(batch, memory_len, dim\) = \(B, Sm, 16\)"):
+        cross(torch.randn(1, 3, 16), memory=torch.randn(1, 2, 8))

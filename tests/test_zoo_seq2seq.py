@@ -309,6 +309,11 @@ def test_transformer_base_parameter_count():
 def test_overrides_and_validation():
     model = create_model("seq2seq_tiny", encoder_depth=1, decoder_depth=3, attn_backend="sdpa", dim=64)
     assert len(model.encoder.blocks) == 1 and len(model.decoder.blocks) == 3
+    # A side's own override wins over the shared one whatever their order (a YAML file's or a
+    # command line's order is incidental): before, the later one won.
+    for overrides in (dict(encoder_depth=4, depth=1), dict(depth=1, encoder_depth=4)):
+        cfg = create_model("seq2seq_tiny", **overrides).cfg
+        assert (cfg.encoder.depth, cfg.decoder.depth) == (4, 1), overrides
     assert model.cfg.encoder.dim == model.cfg.decoder.dim == 64
     assert model.cfg.encoder.attn_backend == model.cfg.decoder.attn_backend == "sdpa"
     model.set_attn_backend("eager")

@@ -132,9 +132,26 @@ class Transformer(nn.Module):
         position_ids (B, S): positions of the input tokens (default: 0.., continuing from
         the cache's offset, counted from each row's leftpad when the cache has one).
         memory (B, Sm, dim) and memory_padding_mask (B, Sm): what cross-attention attends to.
-        Raises ValueError for positions past max_seq_len, or a cache made for another batch size.
+        Raises ValueError for positions past max_seq_len or below 0 (checked where reading
+        them costs no sync: CPU tensors), for x, memory or position_ids of the wrong shape, or a
+        cache made for another batch size; TypeError for position_ids that are not integers.
         """
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"x must have shape (batch, seq, dim) = (B, S, {self.cfg.dim}), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         B, S, _ = x.shape
+        if position_ids is not None:
+            if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+                raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+            if tuple(position_ids.shape) != (B, S):
+                raise ValueError(f"position_ids must have shape (batch, seq) = ({B}, {S}), got "
+                                 f"{tuple(position_ids.shape)}")
+            if position_ids.device.type == "cpu" and position_ids.numel() and not torch.compiler.is_compiling() \
+                    and int(position_ids.min()) < 0:
+                raise ValueError(f"position_ids must be >= 0, got {int(position_ids.min())}")
+        if memory is not None and (memory.dim() != 3 or memory.shape[-1] != self.cfg.dim):
+            raise ValueError(f"memory must have shape (batch, memory_len, dim) = (B, Sm, {self.cfg.dim}), got "
+                             f"{tuple(memory.shape)}")
         if not self.cfg.cross_attention and (memory is not None or memory_padding_mask is not None):
             raise ValueError("memory / memory_padding_mask given to a Transformer without cross-attention "
                              "(set cross_attention=True in its config to attend to a memory sequence)")

@@ -54,7 +54,7 @@ class TransformerConfig:
     prenorm: bool = True  # pre-norm residual blocks (GPT, ViT); False: post-norm (BERT, 2017 Transformer)
     final_norm: bool = True  # a norm after the last block (pre-norm models)
     input_norm: bool = False  # a norm over the input embeddings, after positions are added (BERT)
-    positions: str = "learned"  # learned, sinusoidal (added to the input), rotary, alibi (in attention), none
+    positions: str = "learned"  # learned, sinusoidal (added to the input), rotary, alibi (self-attention), none
     max_seq_len: int = 1024  # table length of learned / sinusoidal positions
     rotary_dim: Optional[int] = None  # dims of each head that rotary rotates (None: all)
     rotary_base: float = 10000.0  # rotary frequency base
@@ -67,7 +67,7 @@ class TransformerConfig:
     norm_bias: bool = True  # learned shift in LayerNorm
     dropout: float = 0.0  # dropout on the input embeddings and on each residual branch
     attn_dropout: float = 0.0  # dropout on the attention probabilities
-    drop_path: float = 0.0  # stochastic depth: drop rate of the last block, linear from 0 at the first
+    drop_path: float = 0.0  # stochastic depth: drop rate of the last block, linear from 0 at the first (depth 1: 0)
     layer_scale: Optional[float] = None  # LayerScale initial value on each residual branch (None: off)
     attn_backend: str = "triton"  # triton (this project's kernels), sdpa (torch) or eager (explicit softmax)
     checkpointing: bool = False  # recompute each block in the backward (activation checkpointing)
@@ -115,6 +115,8 @@ class TransformerConfig:
             rd = self.rotary_dim if self.rotary_dim is not None else self.head_size
             need(rd % 2 == 0 and 0 < rd <= self.head_size,
                  f"rotary_dim ({rd}) must be even and at most head_dim ({self.head_size})")
+        need(self.positions != "sinusoidal" or self.dim % 2 == 0,
+             f"positions='sinusoidal' needs an even dim (sine and cosine pairs), got dim={self.dim}")
 
     @property
     def head_size(self) -> int:

@@ -91,10 +91,11 @@ def build_seq2seq_config(encoder: TransformerConfig, decoder: TransformerConfig,
             sides[key] = value
         elif key in model_fields:
             model_values[key] = value
-        elif key in backbone_fields:
-            changes["encoder"][key] = changes["decoder"][key] = value
+        elif key in backbone_fields:  # both sides, unless a side's own override says otherwise (below)
+            for part in ("encoder", "decoder"):
+                changes[part].setdefault(key, value)
         elif side in sides and name in backbone_fields:
-            changes[side][name] = value
+            changes[side][name] = value  # the more specific override wins, whatever the order
         else:
             known = sorted(model_fields | backbone_fields | {f"{s}_{n}" for s in sides for n in backbone_fields})
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)

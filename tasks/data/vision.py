@@ -34,7 +34,9 @@ def load_image(path: str):
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+    # UnidentifiedImageError is an OSError; DecompressionBombError (an image past PIL's pixel
+    # limit, Image.MAX_IMAGE_PIXELS) is neither.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from e
 
 
@@ -57,15 +59,16 @@ def _labelled_as(train, split):
 
 
 class _Shift(Dataset):
-    """Training augmentation for tiny images: a random shift by up to `pixels` (zero fill).
+    """Training augmentation for tiny images: a random shift by up to `pixels`; the pixels shifted
+    in are `fill` (the background: 0 before standardization, -mean/std after).
 
     The shifts come from torch's global generator, which the training loader (ResumableLoader)
     seeds for each batch, in the main process and in each worker alike: the run's seed sets
     them, whatever the number of workers, and a resumed run draws the same. (In a worker of a
     plain DataLoader, torch seeds that generator per worker.)"""
 
-    def __init__(self, base: Dataset, pixels: int):
-        self.base, self.pixels = base, pixels
+    def __init__(self, base: Dataset, pixels: int, fill: float = 0.0):
+        self.base, self.pixels, self.fill = base, pixels, fill
 
     def __len__(self):
         return len(self.base)
@@ -76,13 +79,13 @@ class _Shift(Dataset):
             dy, dx = torch.randint(-self.pixels, self.pixels + 1, (2,)).tolist()
             image = torch.roll(image, shifts=(dy, dx), dims=(1, 2))
             if dy > 0:
-                image[:, :dy] = 0
+                image[:, :dy] = self.fill
             elif dy < 0:
-                image[:, dy:] = 0
+                image[:, dy:] = self.fill
             if dx > 0:
-                image[:, :, :dx] = 0
+                image[:, :, :dx] = self.fill
             elif dx < 0:
-                image[:, :, dx:] = 0
+                image[:, :, dx:] = self.fill
         return image, label
 
 
@@ -92,12 +95,16 @@ class DigitsDataModule(SplitDataModule):
     A fixed split (seed `split_seed`): 1,257 train / 270 val / 270 test images. Pixels
     (0-16) are scaled to [0, 1] and standardized by the training set's mean and std.
     Args: batch_size, num_workers, shift (training augmentation: random shifts by up
-    to this many pixels), split_seed, shuffle (the training order; off for exact comparisons).
+    to this many pixels, 0 to 7, the background shifted in), split_seed, shuffle (the training
+    order; off for exact comparisons).
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, shift: int = 0, split_seed: int = 0,
                  shuffle: bool = True):
         super().__init__(batch_size, num_workers, shuffle)
+        self.check_int("shift", shift, 0, " (pixels)")
+        if shift > 7:
+            raise ValueError(f"{type(self).__name__}: shift must be at most 7 (the images are 8 x 8), got {shift}")
         self.shift, self.split_seed = shift, split_seed
         self.num_classes, self.image_size, self.channels = 10, 8, 1
         self.classes = [str(digit) for digit in range(10)]
@@ -120,7 +127,7 @@ class DigitsDataModule(SplitDataModule):
             idx = torch.tensor(list(idx))
             return TensorDataset(images[idx], labels[idx])
 
-        self.train_set = _Shift(subset(train), self.shift)
+        self.train_set = _Shift(subset(train), self.shift, fill=float(-mean / std))
         self.val_set, self.test_set = subset(val), subset(test)
 
 
@@ -128,7 +135,9 @@ class ImageFolderDataModule(SplitDataModule):
     """Images in class folders (root/train/<class>/*.png, root/val/<class>/*), torchvision's ImageFolder.
 
     Training: random resized crop and flip; evaluation: resize and center crop; ImageNet
-    normalization. Files ending in one of IMAGE_EXTENSIONS are read, others ignored.
+    normalization. Files ending in one of IMAGE_EXTENSIONS are read, others ignored. Without
+    test_dir the test split (`zoo test`, `zoo predict`) is the validation folder. A `~` in
+    root is the home folder.
     Raises FileNotFoundError naming a missing folder, and (when read) ValueError naming a
     corrupt or truncated image.
     """
@@ -137,7 +146,7 @@ class ImageFolderDataModule(SplitDataModule):
                  train_dir: str = "train", val_dir: str = "val", test_dir: Optional[str] = None):
         super().__init__(batch_size, num_workers)
         self.check_int("image_size", image_size, 1)
-        self.root, self.image_size = root, image_size
+        self.root, self.image_size = os.path.expanduser(root), image_size
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
 
     def setup(self, stage: Optional[str] = None):
