@@ -195,3 +195,22 @@ def test_an_image_folder_root_may_start_with_the_home_folder_and_a_huge_image_is
     path = re.escape(str(tmp_path / "images" / "val" / "cat" / "0.png"))
     with pytest.raises(ValueError, match=rf"^{path}: cannot read this image \(DecompressionBombError"):
         dm.val_set[0]
+
+
+def test_a_warmup_as_long_as_the_run_is_said_to_be_cut():
+    """warmup=100 in a 10-step run: the schedule cuts it to 9 steps (the rate peaks at the last
+    step; no cosine phase, min_lr_ratio unused). Said, not silent. Oracle: the warmup formula."""
+    from types import SimpleNamespace
+
+    with kernels.reference_only():
+        task = ImageClassification("vit_digits", model_args={"depth": 1}, lr=1e-2, warmup=100, min_lr_ratio=0.1)
+    task._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    with pytest.warns(UserWarning, match=r"warmup of 100 steps is not shorter than the run's 10 optimizer steps: "
+                                         r"it is cut to 9"):
+        scheduler = task.configure_optimizers()["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1e-2 * (1e-3 + (1 - 1e-3) * step / 9) for step in range(10)])
